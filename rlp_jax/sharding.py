@@ -1,0 +1,66 @@
+"""Meshes and logical-axis sharding.
+
+Model code names axes logically (`batch`, `length`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`,
+`vocab`, `layers`, `norm`); a rules table maps those names to mesh axes. Parameters use `embed` for
+their model dimension; activations leave their model dimension unsharded (None), so `batch` and
+`embed` may both map to the FSDP axis without colliding in one array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec as P
+
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DEFAULT_MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Sequence[int], axes: Sequence[str] = DEFAULT_MESH_AXES,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A mesh with Auto (GSPMD) axes over all devices, or a one-sentence error if they don't fit."""
+    shape, axes = tuple(int(s) for s in shape), tuple(axes)
+    devices = list(jax.devices() if devices is None else devices)
+    if len(shape) != len(axes):
+        raise ValueError(f"mesh shape {shape} and axes {axes} differ in length; give one size per axis.")
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices but {len(devices)} are "
+                         f"available; set mesh.shape so its product is {len(devices)}.")
+    return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
+                         devices=devices)
+
+
+def logical_to_mesh(logical_axes: Sequence[str | None], rules: LogicalRules | None = None) -> P:
+    """PartitionSpec for logical axis names under `rules` (default: the rules in context)."""
+    rules = flax_spmd.get_logical_axis_rules() if rules is None else rules
+    table = dict(rules)
+    unknown = [a for a in logical_axes if a is not None and a not in table]
+    if unknown:
+        raise ValueError(f"logical axes {unknown} have no entry in the sharding rules; add them to "
+                         "the rules table (map to None to replicate).")
+    return P(*(None if a is None else table[a] for a in logical_axes))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside a mesh with logical-axis rules."""
+    rules = flax_spmd.get_logical_axis_rules()
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, rules))
