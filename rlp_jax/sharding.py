@@ -61,6 +61,18 @@ def logical_to_mesh(logical_axes: Sequence[str | None], rules: LogicalRules | No
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside a mesh with logical-axis rules."""
     rules = flax_spmd.get_logical_axis_rules()
-    if not rules or jax.sharding.get_abstract_mesh().empty:
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_mesh(logical_axes, rules))
+    return jax.lax.with_sharding_constraint(x, fit_spec(x.shape, logical_to_mesh(logical_axes, rules), mesh))
+
+
+def fit_spec(shape: Sequence[int], spec: P, mesh: jax.sharding.Mesh) -> P:
+    """`spec` with the mesh axes dropped from every dimension they do not divide evenly (that
+    dimension is then replicated), e.g. a vocabulary of 97 over a tensor axis of 2."""
+    fitted = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        fitted.append(axes if size % ways == 0 else None)
+    return P(*fitted)

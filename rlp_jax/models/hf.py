@@ -206,8 +206,9 @@ def load_hf(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
     tensors = _SafetensorsFolder(folder)
     abstract = nnx.eval_shape(lambda: _unsharded(config))
     state = nnx.state(abstract)
-    shapes = _flat(state.to_pure_dict())
-    specs = _flat(nnx.get_partition_spec(state).to_pure_dict())
+    shapes = _flat(nnx.to_pure_dict(state))
+    with nnx.logical_axis_rules(()):  # keep the logical names; they are mapped below
+        specs = _flat(nnx.to_pure_dict(nnx.get_partition_spec(state)))
     param_dtype = jnp.dtype(config.param_dtype)
     loaded = {}
     for path, (pattern, to_ours, _) in _tensor_map(config).items():
@@ -228,16 +229,13 @@ def load_hf(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
             raise HFFormatError(f"tensor for {path} has shape {value.shape}, expected "
                                 f"{shapes[path].shape}; the folder's config and weights disagree.")
         if mesh is not None:
-            spec = sharding.logical_to_mesh(_spec_names(specs[path]), rules or sharding.DEFAULT_RULES)
+            spec = sharding.logical_to_mesh(tuple(specs[path]), rules or sharding.DEFAULT_RULES)
+            spec = sharding.fit_spec(value.shape, spec, mesh)
             value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
         loaded[path] = value
-    state.replace_by_pure_dict(_nest(loaded))
+    nnx.replace_by_pure_dict(state, _nest(loaded))
     nnx.update(abstract, state)
     return abstract
-
-
-def _spec_names(spec) -> tuple:
-    return tuple(spec)
 
 
 def _unsharded(config: ModelConfig) -> Transformer:
@@ -250,7 +248,7 @@ def _unsharded(config: ModelConfig) -> Transformer:
 def params_to_hf(model: Transformer, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
     """(HF tensor name, array) pairs for every weight of `model`, gathered to the host."""
     config = model.config
-    flat = _flat(nnx.state(model, nnx.Param).to_pure_dict())
+    flat = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     for path, (pattern, _, to_hf) in _tensor_map(config).items():
         value = jnp.asarray(jax.device_get(flat[path])).astype(jnp.dtype(dtype))
         if "{i}" in pattern:

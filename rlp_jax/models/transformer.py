@@ -147,7 +147,7 @@ class Transformer(nnx.Module):
     def logits(self, hidden_BxTxD: Array) -> Array:
         head_DxV = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
         logits = hidden_BxTxD @ head_DxV.astype(hidden_BxTxD.dtype)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, ("batch",) + ("length",) * (logits.ndim - 2) + ("vocab",))
 
 
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
