@@ -1,0 +1,284 @@
+"""The bundled demo corpus `rlp_demo`: seeded arithmetic documents where a thought pays off.
+
+Each document states one addition of two 3-digit numbers whose sum has 3 digits, then its answer:
+
+    plain:        457+386=843
+    worked:       457+386=<think>76013 58114 43108</think>843
+    word problem: mia has 457 shells and finds 386 more. how many shells now? 843
+
+The worked thought goes column by column from the units: both digits, the carry in, and the
+two-digit column sum (`7+6+0 = 13` is written `76013`), 17 characters in all. A small model cannot
+add in one step at the answer, but it can follow the columns, so a thought before the answer
+raises the likelihood of the answer digits: what RLP rewards.
+
+Every document carries marked positions (character offsets) with kinds, so the `marked` position
+strategy can place prompts exactly at answers and evaluation can report results per kind:
+`answer_start` (first answer digit, where the demo prompts), `answer_rest`, `operand` (digits of
+the two numbers), `thought` (inside a worked thought, markers included); all other positions are
+`unmarked`.
+
+Train and validation documents use disjoint number pairs: a seeded 10% of all pairs is held out.
+Variants (TFDS configs): `plain` and `worked` (90% of documents carry a worked thought, for
+warm-starting a tiny model), `mixed_plain` and `mixed_worked` (half the documents are word
+problems). Default size: 20,000 train and 2,000 validation documents (about 1 s to build).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rlp_jax.data import corpus as corpus_lib
+from rlp_jax.data.tokenizer import THINK_CLOSE, THINK_OPEN, CharTokenizer
+
+__all__ = [
+    "DEMO_ALPHABET",
+    "DEMO_POSITION_KINDS",
+    "DEMO_VARIANTS",
+    "DemoCorpusSpec",
+    "demo_tokenizer",
+    "addition_pair_split",
+    "column_thought",
+    "render_problem",
+    "generate_demo_documents",
+    "RlpDemo",
+    "build_demo_corpus",
+]
+
+DEMO_ALPHABET = "0123456789+=?.,: abcdefghijklmnopqrstuvwxyz\n"
+DEMO_POSITION_KINDS = ("unmarked", "answer_start", "answer_rest", "operand", "thought")
+_KIND = {name: i for i, name in enumerate(DEMO_POSITION_KINDS)}
+# Bump when the generated text changes, so that stale built corpora are detected.
+GENERATOR_VERSION = 1
+
+_NAMES = ("ana", "ben", "mia", "leo", "eva", "sam", "zoe", "max", "ivy", "tom")
+_THINGS = ("apples", "coins", "shells", "stamps", "beads", "cards", "pebbles", "books")
+_WORD_TEMPLATES = (
+    "{name} has {a} {things} and finds {b} more. how many {things} now? ",
+    "a box holds {a} {things}. {name} adds {b}. how many {things} are in the box? ",
+    "{name} saw {a} {things} on monday and {b} on tuesday. how many {things} in all? ",
+)
+_LOWEST, _HIGHEST_SUM = 100, 999
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoCorpusSpec:
+    """What the demo generator writes.
+
+    Attributes:
+      num_train, num_validation: documents per split.
+      worked_fraction: share of documents whose answer follows a worked thought.
+      word_problem_fraction: share of documents written as word problems.
+      held_out_fraction: share of number pairs reserved for validation.
+      seed: the generator's seed; the same spec gives the same corpus, byte for byte.
+    """
+
+    num_train: int = 20_000
+    num_validation: int = 2_000
+    worked_fraction: float = 0.0
+    word_problem_fraction: float = 0.0
+    held_out_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        for field in ("worked_fraction", "word_problem_fraction"):
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                raise ValueError(f"{field} is {getattr(self, field)}; use a share in [0, 1].")
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise ValueError(f"held_out_fraction is {self.held_out_fraction}; use a share in "
+                             "(0, 1).")
+        if self.num_train < 1 or self.num_validation < 1:
+            raise ValueError("num_train and num_validation must be >= 1.")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr((GENERATOR_VERSION, dataclasses.astuple(self))).encode()
+                              ).hexdigest()[:16]
+
+
+DEMO_VARIANTS: dict[str, DemoCorpusSpec] = {
+    "plain": DemoCorpusSpec(),
+    "worked": DemoCorpusSpec(worked_fraction=0.9),
+    "mixed_plain": DemoCorpusSpec(word_problem_fraction=0.5),
+    "mixed_worked": DemoCorpusSpec(worked_fraction=0.9, word_problem_fraction=0.5),
+}
+
+
+def demo_tokenizer(**marker_kwargs) -> CharTokenizer:
+    """The char-level tokenizer of the demo corpus: 4 special ids + 44 characters (48 tokens)."""
+    return CharTokenizer(DEMO_ALPHABET, **marker_kwargs)
+
+
+def addition_pair_split(seed: int, held_out_fraction: float = 0.1
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs `(a, b)` of numbers >= 100 with `a + b <= 999`, split into train and held out.
+
+    Returns:
+      `(train_pairs_Nx2, held_out_pairs_Mx2)`, int32, disjoint, together every pair once.
+    """
+    a_N, b_N = np.meshgrid(np.arange(_LOWEST, _HIGHEST_SUM + 1),
+                           np.arange(_LOWEST, _HIGHEST_SUM + 1), indexing="ij")
+    keep_N = (a_N + b_N) <= _HIGHEST_SUM
+    pairs_Px2 = np.stack([a_N[keep_N], b_N[keep_N]], axis=1).astype(np.int32)
+    order_P = np.random.default_rng([seed, 0]).permutation(len(pairs_Px2))
+    num_held_out = int(round(held_out_fraction * len(pairs_Px2)))
+    return pairs_Px2[order_P[num_held_out:]], pairs_Px2[order_P[:num_held_out]]
+
+
+def column_thought(a: int, b: int) -> str:
+    """The worked addition, units column first: per column `x y carry_in sum(2 digits)`."""
+    columns = []
+    carry = 0
+    for place in range(3):
+        x, y = (a // 10**place) % 10, (b // 10**place) % 10
+        total = x + y + carry
+        columns.append(f"{x}{y}{carry}{total:02d}")
+        carry = total // 10
+    return " ".join(columns)
+
+
+def render_problem(a: int, b: int, *, worked: bool, template: str | None = None
+                   ) -> tuple[str, list[int], list[int]]:
+    """One document and its marked positions.
+
+    Args:
+      a, b: the numbers (their sum must have 3 digits).
+      worked: put a worked thought between the question and the answer.
+      template: a word-problem template from `_WORD_TEMPLATES` (None: the bare `a+b=` form),
+        already filled with names; `{a}` and `{b}` are left to this function.
+
+    Returns:
+      `(text, marked_offsets, marked_kinds)`: character offsets in `text` and their kind ids.
+    """
+    answer = a + b
+    if not _LOWEST <= answer <= _HIGHEST_SUM:
+        raise ValueError(f"{a}+{b}={answer} is not a 3-digit sum; use the pairs from "
+                         "addition_pair_split.")
+    offsets: list[int] = []
+    kinds: list[int] = []
+
+    def mark(start: int, length: int, kind: str):
+        offsets.extend(range(start, start + length))
+        kinds.extend([_KIND[kind]] * length)
+
+    if template is None:
+        question = f"{a}+{b}="
+        mark(0, 3, "operand")
+        mark(4, 3, "operand")
+    else:
+        head, rest = template.split("{a}")
+        middle, tail = rest.split("{b}")
+        question = f"{head}{a}{middle}{b}{tail}"
+        mark(len(head), 3, "operand")
+        mark(len(head) + 3 + len(middle), 3, "operand")
+    text = question
+    if worked:
+        thought = f"{THINK_OPEN}{column_thought(a, b)}{THINK_CLOSE}"
+        mark(len(text), len(thought), "thought")
+        text += thought
+    mark(len(text), 1, "answer_start")
+    mark(len(text) + 1, 2, "answer_rest")
+    return text + f"{answer:03d}", offsets, kinds
+
+
+def _fill_names(template: str, rng: np.random.Generator) -> str:
+    return (template.replace("{name}", _NAMES[rng.integers(len(_NAMES))])
+            .replace("{things}", _THINGS[rng.integers(len(_THINGS))]))
+
+
+def generate_demo_documents(spec: DemoCorpusSpec, split: str) -> Iterator[dict]:
+    """The records of one split, in order: `text`, `doc_id`, `origin`, `marked_offsets`,
+    `marked_kinds`. A pure function of `(spec, split)`.
+
+    Doc ids run `0 … num_train−1` for train and continue from `num_train` for validation.
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"the demo corpus has splits 'train' and 'validation', not {split!r}.")
+    train_pairs, held_out_pairs = addition_pair_split(spec.seed, spec.held_out_fraction)
+    pairs, count, first_id, split_code = (
+        (train_pairs, spec.num_train, 0, 1) if split == "train"
+        else (held_out_pairs, spec.num_validation, spec.num_train, 2))
+    if count > len(pairs):
+        raise ValueError(f"{count} {split} documents asked for but only {len(pairs)} distinct "
+                         f"{split} number pairs exist; ask for fewer documents.")
+    rng = np.random.default_rng([spec.seed, split_code])
+    chosen = rng.choice(len(pairs), size=count, replace=False)
+    worked_N = rng.random(count) < spec.worked_fraction
+    word_N = rng.random(count) < spec.word_problem_fraction
+    template_N = rng.integers(len(_WORD_TEMPLATES), size=count)
+    for i in range(count):
+        a, b = (int(v) for v in pairs[chosen[i]])
+        template = (_fill_names(_WORD_TEMPLATES[template_N[i]], rng) if word_N[i] else None)
+        text, offsets, kinds = render_problem(a, b, worked=bool(worked_N[i]), template=template)
+        yield {"text": text, "doc_id": first_id + i, "origin": f"rlp_demo/{split}/{i}",
+               "marked_offsets": np.asarray(offsets, np.int32),
+               "marked_kinds": np.asarray(kinds, np.int32)}
+
+
+@dataclasses.dataclass
+class DemoConfig(tfds.core.BuilderConfig):
+    """A TFDS config of `rlp_demo`: a name and the generator's spec."""
+
+    spec: DemoCorpusSpec = DemoCorpusSpec()
+
+
+class RlpDemo(corpus_lib.OfflineBuilder):
+    """TFDS builder of the demo corpus; everything is generated from the config's seed."""
+
+    VERSION = tfds.core.Version(f"1.0.{GENERATOR_VERSION - 1}")
+    RELEASE_NOTES = {"1.0.0": "3-digit addition and word problems with column-wise thoughts."}
+    BUILDER_CONFIGS = [DemoConfig(name=name, spec=spec) for name, spec in DEMO_VARIANTS.items()]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=corpus_lib.record_features(),
+                                     metadata=tfds.core.MetadataDict(),
+                                     description="Generated arithmetic documents for the "
+                                                 "rlp-jax demo.")
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        spec: DemoCorpusSpec = self.builder_config.spec
+        self.info.metadata.update({
+            "position_kinds": list(DEMO_POSITION_KINDS),
+            "build_stats": {"documents_train": spec.num_train,
+                            "documents_validation": spec.num_validation},
+            "fingerprint": spec.fingerprint(),
+            "spec": dataclasses.asdict(spec),
+        })
+        return {split: self._generate_examples(spec, split) for split in ("train", "validation")}
+
+    def _generate_examples(self, spec: DemoCorpusSpec, split: str):
+        for record in generate_demo_documents(spec, split):
+            yield record["doc_id"], record
+
+
+def build_demo_corpus(data_dir: str | os.PathLike, variant: str = "plain", *,
+                      num_train: int | None = None, num_validation: int | None = None,
+                      seed: int = 0, overwrite: bool = False) -> corpus_lib.Corpus:
+    """Generates (or reopens) the demo corpus under `<data_dir>/rlp_demo/<config>/` and opens it.
+
+    Args:
+      data_dir: the TFDS data directory.
+      variant: `plain`, `worked`, `mixed_plain` or `mixed_worked` (see the module docstring).
+      num_train, num_validation, seed: override the variant's size and seed; the config name
+        then records them (e.g. `worked-seed3-train500-val100`).
+      overwrite: regenerate even if an identical corpus exists.
+    """
+    if variant not in DEMO_VARIANTS:
+        raise ValueError(f"unknown demo variant {variant!r}; use one of "
+                         f"{', '.join(DEMO_VARIANTS)}.")
+    base = DEMO_VARIANTS[variant]
+    spec = dataclasses.replace(
+        base, seed=seed,
+        num_train=base.num_train if num_train is None else num_train,
+        num_validation=base.num_validation if num_validation is None else num_validation)
+    name = variant if spec == base else (
+        f"{variant}-seed{spec.seed}-train{spec.num_train}-val{spec.num_validation}")
+    config = name if spec == base else DemoConfig(name=name, spec=spec)
+    builder = RlpDemo(config=config, data_dir=os.fspath(data_dir),
+                      file_format="array_record")
+    return corpus_lib.prepare_and_open(builder, spec.fingerprint(), overwrite)

@@ -1,0 +1,128 @@
+"""The generated demo corpus: seeded, correct thoughts and answers, held-out pairs, marks."""
+
+import dataclasses
+import re
+import time
+
+import numpy as np
+import pytest
+
+from rlp_jax.data.demo_corpus import DEMO_POSITION_KINDS, DEMO_VARIANTS, DemoCorpusSpec, \
+    addition_pair_split, build_demo_corpus, column_thought, demo_tokenizer, \
+    generate_demo_documents, render_problem
+
+SMALL = DemoCorpusSpec(num_train=400, num_validation=100, worked_fraction=0.5,
+                       word_problem_fraction=0.5)
+_PROBLEM = re.compile(r"^(?:(\d{3})\+(\d{3})=|\D*(\d{3})\D+(\d{3})\D*\? )"
+                      r"(?:<think>(.*)</think>)?(\d{3})$")
+
+
+def _parse(text):
+    match = _PROBLEM.match(text)
+    assert match, text
+    a, b = (int(match.group(1) or match.group(3)), int(match.group(2) or match.group(4)))
+    return a, b, match.group(5), int(match.group(6))
+
+
+def test_generation_is_a_pure_function_of_the_spec():
+    first = [d["text"] for d in generate_demo_documents(SMALL, "train")]
+    second = [d["text"] for d in generate_demo_documents(SMALL, "train")]
+    other_seed = [d["text"] for d in generate_demo_documents(
+        dataclasses.replace(SMALL, seed=1), "train")]
+    assert first == second and len(first) == 400 and len(set(first)) == 400
+    assert first != other_seed
+
+
+def test_answers_and_worked_thoughts_are_correct():
+    counts = {"worked": 0, "word": 0}
+    for split in ("train", "validation"):
+        for doc in generate_demo_documents(SMALL, split):
+            a, b, thought, answer = _parse(doc["text"])
+            assert answer == a + b and 100 <= a and 100 <= b and a + b <= 999
+            if thought is not None:
+                counts["worked"] += 1
+                assert thought == column_thought(a, b)
+                columns = thought.split(" ")
+                digits = "".join(c[-1] for c in reversed(columns))
+                assert int(digits) == answer  # the thought's column sums spell the answer
+            counts["word"] += not doc["text"][0].isdigit()
+    assert 200 <= counts["worked"] <= 300 and 200 <= counts["word"] <= 300  # about half of 500
+
+
+def test_column_thought_format():
+    assert column_thought(457, 386) == "76013 58114 43108"
+    assert column_thought(100, 100) == "00000 00000 11002"
+    assert len(column_thought(123, 456)) == 17
+
+
+def test_train_and_validation_pairs_are_disjoint():
+    train_pairs, held_out = addition_pair_split(seed=0)
+    assert len(train_pairs) + len(held_out) == 320_400
+    assert len(held_out) == 32_040
+    train_keys = set((train_pairs[:, 0] * 1000 + train_pairs[:, 1]).tolist())
+    held_keys = set((held_out[:, 0] * 1000 + held_out[:, 1]).tolist())
+    assert not train_keys & held_keys
+    seen = {split: {_parse(d["text"])[:2] for d in generate_demo_documents(SMALL, split)}
+            for split in ("train", "validation")}
+    assert not seen["train"] & seen["validation"]
+    assert {a * 1000 + b for a, b in seen["validation"]} <= held_keys
+
+
+def test_marked_offsets_point_at_the_right_characters():
+    kind = {name: i for i, name in enumerate(DEMO_POSITION_KINDS)}
+    text, offsets, kinds = render_problem(457, 386, worked=True)
+    assert text == "457+386=<think>76013 58114 43108</think>843"
+    marks = dict(zip(offsets, kinds))
+    assert [o for o, k in marks.items() if k == kind["answer_start"]] == [len(text) - 3]
+    assert [o for o, k in marks.items() if k == kind["answer_rest"]] == [len(text) - 2,
+                                                                       len(text) - 1]
+    assert [text[o] for o, k in marks.items() if k == kind["operand"]] == list("457386")
+    thought = [o for o, k in marks.items() if k == kind["thought"]]
+    assert thought == list(range(8, len(text) - 3))
+    word, offsets, kinds = render_problem(
+        123, 456, worked=False, template="ana has {a} coins and finds {b} more. how many? ")
+    operands = [word[o] for o, k in zip(offsets, kinds) if k == kind["operand"]]
+    assert operands == list("123456")
+    assert word[offsets[kinds.index(kind["answer_start"])]:] == "579"
+
+
+def test_variant_fractions_and_doc_ids():
+    worked = list(generate_demo_documents(dataclasses.replace(
+        DEMO_VARIANTS["worked"], num_train=1000, num_validation=10), "train"))
+    share = np.mean(["<think>" in d["text"] for d in worked])
+    assert 0.87 <= share <= 0.93
+    validation = list(generate_demo_documents(SMALL, "validation"))
+    assert [d["doc_id"] for d in validation] == list(range(400, 500))
+
+
+def test_build_writes_exactly_the_generated_records(tmp_path):
+    start = time.perf_counter()
+    corpus = build_demo_corpus(tmp_path, "mixed_worked", num_train=300, num_validation=50, seed=2)
+    elapsed = time.perf_counter() - start
+    assert corpus.name == "rlp_demo/mixed_worked-seed2-train300-val50"
+    assert corpus.position_kind_names == DEMO_POSITION_KINDS
+    assert corpus.build_stats == {"documents_train": 300, "documents_validation": 50}
+    spec = dataclasses.replace(DEMO_VARIANTS["mixed_worked"], num_train=300, num_validation=50,
+                               seed=2)
+    for split in ("train", "validation"):
+        source = corpus.source(split)
+        stored = sorted((int(r["doc_id"]), r["text"].decode(), r["marked_offsets"].tolist(),
+                         r["marked_kinds"].tolist()) for r in (source[i]
+                                                                for i in range(len(source))))
+        expected = [(d["doc_id"], d["text"], d["marked_offsets"].tolist(),
+                     d["marked_kinds"].tolist()) for d in generate_demo_documents(spec, split)]
+        assert stored == expected
+    tok = demo_tokenizer()
+    assert all(tok.decode(tok.encode(text)) == text for _, text, _, _ in stored)
+    assert elapsed < 10
+
+
+def test_bad_demo_requests():
+    with pytest.raises(ValueError, match="unknown demo variant 'huge'"):
+        build_demo_corpus("/nonexistent", "huge")
+    with pytest.raises(ValueError, match="only 32040 distinct validation number pairs"):
+        next(generate_demo_documents(DemoCorpusSpec(num_validation=40_000), "validation"))
+    with pytest.raises(ValueError, match="worked_fraction is 1.5"):
+        DemoCorpusSpec(worked_fraction=1.5)
+    with pytest.raises(ValueError, match="not a 3-digit sum"):
+        render_problem(600, 500, worked=False)
