@@ -21,6 +21,7 @@ from rlp_jax.data import (
     per_process_batch_size,
     prompt_batches,
     shard_indices,
+    tokenized_documents,
 )
 from rlp_jax.data.tokenizer import CharTokenizer
 
@@ -329,3 +330,18 @@ def test_layout_errors_and_batch_sizes():
         _iterate(_config(add_bos=True))
     import jax
     assert per_process_batch_size(8) == 8 // jax.process_count()
+
+
+def test_tokenized_documents_holds_every_document_in_source_order():
+    arrays, counts = tokenized_documents(CORPUS, "train", TOKENIZER, seq_len=12)
+    source = CORPUS.source("train")
+    assert arrays["tokens_NxT"].shape == (50, 12) and arrays["tokens_NxT"].dtype == np.int32
+    assert arrays["doc_id_N"].tolist() == [r["doc_id"] for r in source]
+    for tokens, mask, doc_id in zip(arrays["tokens_NxT"], arrays["token_mask_NxT"],
+                                    arrays["doc_id_N"]):
+        expected = TOKENS[int(doc_id)][:12]
+        np.testing.assert_array_equal(tokens[mask], expected)
+        assert mask.sum() == len(expected) and np.all(tokens[~mask] == TOKENIZER.pad_id)
+    lengths = [len(t) for t in TOKENS.values()]
+    assert counts == {"documents": 50, "documents_truncated": sum(n > 12 for n in lengths),
+                      "tokens_truncated": sum(max(n - 12, 0) for n in lengths)}

@@ -34,6 +34,7 @@ from rlp_jax.data.pipeline import (
     per_process_batch_size,
     prompt_batches,
     shard_indices,
+    tokenized_documents,
 )
 from rlp_jax.data.positions import STRATEGIES, PositionConfig, position_rng, sample_positions
 from rlp_jax.data.tokenizer import (
@@ -50,7 +51,7 @@ __all__ = [
     "DEMO_POSITION_KINDS", "DEMO_VARIANTS", "DemoCorpusSpec", "build_demo_corpus",
     "demo_tokenizer", "generate_demo_documents",
     "DocumentBatchConfig", "PromptBatchConfig", "document_batches", "per_process_batch_size",
-    "prompt_batches", "shard_indices",
+    "prompt_batches", "shard_indices", "tokenized_documents",
     "STRATEGIES", "PositionConfig", "position_rng", "sample_positions",
     "ByteTokenizer", "CharTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
 ]

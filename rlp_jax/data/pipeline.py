@@ -38,6 +38,7 @@ __all__ = [
     "document_batches",
     "shard_indices",
     "per_process_batch_size",
+    "tokenized_documents",
 ]
 
 _UNLIMITED_FAN_OUT = 1 << 30  # grain's flat map asks for a bound; the iterator path ignores it
@@ -161,8 +162,10 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
 class _PrepareDocument:
     """Record → tokens (+BOS/EOS) and marked token positions; knows its epoch from the index."""
 
-    def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool, shard_size: int):
+    def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool, shard_size: int,
+                 map_marked: bool = True):
         self._tokenizer = tokenizer
+        self._map_marked = map_marked
         self._prefix = [tokenizer.bos_id] if add_bos else []
         self._suffix = [tokenizer.eos_id] if add_eos else []
         self._shard_size = shard_size
@@ -171,8 +174,8 @@ class _PrepareDocument:
         text = record["text"]
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        offsets_M = np.asarray(record["marked_offsets"], np.int64)
-        kinds_M = np.asarray(record["marked_kinds"], np.int32)
+        offsets_M = np.asarray(record["marked_offsets"] if self._map_marked else (), np.int64)
+        kinds_M = np.asarray(record["marked_kinds"] if self._map_marked else (), np.int32)
         shift = len(self._prefix)
         if len(offsets_M):
             ids, spans = self._tokenizer.encode_with_offsets(text)
@@ -278,8 +281,17 @@ def _fingerprint(kind: str, corpus: Corpus, split: str, tokenizer: Tokenizer,
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
+def _resolve_add_bos(tokenizer: Tokenizer, add_bos: bool | None) -> bool:
+    if add_bos is None:
+        return tokenizer.bos_id is not None
+    if add_bos and tokenizer.bos_id is None:
+        raise ValueError("add_bos is set but the tokenizer has no BOS token; pass bos_token to "
+                         "the tokenizer or set add_bos=False.")
+    return add_bos
+
+
 def _document_stream(corpus: Corpus, split: str, tokenizer: Tokenizer, config: StreamConfig,
-                     process_index: int, process_count: int
+                     process_index: int, process_count: int, map_marked: bool
                      ) -> tuple[grain.IterDataset, dict[str, int]]:
     """This process's documents, shuffled per epoch, repeated, tokenized; and shard counts."""
     source = corpus.source(split)
@@ -290,17 +302,15 @@ def _document_stream(corpus: Corpus, split: str, tokenizer: Tokenizer, config: S
         raise ValueError(f"split {split!r} of {corpus.name} has {num_documents} documents, too "
                          f"few for {process_count} processes; use a larger corpus or fewer "
                          "processes.")
-    add_bos = tokenizer.bos_id is not None if config.add_bos is None else config.add_bos
-    if add_bos and tokenizer.bos_id is None:
-        raise ValueError("add_bos is set but the tokenizer has no BOS token; pass bos_token to "
-                         "the tokenizer or set add_bos=False.")
+    add_bos = _resolve_add_bos(tokenizer, config.add_bos)
     documents = grain.MapDataset.source(source)[shard.start:shard.stop:shard.step]
     if config.shuffle_documents:
         documents = documents.shuffle(seed=config.seed)
     if config.num_epochs != 1:
         documents = documents.repeat(config.num_epochs)
     documents = documents.map_with_index(
-        _PrepareDocument(tokenizer, add_bos, config.add_eos, shard_size=len(shard)))
+        _PrepareDocument(tokenizer, add_bos, config.add_eos, shard_size=len(shard),
+                         map_marked=map_marked))
     stream = documents.to_iter_dataset(grain.ReadOptions(
         num_threads=config.read_threads, prefetch_buffer_size=64 if config.read_threads else 0))
     left_out = len(range(process_index, num_documents, process_count)) - len(shard)
@@ -345,7 +355,7 @@ def prompt_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
     process_index, process_count = _process_layout(process_index, process_count)
     wanted_kinds = _wanted_kind_ids(corpus, config.positions)
     stream, initial_counts = _document_stream(corpus, split, tokenizer, config, process_index,
-                                              process_count)
+                                              process_count, map_marked=True)
     prompts = grain.experimental.FlatMapIterDataset(
         stream, _PromptsOfDocument(config.positions, config.seed, wanted_kinds))
     prompts = _shuffled(prompts, config)
@@ -376,7 +386,7 @@ def document_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
     """
     process_index, process_count = _process_layout(process_index, process_count)
     stream, initial_counts = _document_stream(corpus, split, tokenizer, config, process_index,
-                                              process_count)
+                                              process_count, map_marked=False)
     windows = grain.experimental.FlatMapIterDataset(
         stream, _WindowsOfDocument(config.seq_len, config.long_documents))
     windows = _shuffled(windows, config)
@@ -393,3 +403,42 @@ def document_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
         batch_spec=batching.document_batch_spec(config.batch_size, config.seq_len),
         position_kind_names=corpus.position_kind_names, initial_stats=initial_counts))
     return iterator
+
+
+def tokenized_documents(corpus: Corpus, split: str, tokenizer: Tokenizer, *, seq_len: int,
+                        add_bos: bool | None = None, add_eos: bool = True
+                        ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Every document of a small split, tokenized into one right-padded array, in source order.
+
+    For corpora that fit in memory many times over (the demo's 20,000 documents are 4 MB of
+    tokens): a training loop can then draw rows on device with no per-step input pipeline. Larger
+    corpora should stream through `document_batches`.
+
+    Returns:
+      `(arrays, counts)`: `tokens_NxT` int32 (padded with `pad_id`), `token_mask_NxT` bool,
+      `doc_id_N` int32; counts of documents and of documents / tokens cut at `seq_len`.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len is {seq_len}; next-token rows need at least 2.")
+    source = corpus.source(split)
+    prefix = [tokenizer.bos_id] if _resolve_add_bos(tokenizer, add_bos) else []
+    suffix = [tokenizer.eos_id] if add_eos else []
+    getitems = getattr(source, "__getitems__", None)
+    records = getitems(range(len(source))) if getitems else [source[i] for i in range(len(source))]
+    tokens_NxT = np.full((len(records), seq_len), tokenizer.pad_id, np.int32)
+    token_mask_NxT = np.zeros((len(records), seq_len), bool)
+    doc_id_N = np.zeros(len(records), np.int32)
+    counts = {"documents": len(records), "documents_truncated": 0, "tokens_truncated": 0}
+    for n, record in enumerate(records):
+        text = record["text"]
+        ids = prefix + tokenizer.encode(text.decode("utf-8") if isinstance(text, bytes)
+                                        else text) + suffix
+        if len(ids) > seq_len:
+            counts["documents_truncated"] += 1
+            counts["tokens_truncated"] += len(ids) - seq_len
+            ids = ids[:seq_len]
+        tokens_NxT[n, :len(ids)] = ids
+        token_mask_NxT[n, :len(ids)] = True
+        doc_id_N[n] = record["doc_id"]
+    return {"tokens_NxT": tokens_NxT, "token_mask_NxT": token_mask_NxT,
+            "doc_id_N": doc_id_N}, counts

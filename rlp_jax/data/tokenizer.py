@@ -110,9 +110,12 @@ class _SmallVocabTokenizer:
         self._marker_ids = {think_open: self.think_open_id, think_close: self.think_close_id}
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_with_offsets(text)[0]
+        return self._encode(text, with_offsets=False)[0]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], Offsets]:
+        return self._encode(text, with_offsets=True)
+
+    def _encode(self, text: str, with_offsets: bool) -> tuple[list[int], Offsets]:
         ids: list[int] = []
         offsets: Offsets = []
         for start, piece, is_marker in self._markers.segments(text):
@@ -120,12 +123,16 @@ class _SmallVocabTokenizer:
                 ids.append(self._marker_ids[piece])
                 offsets.append((start, start + len(piece)))
             else:
-                piece_ids, piece_offsets = self._encode_plain(piece, start)
-                ids.extend(piece_ids)
-                offsets.extend(piece_offsets)
-        return ids, offsets
+                piece_ids_N, char_index_N = self._encode_plain(piece, start)
+                ids.extend(piece_ids_N.tolist())
+                if with_offsets:
+                    char_start_N = (char_index_N + start).tolist()
+                    offsets.extend(zip(char_start_N, [c + 1 for c in char_start_N]))
+        return ids, (offsets if with_offsets else [])
 
-    def _encode_plain(self, piece: str, start: int) -> tuple[list[int], Offsets]:
+    def _encode_plain(self, piece: str, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of marker-free text (found at `start` in the whole text), and the index in
+        `piece` of the character each token encodes."""
         raise NotImplementedError
 
 
@@ -148,25 +155,18 @@ class CharTokenizer(_SmallVocabTokenizer):
         self.vocab_size = self._first_regular_id + len(alphabet)
         self.vocabulary_digest = hashlib.sha256(
             (alphabet + "\0" + think_open + "\0" + think_close).encode()).hexdigest()[:16]
-        codepoints_N = np.array([ord(c) for c in alphabet], dtype=np.int64)
-        order_N = np.argsort(codepoints_N)
-        self._sorted_codepoints_N = codepoints_N[order_N]
-        self._sorted_ids_N = (order_N + self._first_regular_id).astype(np.int64)
+        self._char_to_id = {c: i + self._first_regular_id for i, c in enumerate(alphabet)}
         self._id_to_piece = ["", "", think_open, think_close] + list(alphabet)
 
-    def _encode_plain(self, piece: str, start: int) -> tuple[list[int], Offsets]:
-        codepoints_N = np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        codepoints_N = codepoints_N.astype(np.int64)
-        slots_N = np.searchsorted(self._sorted_codepoints_N, codepoints_N)
-        slots_N = np.minimum(slots_N, len(self._sorted_codepoints_N) - 1)
-        known_N = self._sorted_codepoints_N[slots_N] == codepoints_N
-        if not known_N.all():
-            bad = int(np.argmin(known_N))
+    def _encode_plain(self, piece: str, start: int) -> tuple[np.ndarray, np.ndarray]:
+        lookup = self._char_to_id.get
+        ids = [lookup(c, -1) for c in piece]  # a dict beats numpy on the short texts we see
+        if -1 in ids:
+            bad = ids.index(-1)
             raise ValueError(
                 f"character {piece[bad]!r} at offset {start + bad} is not in the tokenizer's "
-                f"alphabet; add it to the alphabet or use ByteTokenizer / an HF tokenizer.")
-        ids = self._sorted_ids_N[slots_N].tolist()
-        return ids, [(start + i, start + i + 1) for i in range(len(piece))]
+                "alphabet; add it to the alphabet or use ByteTokenizer / an HF tokenizer.")
+        return np.asarray(ids, np.int64), np.arange(len(piece))
 
     def decode(self, ids: Sequence[int]) -> str:
         pieces = self._id_to_piece
@@ -194,14 +194,11 @@ class ByteTokenizer(_SmallVocabTokenizer):
         self.vocabulary_digest = hashlib.sha256(
             ("bytes\0" + think_open + "\0" + think_close).encode()).hexdigest()[:16]
 
-    def _encode_plain(self, piece: str, start: int) -> tuple[list[int], Offsets]:
-        ids: list[int] = []
-        offsets: Offsets = []
-        for i, char in enumerate(piece):
-            encoded = char.encode("utf-8", "surrogatepass")
-            ids.extend(b + self._first_regular_id for b in encoded)
-            offsets.extend([(start + i, start + i + 1)] * len(encoded))
-        return ids, offsets
+    def _encode_plain(self, piece: str, start: int) -> tuple[np.ndarray, np.ndarray]:
+        del start  # any text encodes
+        bytes_N = np.frombuffer(piece.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        starts_char_N = (bytes_N & 0xC0) != 0x80  # continuation bytes are 10xxxxxx
+        return bytes_N.astype(np.int64) + self._first_regular_id, np.cumsum(starts_char_N) - 1
 
     def decode(self, ids: Sequence[int]) -> str:
         out: list[str] = []
