@@ -345,3 +345,25 @@ def test_tokenized_documents_holds_every_document_in_source_order():
     lengths = [len(t) for t in TOKENS.values()]
     assert counts == {"documents": 50, "documents_truncated": sum(n > 12 for n in lengths),
                       "tokens_truncated": sum(max(n - 12, 0) for n in lengths)}
+
+
+def test_orbax_saves_and_restores_the_iterator_through_grains_handler(tmp_path):
+    import orbax.checkpoint as ocp
+
+    def make():
+        return prompt_batches(CORPUS, "train", TOKENIZER, _config(shuffle_window=64),
+                              process_index=0, process_count=1)
+
+    batches = make()
+    for _ in range(5):
+        next(batches)
+    handlers = {"data": grain.checkpoint.CheckpointHandler()}
+    with ocp.CheckpointManager(tmp_path, item_names=("data",), item_handlers=handlers) as manager:
+        manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(batches)))
+        manager.wait_until_finished()
+        expected = [next(batches) for _ in range(3)]
+        resumed = make()
+        manager.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(
+            resumed)))
+    _assert_same([next(resumed) for _ in range(3)], expected)
+    assert resumed.stats == batches.stats

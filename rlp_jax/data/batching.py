@@ -139,7 +139,8 @@ class BatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, collate: Collate,
                  pad_final_batch: bool, fingerprint: str,
                  batch_spec: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                 position_kind_names: Sequence[str], initial_stats: Mapping[str, int] | None = None):
+                 position_kind_names: Sequence[str],
+                 initial_stats: Mapping[str, int] | None = None):
         super().__init__(parent)
         self._batch_size = batch_size
         self._collate = collate

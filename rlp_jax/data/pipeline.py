@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Literal, Sequence
+from typing import Literal
 
 import grain
 import numpy as np

@@ -1,9 +1,9 @@
 """Where in a document RLP asks the model to think: prompt-position strategies.
 
-A prompt at position `t` of a tokenized document `x` is the context `x_<t` and the target `x_t`
-(or `x_t … x_{t+K−1}`). Positions run over `1 … n−1`: position 0 has no context at all. A strategy
-picks positions from these; those with fewer than `min_context` context tokens are skipped and
-counted.
+A prompt at position `t` of a tokenized document `x` is the context `x_<t` and the target
+`x_t` (or `x_t … x_{t+K−1}`). Positions run over `1 … n−1`: position 0 has no context at all. A
+strategy picks positions from these; those with fewer than `min_context` context tokens are
+skipped and counted.
 
 Strategies:
 - `uniform`: `positions_per_document` positions drawn without replacement from the valid ones;

@@ -1,6 +1,6 @@
 """Tokenizers: one small protocol, three implementations.
 
-- `HFTokenizer`: a Hugging Face `tokenizers` JSON file (Qwen3, Llama 3, GPT-NeoX, ...), given by path.
+- `HFTokenizer`: a Hugging Face `tokenizers` JSON file (Qwen3, Llama 3, GPT-NeoX, ...) by path.
 - `CharTokenizer`: a fixed alphabet, one token per character (the demo uses it).
 - `ByteTokenizer`: one token per UTF-8 byte; needs no vocabulary file and encodes any text.
 
