@@ -367,3 +367,34 @@ def test_orbax_saves_and_restores_the_iterator_through_grains_handler(tmp_path):
             resumed)))
     _assert_same([next(resumed) for _ in range(3)], expected)
     assert resumed.stats == batches.stats
+
+
+_DIGEST_SCRIPT = """
+import hashlib, sys
+sys.path.insert(0, "tests")
+import test_data_pipeline as t
+batches, _ = t._iterate(t._config(shuffle_window=64, read_threads=2), limit=6)
+digest = hashlib.sha256()
+for batch in batches:
+    for name in sorted(batch):
+        digest.update(name.encode() + batch[name].tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_batches_are_identical_in_a_fresh_interpreter():
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    batches, _ = _iterate(_config(shuffle_window=64, read_threads=2), limit=6)
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            digest.update(name.encode() + batch[name].tobytes())
+    env = dict(os.environ, PYTHONHASHSEED="12345", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], cwd=root, env=env,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == digest.hexdigest()

@@ -386,5 +386,7 @@ def prepare_and_open(builder: tfds.core.DatasetBuilder, fingerprint: str,
         shutil.rmtree(directory)
     builder.download_and_prepare()
     corpus = open_corpus(directory)
-    log.info("built %s at %s: %s", corpus.name, directory, corpus.build_stats)
+    dropped = {k: v for k, v in corpus.build_stats.items() if k.startswith("dropped_") and v}
+    log.log(logging.WARNING if dropped else logging.INFO, "built %s at %s: %s", corpus.name,
+            directory, corpus.build_stats)
     return corpus
