@@ -90,3 +90,14 @@ def test_marked_keeps_filters_and_subsamples():
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PositionConfig(**kwargs)
+
+
+def test_strategies_without_randomness_need_no_stream():
+    assert not PositionConfig("all").draws_randomly
+    assert not PositionConfig("stride", stride_offset=0).draws_randomly
+    assert not PositionConfig("marked", None).draws_randomly
+    assert PositionConfig("marked", 2).draws_randomly and PositionConfig("stride").draws_randomly
+    sample = sample_positions(PositionConfig("stride", stride=2, stride_offset=1), 6, None)
+    np.testing.assert_array_equal(sample.positions_P, [1, 3, 5])
+    marked = sample_positions(PositionConfig("marked", None), 6, None, np.array([4, 2]))
+    np.testing.assert_array_equal(marked.positions_P, [2, 4])

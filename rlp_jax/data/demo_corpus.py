@@ -20,7 +20,7 @@ the two numbers), `thought` (inside a worked thought, markers included); all oth
 Train and validation documents use disjoint number pairs: a seeded 10% of all pairs is held out.
 Variants (TFDS configs): `plain` and `worked` (90% of documents carry a worked thought, for
 warm-starting a tiny model), `mixed_plain` and `mixed_worked` (half the documents are word
-problems). Default size: 20,000 train and 2,000 validation documents (about 1 s to build).
+problems). Default size: 20,000 train and 2,000 validation documents (about 1.5 s to build).
 """
 
 from __future__ import annotations

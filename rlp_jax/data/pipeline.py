@@ -229,7 +229,8 @@ class _PromptsOfDocument(grain.experimental.FlatMapTransform):
             keep_M = (np.ones(len(marked_M), bool) if self._wanted_kinds is None
                       else np.isin(kinds_M, self._wanted_kinds))
             candidates_M = marked_M[keep_M]
-        rng = position_rng(self._seed, document["epoch"], document["doc_id"])
+        rng = (position_rng(self._seed, document["epoch"], document["doc_id"])
+               if self._positions.draws_randomly else None)
         sample = sample_positions(self._positions, len(tokens_N), rng, candidates_M)
         positions_P = sample.positions_P
         kinds_P = _kinds_at(positions_P, marked_M, kinds_M)

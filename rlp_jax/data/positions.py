@@ -79,6 +79,13 @@ class PositionConfig:
             raise ValueError(f"marked_kinds must be a tuple of kind names, got the string "
                              f"{self.marked_kinds!r}; write ({self.marked_kinds!r},).")
 
+    @property
+    def draws_randomly(self) -> bool:
+        """Whether positions depend on the random stream (else `rng` may be None)."""
+        return (self.strategy == "uniform"
+                or (self.strategy == "stride" and self.stride_offset is None)
+                or (self.strategy == "marked" and self.positions_per_document is not None))
+
 
 @dataclasses.dataclass(frozen=True)
 class PositionSample:
@@ -110,14 +117,15 @@ def _subsample(candidates_N: np.ndarray, k: int | None, rng: np.random.Generator
     return candidates_N[np.sort(chosen_K)], 0
 
 
-def sample_positions(config: PositionConfig, num_tokens: int, rng: np.random.Generator,
+def sample_positions(config: PositionConfig, num_tokens: int, rng: np.random.Generator | None,
                      marked_positions_M: np.ndarray | None = None) -> PositionSample:
     """Chooses prompt positions in a document of `num_tokens` tokens.
 
     Args:
       config: the strategy and its parameters.
       num_tokens: document length in tokens (BOS/EOS included if the pipeline adds them).
-      rng: the document's stream, from `position_rng`.
+      rng: the document's stream, from `position_rng` (None when `config.draws_randomly` is
+        False).
       marked_positions_M: token positions stored with the record, already filtered to the wanted
         kinds (`marked` only); need not be sorted or unique.
 
