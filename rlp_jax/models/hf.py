@@ -40,6 +40,9 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise HFFormatError("checkpoints with attention or MLP biases are not supported; use a "
                             "bias-free Qwen3 or Llama checkpoint.")
+    if hf.get("use_sliding_window"):
+        raise HFFormatError("sliding-window attention (use_sliding_window: true) is not supported; "
+                            "rlp-jax attends over the full context.")
     if hf.get("hidden_act", "silu") != "silu":
         raise HFFormatError(f"hidden_act={hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU).")
     rope_params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
@@ -211,14 +214,17 @@ def load_hf(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
         specs = _flat(nnx.to_pure_dict(nnx.get_partition_spec(state)))
     param_dtype = jnp.dtype(config.param_dtype)
     loaded = {}
-    for path, (pattern, to_ours, _) in _tensor_map(config).items():
+    for path, (pattern, to_ours, to_hf) in _tensor_map(config).items():
+        ours_shape = shapes[path].shape[1:] if "{i}" in pattern else shapes[path].shape
+        # The exact HF shape, not just the element count: a transposed [n·hd, D] projection has
+        # the right count and would reshape without error into scrambled weights.
+        want = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(ours_shape, param_dtype)).shape
+
         def fetch(name):
             w = tensors.get(name)
-            want = np.prod(shapes[path].shape[1:] if "{i}" in pattern else shapes[path].shape)
-            if w.size != want:
-                raise HFFormatError(f"tensor {name!r} has shape {tuple(w.shape)}, which does not fit "
-                                    f"config.json (expected {want} elements); the folder's config and "
-                                    "weights disagree.")
+            if tuple(w.shape) != tuple(want):
+                raise HFFormatError(f"tensor {name!r} has shape {tuple(w.shape)}, but config.json "
+                                    f"implies {tuple(want)}; the folder's config and weights disagree.")
             return to_ours(w.astype(param_dtype))
 
         if "{i}" in pattern:
@@ -294,4 +300,11 @@ def save_hf(model: Transformer, folder: str | os.PathLike, *, dtype: str = "floa
     written.append((tmp, folder / "config.json"))
     for tmp, final in written:
         os.replace(tmp, final)
+    # Weights of an earlier export with another shard count would shadow the new ones (an old index
+    # for load_hf, an old model.safetensors for transformers): remove them.
+    current = {final.name for _, final in written}
+    for old in [folder / "model.safetensors", folder / "model.safetensors.index.json",
+                *folder.glob("model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors")]:
+        if old.name not in current and old.exists():
+            old.unlink()
     return folder
