@@ -9,6 +9,7 @@ their model dimension; activations leave their model dimension unsharded (None),
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -76,3 +77,34 @@ def fit_spec(shape: Sequence[int], spec: P, mesh: jax.sharding.Mesh) -> P:
         ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
         fitted.append(axes if size % ways == 0 else None)
     return P(*fitted)
+
+
+def param_shardings(abstract_params, mesh: jax.sharding.Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """NamedSharding per parameter (an nnx.State of annotated Params, abstract or concrete) from
+    its logical axis names; dimensions a mesh axis does not divide are replicated."""
+    from flax import nnx
+
+    with flax_spmd.logical_axis_rules(()):  # keep logical names; map them with `rules` below
+        specs = nnx.get_partition_spec(abstract_params)
+
+    def to_sharding(spec, leaf):
+        mesh_spec = P() if spec is None else logical_to_mesh(tuple(spec), rules)
+        return jax.sharding.NamedSharding(mesh, fit_spec(leaf.shape, mesh_spec, mesh))
+
+    return jax.tree.map(to_sharding, specs, abstract_params, is_leaf=lambda x: isinstance(x, P))
+
+
+def global_batch(local_batch: dict[str, Any], shardings: dict[str, jax.sharding.NamedSharding]):
+    """Global arrays from each process's own rows (the rows of process p come p-th)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, cpu_collectives: str = "gloo") -> None:
+    """`jax.distributed.initialize` for multi-host runs. On TPU pods and SLURM the arguments are
+    discovered from the environment; CPU processes need them and use gloo collectives."""
+    # Only the CPU backend reads this; set before any backend starts (so no device query here).
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)

@@ -117,7 +117,11 @@ class Transformer(nnx.Module):
         """Final-norm hidden states `[B, T, D]` (before the LM head) and the updated cache."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        x_BxTxD = constrain(jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dtype),
+        # Look rows up in a table sharded on the vocabulary only: GSPMD then masks each shard's
+        # rows and sums over `tensor`; a table also sharded on `embed` (the FSDP axis, which
+        # the batch uses too) forces a full rematerialisation of the lookup.
+        table_VxD = constrain(self.embed[...], ("vocab", None))
+        x_BxTxD = constrain(jnp.take(table_VxD, tokens_BxT, axis=0).astype(dtype),
                             ("batch", "length", None))
         cos_BxTxH, sin_BxTxH = rope_tables(positions_BxT, c)
         if cache is None:
@@ -230,4 +234,7 @@ def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: 
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
-    return Transformer(config, nnx.Rngs(seed))
+    """A randomly initialised, unsharded model (for sharded creation see
+    train_step.create_state_from_scratch, or build it under a mesh and logical-axis rules)."""
+    with nnx.use_eager_sharding(False):
+        return Transformer(config, nnx.Rngs(seed))

@@ -1,0 +1,187 @@
+"""From prompts to scored thoughts: the rollout half of an RLP step (Algorithm 1, lines 2–4).
+
+Pure functions of `(graphdef, params, batch, key)`; jit them inside a train step.
+
+Batch fields (right-padded; see docs/data.md): `context_BxT` int32, `context_len_B` int32 (≥ 1),
+`target_BxK` int32, `target_mask_BxK` bool. Rows `b·G … b·G+G−1` of every `N = B·G` array are the G
+thoughts of prompt b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlp_jax import losses, sampling
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How thoughts are elicited, sampled and scored.
+
+    The prompt for a context is `[context, *prompt_suffix_ids, <think>]`: `prompt_suffix_ids` is the
+    template's text between the context and the open marker (default: none — the open marker
+    directly after the context, as in the paper). Base models that never open a thought on their
+    own may need an instruction here.
+    """
+
+    think_open_id: int
+    think_close_id: int
+    num_rollouts: int = 16  # G
+    max_thought_len: int = 2048  # L
+    min_thought_len: int = 1
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    prompt_suffix_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    # Mask the think markers out of the distributions that score the true next token (both the
+    # reasoned and the no-think score): a baseline that learned to expect "<think>" there would
+    # otherwise hand the thought a free gain (docs/train_step.md).
+    mask_markers_in_scoring: bool = False
+
+    def __post_init__(self):
+        if self.num_rollouts < 2:
+            raise ValueError(f"num_rollouts={self.num_rollouts}; group-relative advantages need "
+                             "G >= 2 thoughts per prompt.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}; RLP samples thoughts and needs "
+                             "temperature > 0 (the paper uses 0.7).")
+        if not 1 <= self.min_thought_len <= self.max_thought_len:
+            raise ValueError(f"need 1 <= min_thought_len ({self.min_thought_len}) <= max_thought_len "
+                             f"({self.max_thought_len}).")
+
+    def sampling_config(self) -> sampling.SamplingConfig:
+        return sampling.SamplingConfig(
+            max_new_tokens=self.max_thought_len, temperature=self.temperature, top_k=self.top_k,
+            top_p=self.top_p, stop_tokens=(self.think_close_id,),
+            min_new_tokens=self.min_thought_len, pad_id=self.pad_id)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rollouts:
+    prompt_BxP: Array  # [context, suffix, <think>], right-padded
+    prompt_len_B: Array
+    thoughts_NxL: Array  # sampled tokens; a sampled </think> is the last valid one
+    thought_mask_NxL: Array  # tokens the policy chose (the sampled </think> included)
+    truncated_N: Array  # reached L without </think>; closed by force (the forced token is not an action)
+    behaviour_logprobs_NxL: Array
+    s_pred_NxK: Array  # log p_θ(x_t | x_<t, c) of each target token, on the rollout cache
+    predicted_NxK: Array  # argmax prediction after the thought (for the RPT-style reward)
+
+
+def from_prompt_batch(batch: dict[str, Array]) -> dict[str, Array]:
+    """The step's batch from a data-pipeline prompt batch (rlp_jax.data): the left-padded
+    `context_BxC` moved to the left edge (`context_BxT`, right-padded); other fields kept."""
+    if "context_BxT" in batch:
+        return batch
+    context_BxC, context_len_B = batch["context_BxC"], batch["context_len_B"]
+    C = context_BxC.shape[1]
+    shift_Bx1 = (C - context_len_B)[:, None]
+    columns_BxC = (jnp.arange(C)[None, :] + shift_Bx1) % C  # pads wrap round to the right
+    out = {k: v for k, v in batch.items() if k not in ("context_BxC", "context_mask_BxC")}
+    out["context_BxT"] = jnp.take_along_axis(jnp.asarray(context_BxC), columns_BxC, axis=1)
+    return out
+
+
+def build_prompts(context_BxT: Array, context_len_B: Array, cfg: RolloutConfig) -> tuple[Array, Array]:
+    """`[context, *suffix, <think>]` per row, right-padded to `T + len(suffix) + 1`."""
+    B, T = context_BxT.shape
+    added = (*cfg.prompt_suffix_ids, cfg.think_open_id)
+    prompt_BxP = jnp.concatenate(
+        [context_BxT, jnp.full((B, len(added)), cfg.pad_id, context_BxT.dtype)], axis=1)
+    rows = jnp.arange(B)
+    for j, token in enumerate(added):
+        prompt_BxP = prompt_BxP.at[rows, context_len_B + j].set(token)
+    return prompt_BxP, context_len_B + len(added)
+
+
+def _scoring_logits(model, hidden_NxKxD: Array, cfg: RolloutConfig) -> Array:
+    logits = model.logits(hidden_NxKxD).astype(jnp.float32)
+    if cfg.mask_markers_in_scoring:
+        markers = jnp.asarray([cfg.think_open_id, cfg.think_close_id])
+        logits = logits.at[..., markers].set(jnp.finfo(jnp.float32).min)
+    return logits
+
+
+def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, Array], key: Array,
+                     cfg: RolloutConfig) -> Rollouts:
+    """Samples G thoughts per prompt from `params` (the behaviour policy θ_old) and scores the true
+    next token(s) after each thought by extending the rollout's own KV cache with
+    `[</think>, x_t, …]` — no second forward over context + thought."""
+    model = nnx.merge(graphdef, params)
+    G, L = cfg.num_rollouts, cfg.max_thought_len
+    target_BxK = batch["target_BxK"]
+    K = target_BxK.shape[1]
+    prompt_BxP, prompt_len_B = build_prompts(batch["context_BxT"], batch["context_len_B"], cfg)
+    out = sampling.sample(graphdef, params, prompt_BxP, prompt_len_B, key, cfg.sampling_config(),
+                          num_samples=G, cache_len=prompt_BxP.shape[1] + L + 1 + K)
+    N = out.tokens_NxL.shape[0]
+    # Where </think> goes: after the last thought token. A sampled </think> is rewritten in place
+    # (same token, same slot, same prefix: the same keys and values).
+    close_pos_N = out.next_positions_N - out.finished_N.astype(jnp.int32)
+    target_NxK = jnp.repeat(target_BxK, G, axis=0)
+    feed_Nx1K = jnp.concatenate([jnp.full((N, 1), cfg.think_close_id, jnp.int32), target_NxK], axis=1)
+    positions_Nx1K = close_pos_N[:, None] + jnp.arange(K + 1)
+    hidden, _ = model.hidden_states(feed_Nx1K, positions_Nx1K, cache=out.cache)
+    logits_NxKxV = _scoring_logits(model, hidden[:, :K], cfg)
+    s_pred_NxK = losses.token_logprobs(logits_NxKxV, target_NxK)
+    thought_mask_NxL = jnp.arange(L)[None, :] < out.lengths_N[:, None]
+    return Rollouts(prompt_BxP, prompt_len_B, out.tokens_NxL, thought_mask_NxL, ~out.finished_N,
+                    out.logprobs_NxL, s_pred_NxK, jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32))
+
+
+def _context_then_targets(batch: dict[str, Array]) -> tuple[Array, Array]:
+    """`[context, x_t, x_t+1, …]` right-padded, and the index whose logits predict each target."""
+    context_BxT, context_len_B, target_BxK = batch["context_BxT"], batch["context_len_B"], batch["target_BxK"]
+    B, K = target_BxK.shape
+    seq = jnp.concatenate([context_BxT, jnp.zeros_like(target_BxK)], axis=1)
+    seq = seq.at[jnp.arange(B)[:, None], context_len_B[:, None] + jnp.arange(K)].set(target_BxK)
+    return seq, jnp.maximum(context_len_B[:, None] - 1 + jnp.arange(K), 0)  # ≥ 0 on empty padding rows
+
+
+def no_think_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, Array],
+                      cfg: RolloutConfig) -> tuple[Array, Array]:
+    """`log p(x_t | x_<t)` of each target token with no thought (teacher-forced over the
+    targets), and the argmax predictions. With the EMA params this is the baseline `S_ema`."""
+    model = nnx.merge(graphdef, params)
+    seq_BxS, predict_at_BxK = _context_then_targets(batch)
+    positions = jnp.broadcast_to(jnp.arange(seq_BxS.shape[1]), seq_BxS.shape)
+    hidden_BxSxD, _ = model.hidden_states(seq_BxS, positions)
+    hidden_BxKxD = jnp.take_along_axis(hidden_BxSxD, predict_at_BxK[..., None], axis=1)
+    logits = _scoring_logits(model, hidden_BxKxD, cfg)
+    return losses.token_logprobs(logits, batch["target_BxK"]), jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+def thought_sequences(rollouts: Rollouts, num_rollouts: int) -> tuple[Array, Array]:
+    """`[prompt, thought]` rows (`N × (P + L)`, contiguous, pads after) and, per thought token,
+    the index whose logits predict it."""
+    prompt_NxP = jnp.repeat(rollouts.prompt_BxP, num_rollouts, axis=0)
+    start_N = jnp.repeat(rollouts.prompt_len_B, num_rollouts)
+    N, L = rollouts.thoughts_NxL.shape
+    seq = jnp.concatenate([prompt_NxP, jnp.zeros((N, L), prompt_NxP.dtype)], axis=1)
+    token_at_NxL = start_N[:, None] + jnp.arange(L)
+    seq = seq.at[jnp.arange(N)[:, None], token_at_NxL].set(rollouts.thoughts_NxL)
+    return seq, token_at_NxL - 1
+
+
+def thought_logprobs(graphdef: nnx.GraphDef, params: nnx.State, seq_NxS: Array, predict_at_NxL: Array,
+                     thoughts_NxL: Array, temperature: float) -> tuple[Array, Array]:
+    """Teacher-forced `log π(ℓ_u | prefix_u)` of every thought token at the sampling temperature
+    (the only place the policy gradient enters), and the per-token policy entropy."""
+    model = nnx.merge(graphdef, params)
+    positions = jnp.broadcast_to(jnp.arange(seq_NxS.shape[1]), seq_NxS.shape)
+    hidden_NxSxD, _ = model.hidden_states(seq_NxS, positions)
+    hidden_NxLxD = jnp.take_along_axis(hidden_NxSxD, predict_at_NxL[..., None], axis=1)
+    logits_NxLxV = model.logits(hidden_NxLxD)
+    logp_NxL = losses.token_logprobs(logits_NxLxV, thoughts_NxL, temperature)
+    scaled = jax.lax.stop_gradient(logits_NxLxV.astype(jnp.float32) / temperature)
+    log_probs = jax.nn.log_softmax(scaled, axis=-1)
+    entropy_NxL = -(jnp.exp(log_probs) * log_probs).sum(-1)
+    return logp_NxL, entropy_NxL

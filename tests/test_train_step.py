@@ -1,0 +1,336 @@
+"""The sharded RLP train step: meshes agree, gradients come only from thought tokens, scoring on
+the cache equals a fresh forward, the EMA teacher behaves, the objectives, and multi-host."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rlp_jax import losses, rollouts, sharding
+from rlp_jax import train_step as ts
+from rlp_jax.models import preset
+from rlp_jax.rollouts import RolloutConfig
+
+VOCAB, B, T, G, L = 32, 8, 9, 4, 5
+MODEL = preset("tiny", vocab_size=VOCAB)
+ROLLOUT = RolloutConfig(think_open_id=1, think_close_id=2, num_rollouts=G, max_thought_len=L,
+                        temperature=1.0)
+
+
+def make_batch(seed=0, K=1):
+    rng = np.random.RandomState(seed)
+    return {"context_BxT": jnp.asarray(rng.randint(3, VOCAB, (B, T)), jnp.int32),
+            "context_len_B": jnp.asarray(rng.randint(2, T + 1, B), jnp.int32),
+            "target_BxK": jnp.asarray(rng.randint(3, VOCAB, (B, K)), jnp.int32),
+            "target_mask_BxK": jnp.asarray(np.arange(K) < rng.randint(1, K + 1, (B, 1)))}
+
+
+def single_device_mesh():
+    return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def run_steps(mesh, cfg, optimizer, steps=2, batch=None, state_edit=None, model_config=MODEL):
+    graphdef, state, shardings = ts.create_state_from_scratch(model_config, optimizer, 0, mesh)
+    if state_edit is not None:
+        state = state_edit(state)
+    batch = make_batch() if batch is None else batch
+    batch_sharding = ts.batch_shardings(batch, mesh)
+    step = ts.compile_train_step(graphdef, optimizer, cfg, mesh, shardings, batch_sharding)
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, jax.device_put(batch, batch_sharding))
+        history.append(jax.device_get(metrics))
+    return graphdef, state, history
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_single_device_and_two_meshes_agree_after_two_steps():
+    cfg = ts.StepConfig(rollout=ROLLOUT, ppo_epochs=2)  # two updates: ratios and clipping move
+    optimizer = optax.adamw(1e-2)
+    _, initial, _ = run_steps(single_device_mesh(), cfg, optimizer, steps=0)
+    _, want_state, want = run_steps(single_device_mesh(), cfg, optimizer)
+    for shape in ((2, 2, 2), (8, 1, 1)):
+        _, state, got = run_steps(sharding.make_mesh(shape), cfg, optimizer)
+        for step_metrics, step_want in zip(got, want):
+            for name in step_want:
+                np.testing.assert_allclose(step_metrics[name], step_want[name], rtol=1e-4, atol=1e-5,
+                                           err_msg=f"{shape} {name}")
+        # Adam divides by sqrt(v): for near-zero gradients, float32 reduction-order noise of
+        # another mesh becomes a visible step. So: elementwise within 3e-4 (lr 1e-2, 4 updates),
+        # and the whole update within 0.1% in norm.
+        for a, b, a0 in zip(leaves(state.params), leaves(want_state.params), leaves(initial.params)):
+            np.testing.assert_allclose(a, b, atol=3e-4)
+            assert np.linalg.norm((a - a0) - (b - a0)) <= 1e-3 * np.linalg.norm(b - a0)
+    assert want[1]["ratio_mean"] != 1.0  # the second PPO epoch saw moved ratios
+
+
+def test_update_is_the_policy_gradient_of_thought_tokens_only():
+    """With SGD(lr=1) the update is −∇L, and ∇L equals −Σ (A/|c|)/N ∇log π(thought tokens) built
+    from the step's own rollouts — nothing else (targets, S_pred, S_ema) contributes."""
+    cfg = ts.StepConfig(rollout=ROLLOUT)
+    optimizer = optax.sgd(1.0)
+    mesh = single_device_mesh()
+    graphdef, state0, _ = ts.create_state_from_scratch(MODEL, optimizer, 0, mesh)
+    params0 = jax.tree.map(jnp.copy, state0.params)
+    batch = make_batch()
+    key = jax.random.fold_in(jax.random.wrap_key_data(state0.rng), 0)
+    roll = rollouts.sample_and_score(graphdef, params0, batch, key, ROLLOUT)
+    s_ema, _ = rollouts.no_think_logprobs(graphdef, params0, batch, ROLLOUT)
+    rewards = losses.information_gain_reward(roll.s_pred_NxK.reshape(B, G, 1), s_ema[:, None],
+                                             batch["target_mask_BxK"][:, None])
+    adv = losses.group_relative_advantages(rewards)
+    seq, predict_at = rollouts.thought_sequences(roll, G)
+    mask = roll.thought_mask_NxL.reshape(B, G, L)
+    num_thoughts = float((mask.sum(-1) > 0).sum())
+
+    def manual(p):
+        logp, _ = rollouts.thought_logprobs(graphdef, p, seq, predict_at, roll.thoughts_NxL, 1.0)
+        per_thought = jnp.where(mask, logp.reshape(B, G, L), 0).sum(-1) / mask.sum(-1)
+        return -(adv * per_thought).sum() / num_thoughts
+
+    want = jax.grad(manual)(params0)
+    step = ts.compile_train_step(graphdef, optimizer, cfg, mesh, *_shardings(state0, optimizer, mesh, batch))
+    state1, metrics = step(state0, batch)
+    got = jax.tree.map(lambda new, old: old - new, state1.params, params0)  # θ0 − θ1 = lr · ∇L
+    for g, w in zip(leaves(got), leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+    assert float(metrics["grad_norm"]) > 0
+
+
+def _shardings(state, optimizer, mesh, batch):
+    abstract = jax.eval_shape(lambda s: s, state)
+    return ts.state_shardings(abstract, optimizer, mesh), ts.batch_shardings(batch, mesh)
+
+
+def test_update_ignores_the_baseline_and_targets_enter_only_through_advantages():
+    """S_ema is the same for the G thoughts of a prompt, so it cancels in the advantages: an EMA
+    teacher with other weights changes the reward metrics but not one bit of the update."""
+    cfg = ts.StepConfig(rollout=ROLLOUT)
+    optimizer = optax.sgd(0.5)  # Adam would magnify float noise in near-zero gradients
+    mesh = single_device_mesh()
+    _, state_a, hist_a = run_steps(mesh, cfg, optimizer, steps=1, state_edit=lambda s: dataclasses.replace(s, step=s.step + 5))
+
+    def other_teacher(s):
+        ema = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), s.ema_params)
+        return dataclasses.replace(s, step=s.step + 5, ema_params=ema)
+
+    _, state_b, hist_b = run_steps(mesh, cfg, optimizer, steps=1, state_edit=other_teacher)
+    assert abs(hist_a[0]["s_ema_mean"] - hist_b[0]["s_ema_mean"]) > 1e-3
+    # Equal up to float32 rounding of r − mean(r); a leak of S_ema into the gradient would show
+    # at the size of the 0.05 perturbation.
+    for a, b in zip(leaves(state_a.params), leaves(state_b.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_scoring_on_the_rollout_cache_equals_a_fresh_full_forward():
+    optimizer = optax.adam(1e-3)
+    graphdef, state, _ = ts.create_state_from_scratch(MODEL, optimizer, 0, single_device_mesh())
+    batch = make_batch(seed=1, K=3)
+    # A hot temperature makes </think> likely enough that closed and truncated rows both occur.
+    roll = rollouts.sample_and_score(graphdef, state.params, batch, jax.random.key(5),
+                                     dataclasses.replace(ROLLOUT, max_thought_len=8, temperature=3.0))
+    model = nnx.merge(graphdef, state.params)
+    truncated = 0
+    for n in range(B * G):
+        b = n // G
+        thought = np.asarray(roll.thoughts_NxL[n])[np.asarray(roll.thought_mask_NxL[n])]
+        closed = thought if thought[-1] == ROLLOUT.think_close_id else np.append(thought, ROLLOUT.think_close_id)
+        truncated += int(thought[-1] != ROLLOUT.think_close_id)
+        targets = np.asarray(batch["target_BxK"][b])
+        seq = np.concatenate([np.asarray(roll.prompt_BxP[b, :roll.prompt_len_B[b]]), closed, targets])
+        logits, _ = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
+        want = losses.token_logprobs(logits[0, -4:-1], jnp.asarray(targets))
+        np.testing.assert_allclose(roll.s_pred_NxK[n], want, atol=2e-5)
+    assert 0 < truncated < B * G  # both kinds of rows were checked
+    assert int(roll.truncated_N.sum()) == truncated
+
+
+def test_ema_lazy_init_exact_update_and_float32_under_bf16_params():
+    bf16_model = MODEL.replace(param_dtype="bfloat16", dtype="bfloat16")
+    optimizer = optax.adam(1e-2)
+    cfg = ts.StepConfig(rollout=ROLLOUT, ema_decay=0.9)
+    garbage = lambda s: dataclasses.replace(s, ema_params=jax.tree.map(lambda x: x + 100.0, s.ema_params))
+    graphdef, state0, _ = ts.create_state_from_scratch(bf16_model, optimizer, 0, single_device_mesh())
+    theta0 = leaves(state0.params)
+    _, state1, _ = run_steps(single_device_mesh(), cfg, optimizer, steps=1, state_edit=garbage,
+                             model_config=bf16_model)
+    for ema, p0, p1 in zip(leaves(state1.ema_params), theta0, leaves(state1.params)):
+        assert ema.dtype == np.float32 and p1.dtype == jnp.bfloat16
+        p0, p1 = p0.astype(np.float32), p1.astype(np.float32)
+        want = (p0 + (1 - np.float32(0.9)) * (p1 - p0)).astype(np.float32)  # φ ← θ0, then one update
+        # XLA may keep the new θ in excess precision (xla_allow_excess_precision) when it feeds
+        # the EMA in the same program: allow (1 − τ) times one bf16 ulp of θ1.
+        ulp = np.abs(p1) * 2.0**-7 + 1e-30
+        assert (np.abs(ema - want) <= 0.1 * ulp + 1e-7).all()
+    # φ keeps precision bfloat16 cannot hold.
+    ema = np.concatenate([x.ravel() for x in leaves(state1.ema_params)])
+    assert (ema != ema.astype(jnp.bfloat16).astype(np.float32)).mean() > 0.5
+
+
+def test_when_thought_cannot_change_prediction_rewards_and_update_are_zero():
+    """final_norm = 0 makes every prediction uniform whatever the thought; with φ = θ every reward
+    is exactly 0, so every advantage and the whole update are exactly 0."""
+    optimizer = optax.adam(1e-2)
+
+    def blind(s):
+        params = jax.tree.map(jnp.copy, s.params)
+        params["final_norm"] = jax.tree.map(jnp.zeros_like, params["final_norm"])
+        return dataclasses.replace(s, params=params)
+
+    _, state0, _ = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT), optimizer, steps=0,
+                             state_edit=blind)
+    _, state1, history = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT), optimizer,
+                                   steps=1, state_edit=blind)
+    m = history[0]
+    assert m["reward_mean"] == 0 and m["reward_std"] == 0 and m["advantage_abs_mean"] == 0
+    assert m["grad_norm"] == 0
+    for a, b in zip(leaves(state1.params), leaves(state0.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_grad_accumulation_and_minibatches_give_the_unsplit_update():
+    optimizer = optax.sgd(0.5)
+    _, whole, _ = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT), optimizer, steps=1)
+    _, split, _ = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, grad_accum_steps=4),
+                            optimizer, steps=1)
+    for a, b in zip(leaves(split.params), leaves(whole.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of it"):
+        run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, grad_accum_steps=3), optimizer, steps=1)
+
+
+def test_rpt_rewards_are_binary_and_ntp_matches_hand_cross_entropy():
+    optimizer = optax.sgd(0.0)  # lr 0: look at the first step's numbers only
+    _, _, rpt = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, objective="rpt"),
+                          optimizer, steps=1)
+    assert 0.0 <= rpt[0]["reward_mean"] <= 1.0
+    graphdef, state, ntp = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, objective="ntp"),
+                                     optimizer, steps=1)
+    batch = make_batch()
+    model = nnx.merge(graphdef, state.params)
+    nll, count = 0.0, 0
+    for b in range(B):
+        n = int(batch["context_len_B"][b])
+        seq = np.concatenate([np.asarray(batch["context_BxT"][b, :n]), np.asarray(batch["target_BxK"][b])])
+        logits, _ = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
+        nll += -float(losses.token_logprobs(logits[0, :-1], jnp.asarray(seq[1:])).sum())
+        count += len(seq) - 1
+    np.testing.assert_allclose(ntp[0]["loss"], nll / count, rtol=1e-5)
+    assert ntp[0]["tokens"] == count
+
+
+def test_kl_reference_policy_exists_only_with_beta():
+    optimizer = optax.adam(1e-2)
+    mesh = single_device_mesh()
+    graphdef, state, shardings = ts.create_state_from_scratch(MODEL, optimizer, 0, mesh, with_reference=True)
+    assert state.ref_params is not None
+    cfg = ts.StepConfig(rollout=ROLLOUT, kl_coef=0.1, ppo_epochs=2)
+    batch = make_batch()
+    step = ts.compile_train_step(graphdef, optimizer, cfg, mesh, shardings, ts.batch_shardings(batch, mesh))
+    state, m1 = step(state, batch)
+    state, m2 = step(state, batch)
+    assert float(m1["kl"]) >= 0 and float(m2["kl"]) > 0  # the policy moved away from the reference
+    _, plain, _ = ts.create_state_from_scratch(MODEL, optimizer, 0, mesh)
+    assert plain.ref_params is None
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+    optimizer = optax.adam(1e-2)
+
+    def poison(s):
+        params = jax.tree.map(jnp.copy, s.params)
+        params["final_norm"] = jax.tree.map(lambda x: x.at[0].set(jnp.nan), params["final_norm"])
+        return dataclasses.replace(s, params=params, step=s.step + 1)
+
+    _, before, _ = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT), optimizer, steps=0,
+                             state_edit=poison)
+    _, after, history = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT), optimizer,
+                                  steps=1, state_edit=poison)
+    assert history[0]["nonfinite_skipped"] == 1
+    for a, b in zip(leaves(after.params), leaves(before.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_configs_fail_with_one_sentence():
+    with pytest.raises(ValueError, match="G >= 2"):
+        RolloutConfig(think_open_id=1, think_close_id=2, num_rollouts=1)
+    with pytest.raises(ValueError, match="objective"):
+        ts.StepConfig(rollout=ROLLOUT, objective="dpo")
+    with pytest.raises(ValueError, match="needs 8 devices but 4"):
+        sharding.make_mesh((2, 2, 2), devices=jax.devices()[:4])
+
+
+def test_two_processes_with_four_devices_each_match_one_process_with_eight(tmp_path):
+    """jax.distributed with gloo on CPU: 2 × 4 devices give the metrics of 1 × 8."""
+    import portpicker
+
+    worker = Path(__file__).with_name("multihost_worker.py")
+    single = tmp_path / "single.json"
+    subprocess.run([sys.executable, str(worker), "0", "1", "0", str(single)], check=True, timeout=600,
+                   capture_output=True)
+    port = str(portpicker.pick_unused_port())
+    multi = tmp_path / "multi.json"
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), "2", port, str(multi)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    finally:
+        for p in procs:  # a dead peer leaves the other hanging: never leave one behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), outputs
+    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    np.testing.assert_allclose(a["q_sum"], b["q_sum"], rtol=1e-5, atol=1e-5)
+    for sa, sb in zip(a["metrics"], b["metrics"]):
+        for name in sa:
+            np.testing.assert_allclose(sb[name], sa[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_from_prompt_batch_right_aligns_left_padded_contexts():
+    batch = {"context_BxC": jnp.array([[0, 0, 7, 8], [5, 6, 7, 8], [0, 0, 0, 0]]),
+             "context_mask_BxC": jnp.array([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], bool),
+             "context_len_B": jnp.array([2, 4, 0]), "target_BxK": jnp.array([[9], [9], [0]])}
+    out = rollouts.from_prompt_batch(batch)
+    np.testing.assert_array_equal(out["context_BxT"], [[7, 8, 0, 0], [5, 6, 7, 8], [0, 0, 0, 0]])
+    assert "context_BxC" not in out and "context_mask_BxC" not in out
+
+
+def test_a_padded_final_pipeline_batch_trains_on_its_real_rows_only(tmp_path):
+    """The data pipeline's demo prompts (left-padded, with padding rows) through one RLP step."""
+    from rlp_jax import data
+
+    tokenizer = data.demo_tokenizer()
+    corpus = data.build_demo_corpus(str(tmp_path), "plain", num_train=13, num_validation=2, seed=0)
+    config = data.PromptBatchConfig(
+        batch_size=B, max_context=12, target_len=3, num_epochs=1, pad_final_batch=True,
+        shuffle_window=0, positions=data.PositionConfig("marked", None, marked_kinds=("answer_start",)))
+    pipeline_batches = list(data.prompt_batches(corpus, "train", tokenizer, config,
+                                                process_index=0, process_count=1))
+    last = pipeline_batches[-1]
+    real_rows = int(last["example_mask_B"].sum())
+    assert 0 < real_rows < B
+    batch = {k: jnp.asarray(v) for k, v in rollouts.from_prompt_batch(last).items()}
+    for b in range(real_rows):  # right-aligned context ends right before the answer
+        n = int(batch["context_len_B"][b])
+        assert tokenizer.decode(np.asarray(batch["context_BxT"][b, :n])).endswith("=")
+    rollout = dataclasses.replace(ROLLOUT, think_open_id=tokenizer.think_open_id,
+                                  think_close_id=tokenizer.think_close_id, pad_id=tokenizer.pad_id)
+    model = MODEL.replace(vocab_size=tokenizer.vocab_size)
+    _, _, history = run_steps(single_device_mesh(), ts.StepConfig(rollout=rollout), optax.adam(1e-3),
+                              steps=1, batch=batch, model_config=model)
+    m = history[0]
+    assert m["num_prompts"] == real_rows
+    assert all(np.isfinite(v) for v in m.values())
+    assert m["nonfinite_skipped"] == 0
