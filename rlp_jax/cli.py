@@ -42,6 +42,48 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(command: str, error: Exception) -> int:
+    print(f"rlp-jax {command}: {error}", file=sys.stderr)
+    return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rlp_jax import config as config_lib
+    from rlp_jax import trainer
+
+    try:
+        config = config_lib.load_config(args.config, args.overrides)
+        trainer.train(config, args.workdir)
+    except (config_lib.ConfigError, FileNotFoundError) as error:
+        return _fail("train", error)
+    except trainer.TrainingError as error:
+        print(f"rlp-jax train: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rlp_jax import demo
+
+    demo.run_demo(args.workdir, warmup_steps=args.warmup_steps, rlp_steps=args.steps,
+                  eval_positions=args.eval_positions)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from rlp_jax import config as config_lib
+    from rlp_jax import trainer
+    from rlp_jax.models import hf
+
+    try:
+        model = trainer.load_final_model(args.workdir)
+    except config_lib.ConfigError as error:
+        return _fail("export", error)
+    out = hf.save_hf(model, args.out, dtype=args.dtype)
+    print(f"wrote an HF folder (config.json + safetensors) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlp-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("--steps", type=int, default=150)
     example.add_argument("--seed", type=int, default=0)
     example.set_defaults(run=_losses_example)
+    train = commands.add_parser(
+        "train", help="train with a config file (ml_collections); rerun to resume",
+        description="rlp-jax train --config configs/X.py --workdir DIR [--config.a.b=value ...]")
+    train.add_argument("--config", default=None, help="config .py with get_config() (default: the demo's RLP stage)")
+    train.add_argument("--workdir", required=True, help="checkpoints, metrics and exports go here")
+    train.set_defaults(run=_train)
+
+    demo = commands.add_parser("demo", help="the bundled CPU demo: warm-up, RLP, report (minutes)")
+    demo.add_argument("--workdir", default="rlp_demo_run", help="where the demo writes (default: ./rlp_demo_run)")
+    demo.add_argument("--steps", type=int, default=None, help="RLP steps (default 300)")
+    demo.add_argument("--warmup-steps", type=int, default=None, help="NTP warm-up steps (default 150)")
+    demo.add_argument("--eval-positions", type=int, default=None, help="held-out positions (default 512)")
+    demo.set_defaults(run=_demo)
+
+    export = commands.add_parser("export", help="a run's latest weights as an HF folder")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    export.set_defaults(run=_export)
+
     conv = commands.add_parser(
         "convert", help="HF folder (config.json + safetensors) <-> rlp-jax params folder")
     direction = conv.add_mutually_exclusive_group(required=True)
@@ -67,7 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # ml_collections-style overrides (--config.a.b=value) are collected before argparse sees them.
+    overrides = [a.removeprefix("--config.") for a in argv if a.startswith("--config.")]
+    argv = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(argv)
+    if overrides and args.command != "train":
+        print(f"rlp-jax {args.command}: --config.* overrides apply to 'train' only.", file=sys.stderr)
+        return 2
+    args.overrides = overrides
     return args.run(args)
 
 

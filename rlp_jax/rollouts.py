@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rlp_jax import losses, sampling
@@ -79,14 +80,15 @@ class Rollouts:
 def from_prompt_batch(batch: dict[str, Array]) -> dict[str, Array]:
     """The step's batch from a data-pipeline prompt batch (rlp_jax.data): the left-padded
     `context_BxC` moved to the left edge (`context_BxT`, right-padded); other fields kept."""
-    if "context_BxT" in batch:
+    if "context_BxC" not in batch:
         return batch
+    xp = np if isinstance(batch["context_BxC"], np.ndarray) else jnp  # host batches stay on host
     context_BxC, context_len_B = batch["context_BxC"], batch["context_len_B"]
     C = context_BxC.shape[1]
     shift_Bx1 = (C - context_len_B)[:, None]
-    columns_BxC = (jnp.arange(C)[None, :] + shift_Bx1) % C  # pads wrap round to the right
+    columns_BxC = (xp.arange(C)[None, :] + shift_Bx1) % C  # pads wrap round to the right
     out = {k: v for k, v in batch.items() if k not in ("context_BxC", "context_mask_BxC")}
-    out["context_BxT"] = jnp.take_along_axis(jnp.asarray(context_BxC), columns_BxC, axis=1)
+    out["context_BxT"] = xp.take_along_axis(context_BxC, columns_BxC, axis=1)
     return out
 
 
@@ -111,16 +113,20 @@ def _scoring_logits(model, hidden_NxKxD: Array, cfg: RolloutConfig) -> Array:
 
 
 def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, Array], key: Array,
-                     cfg: RolloutConfig) -> Rollouts:
+                     cfg: RolloutConfig, greedy: bool = False) -> Rollouts:
     """Samples G thoughts per prompt from `params` (the behaviour policy θ_old) and scores the true
     next token(s) after each thought by extending the rollout's own KV cache with
-    `[</think>, x_t, …]` — no second forward over context + thought."""
+    `[</think>, x_t, …]` — no second forward over context + thought. `greedy` decodes the thought
+    by argmax instead (evaluation); behaviour log-probs are then taken at temperature 1."""
     model = nnx.merge(graphdef, params)
     G, L = cfg.num_rollouts, cfg.max_thought_len
     target_BxK = batch["target_BxK"]
     K = target_BxK.shape[1]
     prompt_BxP, prompt_len_B = build_prompts(batch["context_BxT"], batch["context_len_B"], cfg)
-    out = sampling.sample(graphdef, params, prompt_BxP, prompt_len_B, key, cfg.sampling_config(),
+    sampling_cfg = cfg.sampling_config()
+    if greedy:
+        sampling_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
+    out = sampling.sample(graphdef, params, prompt_BxP, prompt_len_B, key, sampling_cfg,
                           num_samples=G, cache_len=prompt_BxP.shape[1] + L + 1 + K)
     N = out.tokens_NxL.shape[0]
     # Where </think> goes: after the last thought token. A sampled </think> is rewritten in place

@@ -272,10 +272,15 @@ def _accumulated_grads(graphdef, params, mb, cfg: StepConfig, fresh_old: bool):
 
 def _ntp_step(state, batch, graphdef, optimizer, cfg: StepConfig):
     """Continued pretraining: next-token cross-entropy over `[context, targets]` of the batch."""
-    B = batch["target_BxK"].shape[0]
+    B = next(iter(batch.values())).shape[0]
     cfg.check_batch_size(B)
-    seq_BxS, _ = rollouts._context_then_targets(batch)
-    total_len_B = batch["context_len_B"] + batch["target_mask_BxK"].sum(-1)
+    if "tokens_BxT" in batch:  # a document batch (rlp_jax.data.document_batches): whole documents
+        seq_BxS, total_len_B = batch["tokens_BxT"], batch["token_mask_BxT"].sum(-1).astype(jnp.int32)
+        if "example_mask_B" in batch:
+            total_len_B = jnp.where(batch["example_mask_B"], total_len_B, 0)
+    else:
+        seq_BxS, _ = rollouts._context_then_targets(batch)
+        total_len_B = batch["context_len_B"] + batch["target_mask_BxK"].sum(-1)
     inputs = {"seq": seq_BxS, "len": total_len_B}
     updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
     minibatches = _split(inputs, cfg.num_minibatches)
@@ -314,7 +319,7 @@ def _ntp_step(state, batch, graphdef, optimizer, cfg: StepConfig):
         jnp.arange(updates_per_step))
     metrics = {"loss": aux["loss"].mean(), "grad_norm": aux["grad_norm"].mean(),
                "nonfinite_skipped": skipped,
-               "tokens": (total_len_B - 1).sum()}
+               "tokens": jnp.maximum(total_len_B - 1, 0).sum()}
     new_state = dataclasses.replace(state, params=params, ema_params=ema_params, opt_state=opt_state,
                                     step=state.step + 1)
     return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
@@ -353,13 +358,14 @@ def create_sharded_state(params, optimizer, seed: int, mesh, rules=sharding.DEFA
     return state, shardings
 
 
-def create_state_from_scratch(model_config, optimizer, seed: int, mesh, rules=sharding.DEFAULT_RULES,
-                              with_reference: bool = False):
-    """(graphdef, state, shardings) for a randomly initialised model, built inside one jitted
-    init with out_shardings: identical on every process, and never unsharded on any device."""
+def abstract_state_from_scratch(model_config, optimizer, seed: int, mesh, rules=sharding.DEFAULT_RULES,
+                                with_reference: bool = False):
+    """(graphdef, abstract state, shardings, init) for a randomly initialised model, without
+    creating any weights: `init()` builds the state inside one jitted init with out_shardings,
+    identical on every process and never unsharded on any device."""
     from rlp_jax.models.transformer import Transformer
 
-    def init(key):
+    def init_fn(key):
         with nnx.use_eager_sharding(False):
             model = Transformer(model_config, nnx.Rngs(params=key))
         return init_state(nnx.state(model, nnx.Param), optimizer, jax.random.fold_in(key, 1), with_reference)
@@ -367,10 +373,22 @@ def create_state_from_scratch(model_config, optimizer, seed: int, mesh, rules=sh
     with nnx.use_eager_sharding(False):
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, nnx.Rngs(0))), nnx.Param)
     key = jax.random.key(seed)
-    shardings = state_shardings(jax.eval_shape(init, key), optimizer, mesh, rules)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        state = jax.jit(init, out_shardings=shardings)(key)
-    return graphdef, state, shardings
+    abstract = jax.eval_shape(init_fn, key)
+    shardings = state_shardings(abstract, optimizer, mesh, rules)
+
+    def init():
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            return jax.jit(init_fn, out_shardings=shardings)(key)
+
+    return graphdef, abstract, shardings, init
+
+
+def create_state_from_scratch(model_config, optimizer, seed: int, mesh, rules=sharding.DEFAULT_RULES,
+                              with_reference: bool = False):
+    """(graphdef, state, shardings) for a randomly initialised model (see abstract_state_from_scratch)."""
+    graphdef, _, shardings, init = abstract_state_from_scratch(model_config, optimizer, seed, mesh, rules,
+                                                               with_reference)
+    return graphdef, init(), shardings
 
 
 def compile_train_step(graphdef, optimizer, cfg: StepConfig, mesh, state_sharding: TrainState,

@@ -1,0 +1,209 @@
+"""Configs: the base ConfigDict, loading a config file with `--config.a.b=value` overrides, and
+validation that ends bad input with one sentence (exit status 2) before anything compiles."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+from pathlib import Path
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config the run cannot use; the message says what is wrong and how to fix it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key rlp-jax reads, with its default (docs/training.md)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "demo"  # rlp_jax.models.PRESETS; the HF folder's config when init.kind='hf'
+    c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # none | full | dots_saveable
+
+    c.init = ml_collections.ConfigDict()
+    c.init.kind = "scratch"  # scratch | hf (HF folder) | params (rlp-jax convert output) | checkpoint (another run's workdir)
+    c.init.path = ""
+
+    c.tokenizer = "demo"  # demo | bytes | path to an HF tokenizer.json
+
+    c.data = ml_collections.ConfigDict()
+    c.data.corpus = "demo"  # demo | a built corpus directory | files/globs of .txt/.jsonl(.gz), comma-separated
+    c.data.demo_variant = "plain"
+    c.data.data_dir = ""  # where corpora are built; "" → WORKDIR/data
+    c.data.text_field = "text"
+    c.data.kind = "prompts"  # prompts (RLP, rpt, ntp on prompts) | documents (NTP on whole documents)
+    c.data.max_context = 2048
+    c.data.target_len = 1
+    c.data.seq_len = 2048  # documents only
+    c.data.strategy = "uniform"  # uniform | all | stride | marked
+    c.data.positions_per_document = 4
+    c.data.stride = 64
+    c.data.min_context = 1
+    c.data.marked_kinds = ()  # for strategy 'marked', e.g. ('answer_start',)
+    c.data.shuffle_window = 1024
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 200
+    c.train.batch_size = 512  # prompts (or documents) per step, global
+    c.train.learning_rate = 1e-6
+    c.train.warmup_steps = 0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.weight_decay = 0.1
+    c.train.grad_clip = 1.0  # global-norm clip; 0 turns it off
+    c.train.log_every = 10
+    c.train.on_nonfinite = "skip"  # skip (count it) | stop
+
+    c.rlp = ml_collections.ConfigDict()
+    c.rlp.objective = "rlp"  # rlp | rpt | ntp
+    c.rlp.num_rollouts = 16  # G
+    c.rlp.max_thought_len = 2048  # L
+    c.rlp.min_thought_len = 1
+    c.rlp.temperature = 0.7
+    c.rlp.top_k = 0
+    c.rlp.top_p = 1.0
+    c.rlp.eps_low = 0.2
+    c.rlp.eps_high = 0.2
+    c.rlp.kl_coef = 0.0
+    c.rlp.kl_estimator = "k3"
+    c.rlp.ema_decay = 0.999
+    c.rlp.ppo_epochs = 1
+    c.rlp.num_minibatches = 1
+    c.rlp.grad_accum_steps = 1
+    c.rlp.rollout_microbatches = 1
+    c.rlp.prompt_template = ""  # text inserted between the context and <think>
+    c.rlp.mask_markers_in_scoring = False
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0: only at the start and the end
+    c.eval.num_positions = 512  # held-out prompts
+    c.eval.num_thoughts = 2  # sampled thoughts per held-out prompt
+    c.eval.batch_size = 64
+    c.eval.show_thoughts = 4
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # -1: all remaining devices
+    c.mesh.axes = ("data", "fsdp", "tensor")
+    return c
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """The config of `path` (a .py file with `get_config()`; None: the demo's RLP config) with
+    `a.b=value` overrides applied. Keys are locked: an unknown key is an error."""
+    if path is None:
+        from rlp_jax.demo import demo_rlp_config
+
+        config = demo_rlp_config()
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config configs/<experiment>.py.")
+        spec = importlib.util.spec_from_file_location(f"rlp_config_{file.stem}", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path} has no get_config(); define one that returns a ConfigDict.")
+        config = module.get_config()
+    config.lock()
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """Sets `a.b=value` in place; the value is parsed as a Python literal of the field's type."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} has no '='; write it as --config.a.b=value.")
+    key, raw = item.split("=", 1)
+    key = key.removeprefix("--").removeprefix("config.")
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise ConfigError(f"unknown config key {key!r}; see docs/training.md for the keys.")
+        node = node[part]
+    leaf = parts[-1]
+    if leaf not in node:
+        known = ", ".join(sorted(node.keys()))
+        raise ConfigError(f"unknown config key {key!r}; keys here are: {known}.")
+    current = node[leaf]
+    try:
+        value = raw if isinstance(current, str) else ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"config value {raw!r} for {key} is not a Python literal; e.g. "
+                          f"--config.{key}={current!r}.") from None
+    if isinstance(current, bool) != isinstance(value, bool) or (
+            isinstance(current, (int, float)) and not isinstance(value, (int, float))):
+        raise ConfigError(f"config {key} is a {type(current).__name__} but got {raw!r}.")
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    with node.unlocked():
+        node[leaf] = value
+
+
+def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
+    """`mesh.shape` with its one allowed -1 replaced by the remaining device count."""
+    shape = tuple(int(s) for s in shape)
+    if shape.count(-1) > 1:
+        raise ConfigError(f"mesh.shape {shape} has more than one -1; at most one axis may take the rest.")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ConfigError(f"mesh.shape {shape} cannot cover {num_devices} devices; make the fixed "
+                              f"axes multiply to a divisor of {num_devices}.")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ConfigError(f"mesh.shape {shape} needs {math.prod(shape)} devices but {num_devices} are "
+                          f"available; set --config.mesh.shape so its product is {num_devices}.")
+    return shape
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> tuple[int, ...]:
+    """Checks what can be checked before compiling; returns the resolved mesh shape."""
+    c = config
+    shape = resolve_mesh_shape(c.mesh.shape, num_devices)
+    if len(shape) != len(c.mesh.axes):
+        raise ConfigError(f"mesh.shape {shape} and mesh.axes {tuple(c.mesh.axes)} differ in length.")
+    choices = {"rlp.objective": ("rlp", "rpt", "ntp"), "init.kind": ("scratch", "hf", "params", "checkpoint"),
+               "data.kind": ("prompts", "documents"), "train.on_nonfinite": ("skip", "stop"),
+               "model.remat": ("none", "full", "dots_saveable"),
+               "data.strategy": ("uniform", "all", "stride", "marked"),
+               "rlp.kl_estimator": ("k1", "k2", "k3")}
+    for key, allowed in choices.items():
+        section, leaf = key.split(".")
+        if c[section][leaf] not in allowed:
+            raise ConfigError(f"{key}={c[section][leaf]!r} is not one of {', '.join(allowed)}.")
+    if c.init.kind != "scratch" and (not c.init.path or not Path(c.init.path).exists()):
+        raise ConfigError(f"init.path {c.init.path!r} does not exist; point --config.init.path at the "
+                          f"{c.init.kind} folder to start from.")
+    if c.data.kind == "documents" and c.rlp.objective != "ntp":
+        raise ConfigError("data.kind='documents' trains next-token prediction only; set "
+                          "--config.rlp.objective=ntp or use data.kind='prompts'.")
+    batch_axes = {a: s for a, s in zip(c.mesh.axes, shape)}
+    data_ways = batch_axes.get("data", 1) * batch_axes.get("fsdp", 1)
+    B = c.train.batch_size
+    for name, parts in (("the data×fsdp mesh axes", data_ways), ("the processes", num_processes),
+                        ("rlp.rollout_microbatches", c.rlp.rollout_microbatches),
+                        ("rlp.num_minibatches × rlp.grad_accum_steps",
+                         c.rlp.num_minibatches * c.rlp.grad_accum_steps)):
+        if parts < 1 or B % parts:
+            raise ConfigError(f"train.batch_size={B} does not divide over {name} ({parts}); choose a "
+                              f"multiple of {parts}.")
+    if c.rlp.objective != "ntp" and c.rlp.num_rollouts < 2:
+        raise ConfigError(f"rlp.num_rollouts={c.rlp.num_rollouts}; group advantages need at least 2.")
+    if c.train.steps < 1 or c.checkpoint.every_steps < 1 or c.train.log_every < 1:
+        raise ConfigError("train.steps, train.log_every and checkpoint.every_steps must be >= 1.")
+    return shape

@@ -1,0 +1,86 @@
+"""Where metrics go: WORKDIR/metrics.jsonl (one object per logged step), TensorBoard event files
+(WORKDIR/tensorboard) and a console progress line. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | Path, total_steps: int, echo: Callable[[str], None] = print,
+                 tensorboard: bool = True):
+        self.workdir = Path(workdir)
+        self.total_steps = total_steps
+        self.echo = echo
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if self.enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._start_time = None
+        self._start_step = None
+
+    def write(self, step: int, metrics: dict[str, Any], file: str = "metrics.jsonl") -> None:
+        """Appends `{"step": step, **metrics}` (scalars only) to WORKDIR/`file` and TensorBoard."""
+        if not self.enabled:
+            return
+        scalars = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
+        with open(self.workdir / file, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self._tb is not None:
+            prefix = file.removesuffix(".jsonl")
+            for name, value in scalars.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{name}", value, step)
+            self._tb.flush()
+
+    def progress(self, step: int, metrics: dict[str, Any], tokens_per_step: float) -> None:
+        """One console line: step, rate, ETA and the key metrics."""
+        now = time.perf_counter()
+        if self._start_time is None:
+            self._start_time, self._start_step = now, step
+            rate = float("nan")
+        else:
+            rate = (step - self._start_step) / max(now - self._start_time, 1e-9)
+        eta = (self.total_steps - step) / rate if rate and math.isfinite(rate) and rate > 0 else float("nan")
+        fields = [f"step {step}/{self.total_steps}", f"{rate:.2f} steps/s",
+                  f"{rate * tokens_per_step:,.0f} tok/s", f"ETA {_duration(eta)}"]
+        for name, label in (("loss", "loss"), ("reward_mean", "reward"), ("reward_std", "±"),
+                            ("thought_len_mean", "len"), ("clip_frac", "clip"), ("grad_norm", "|g|")):
+            if name in metrics:
+                fields.append(f"{label} {float(metrics[name]):.4g}")
+        if self.enabled:
+            self.echo("  ".join(fields))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _scalar(value) -> float | int | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else str(value)  # type: ignore[return-value]
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

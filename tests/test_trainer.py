@@ -1,0 +1,163 @@
+"""The trainer through the real CLI: resume after kill -9 and SIGTERM is bitwise identical, a
+corrupt latest checkpoint falls back, checkpoints restore onto another mesh, bad configs fail
+with one line (exit 2), and the demo report is written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+CONFIG = str(Path(__file__).parent / "configs" / "tiny_rlp.py")
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "rlp_jax.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def train(workdir, data_dir, *overrides, timeout=600):
+    return cli("train", "--config", CONFIG, "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+               *overrides, timeout=timeout)
+
+
+def exported(workdir, out):
+    result = cli("export", "--workdir", str(workdir), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = train(workdir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, exported(workdir, workdir / "hf")
+
+
+def _run_until_checkpoint(workdir, data_dir, step_dir: str, *overrides):
+    """Starts `rlp-jax train` and returns the process once checkpoint `step_dir` is committed."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlp_jax.cli", "train", "--config", CONFIG,
+                             "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    marker = Path(workdir) / "checkpoints" / step_dir / "commit_success.txt"
+    deadline = time.time() + 400
+    while not marker.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no checkpoint {step_dir}: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def test_kill_9_then_rerun_gives_bitwise_identical_weights(tmp_path, data_dir, uninterrupted):
+    _, want = uninterrupted
+    proc = _run_until_checkpoint(tmp_path, data_dir, "2")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    result = train(tmp_path, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step" in result.stdout
+    assert_same_weights(exported(tmp_path, tmp_path / "hf"), want)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, data_dir, uninterrupted):
+    _, want = uninterrupted
+    proc = _run_until_checkpoint(tmp_path, data_dir, "2")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM" in out and "checkpoint saved" in out
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 2
+    result = train(tmp_path, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from step {steps[-1]}" in result.stdout
+    assert_same_weights(exported(tmp_path, tmp_path / "hf"), want)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, uninterrupted):
+    uninterrupted_dir, want = uninterrupted
+    assert train(tmp_path, data_dir, "--config.train.steps=4").returncode == 0
+    state_dir = tmp_path / "checkpoints" / "4" / "state"
+    for f in state_dir.rglob("*"):  # destroy the array data of step 4
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name.lower():
+            f.write_bytes(b"\0" * 7)
+    result = train(tmp_path, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cannot be restored" in result.stderr + result.stdout
+    assert "resumed from step 2" in result.stdout
+    assert_same_weights(exported(tmp_path, tmp_path / "hf"), want)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path, data_dir, uninterrupted):
+    _, want = uninterrupted
+    assert train(tmp_path, data_dir, "--config.train.steps=2").returncode == 0
+    result = train(tmp_path, data_dir, "--config.mesh.shape=(2, 2, 2)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 2" in result.stdout
+    got = exported(tmp_path, tmp_path / "hf")
+    for name in want:  # another mesh sums in another order: equal to float32 rounding
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_metrics_jsonl_has_every_step_with_stable_names(uninterrupted):
+    workdir, _ = uninterrupted
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for name in ("loss", "reward_mean", "reward_std", "s_pred_mean", "s_ema_mean", "thought_len_mean",
+                 "truncated_frac", "clip_frac", "entropy", "grad_norm", "nonfinite_skipped", "data_prompts"):
+        assert all(name in r for r in rows), name
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.stepz=3", "unknown config key 'train.stepz'"),
+    ("--config.mesh.shape=(2, 2, 1)", "needs 4 devices but 8 are available"),
+    ("--config.train.batch_size=12", "does not divide"),
+    ("--config.init.kind=hf", "does not exist"),
+])
+def test_bad_config_is_one_line_and_exit_2_before_any_work(tmp_path, data_dir, override, message):
+    result = train(tmp_path, data_dir, override)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rlp-jax")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_demo_writes_report_and_plots_from_real_evaluations(tmp_path):
+    # As a user runs it: one CPU device.
+    env = {k: v for k, v in ENV.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "demo", "--workdir", str(tmp_path),
+                             "--warmup-steps", "10", "--steps", "4", "--eval-positions", "64"],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    assert "information gain vs the frozen start model" in report
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["before"]["step"] == 0 and summary["after"]["step"] == 4
+    assert summary["before"]["num_positions"] >= 64
+    for name in ("gain_start", "gain_ema", "acc_no_think"):
+        assert np.isfinite(summary["after"][name])
+    # φ = θ at the start: both gains are the same number then.
+    assert summary["before"]["gain_start"] == pytest.approx(summary["before"]["gain_ema"], abs=1e-6)
+    for png in ("reward.png", "gain.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
