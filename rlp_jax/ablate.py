@@ -1,0 +1,174 @@
+"""`rlp-jax ablate`: the paper's key ablations at toy scale, on the demo task.
+
+Every cell starts from the same NTP warm-up of its seed, runs for a matched budget, and is
+evaluated on the same held-out positions against the same start model. Cells run one after
+another with resumable checkpoints; a finished cell (it has `eval.json`) is not rerun.
+
+Layout: WORKDIR/warmup-s{seed}/, WORKDIR/<grid>/<cell>/s{seed}/{train run, eval.json},
+WORKDIR/<grid>/table.md and <grid>.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from rlp_jax.demo import demo_rlp_config, demo_warmup_config
+
+
+def t_flop(n_rollouts: int, l_seq: int, batch_size: int, iters: int, t_inp: int) -> int:
+    """The paper's compute accounting: `T_flop = n × l_seq × bs × iters + T_inp` (token-FLOP units)."""
+    return n_rollouts * l_seq * batch_size * iters + t_inp
+
+
+def rlp_token_budget(config: ml_collections.ConfigDict) -> int:
+    """T_flop of an RLP run: G rollouts of `context + L + 1 + K` tokens per prompt, plus its inputs."""
+    K, C = config.data.target_len, config.data.max_context
+    l_seq = C + config.rlp.max_thought_len + 1 + K
+    t_inp = config.train.batch_size * (C + K) * config.train.steps
+    return t_flop(config.rlp.num_rollouts, l_seq, config.train.batch_size, config.train.steps, t_inp)
+
+
+def ntp_steps_for_budget(budget_tokens: int, batch_size: int, tokens_per_document: int) -> int:
+    """NTP steps whose tokens (`batch × document length` per step) match an RLP run's T_flop."""
+    return max(1, math.ceil(budget_tokens / (batch_size * tokens_per_document)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    name: str
+    overrides: dict  # "section.key" -> value on the demo RLP config
+
+
+# Demo plain documents "457+386=843" are 13 tokens with BOS and EOS.
+_DEMO_DOC_TOKENS = 13
+
+
+def _cpt_cell(base: ml_collections.ConfigDict, multiple: float, name: str) -> Cell:
+    budget = int(rlp_token_budget(base) * multiple)
+    batch = 64
+    return Cell(name, {"rlp.objective": "ntp", "data.kind": "documents", "data.seq_len": 16,
+                       "train.batch_size": batch, "train.learning_rate": 1e-4,
+                       "train.steps": ntp_steps_for_budget(budget, batch, _DEMO_DOC_TOKENS),
+                       "eval.num_positions": 0, "checkpoint.every_steps": 10_000})
+
+
+def grids(base: ml_collections.ConfigDict) -> dict[str, list[Cell]]:
+    G, B = base.rlp.num_rollouts, base.train.batch_size
+    thoughts = G * B  # rollouts grid keeps sampled thoughts per step fixed
+    return {
+        "reward": [Cell("dense (RLP)", {"rlp.objective": "rlp"}),
+                   Cell("sparse (RPT-style)", {"rlp.objective": "rpt"})],
+        "rollouts": [Cell(f"G={g}", {"rlp.num_rollouts": g, "train.batch_size": thoughts // g})
+                     for g in (2, 4, 8)],
+        "thought_len": [Cell(f"L={n}", {"rlp.max_thought_len": n}) for n in (6, 12, 20)],
+        "kl": [Cell(f"beta={b:g}", {"rlp.kl_coef": b}) for b in (0.0, 1e-4, 1e-3)],
+        "cpt": [Cell("RLP", {}), _cpt_cell(base, 1.0, "CPT, equal T_flop")],
+    }
+
+
+def _apply(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        config[section][leaf] = value
+    return config
+
+
+def run_grid(grid: str, workdir: str | Path, *, seeds=(0, 1), steps: int | None = None,
+             warmup_steps: int | None = None, eval_positions: int | None = None,
+             echo: Callable[[str], None] = print) -> dict:
+    """Runs every cell × seed of `grid` not yet finished, then writes the table and plot."""
+    from rlp_jax import evaluation_run, trainer
+
+    workdir = Path(workdir).absolute()
+    base = demo_rlp_config()
+    if steps is not None:
+        base.train.steps = steps
+    base.eval.every_steps = 0
+    base.eval.num_positions = 0  # cells are evaluated uniformly below
+    base.checkpoint.every_steps = max(base.train.steps // 2, 1)
+    base.data.data_dir = str(workdir / "data")
+    cells = grids(base).get(grid)
+    if cells is None:
+        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(grids(base))}.")
+    results: dict[str, list[dict]] = {}
+    for seed in seeds:
+        warm = demo_warmup_config()
+        warm.seed = seed
+        warm.data.data_dir = base.data.data_dir
+        if warmup_steps is not None:
+            warm.train.steps = warm.checkpoint.every_steps = warmup_steps
+        warm_dir = workdir / f"warmup-s{seed}"
+        if not (warm_dir / "checkpoints" / str(warm.train.steps)).exists():
+            echo(f"warm-up, seed {seed}")
+            trainer.train(warm, warm_dir, echo=echo)
+        for cell in cells:
+            run_dir = workdir / grid / _slug(cell.name) / f"s{seed}"
+            eval_file = run_dir / "eval.json"
+            if not eval_file.exists():
+                config = _apply(base, cell.overrides)
+                config.seed = seed
+                config.init.kind, config.init.path = "checkpoint", str(warm_dir)
+                echo(f"{grid} / {cell.name} / seed {seed}: {config.train.steps} steps")
+                trainer.train(config, run_dir, echo=echo)
+                eval_config = _apply(base, {})
+                eval_config.seed = seed
+                eval_config.eval.num_positions = eval_positions or demo_rlp_config().eval.num_positions
+                result = evaluation_run.evaluate_run(run_dir, config=eval_config, start_from=warm_dir)
+                eval_file.write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+            results.setdefault(cell.name, []).append(json.loads(eval_file.read_text()))
+    table = summary_table(grid, results)
+    (workdir / grid / "table.md").write_text(table)
+    _plot(grid, results, workdir / grid / f"{grid}.png")
+    echo(table)
+    return results
+
+
+METRICS = (("gain_start", "gain vs start (nats)"), ("acc_greedy_think", "acc, greedy thought"),
+           ("acc_no_think", "acc, no thought"), ("nll_no_think", "NLL, no thought"))
+
+
+def summary_table(grid: str, results: dict[str, list[dict]]) -> str:
+    """Markdown: per cell, the mean over seeds and the spread (min–max) of each metric."""
+    head = "| cell | seeds | " + " | ".join(label for _, label in METRICS) + " |"
+    lines = [f"### grid `{grid}`", "", head, "|---|---|" + "---|" * len(METRICS)]
+    for cell, runs in results.items():
+        cells = []
+        for name, _ in METRICS:
+            values = np.array([r[name] for r in runs], float)
+            cells.append(f"{values.mean():+.3f} [{values.min():+.3f}, {values.max():+.3f}]")
+        lines.append(f"| {cell} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w=.-]+", "_", name).strip("_")
+
+
+def _plot(grid: str, results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (metric, label) in zip(axes, METRICS[:2]):
+        for i, name in enumerate(names):
+            values = [r[metric] for r in results[name]]
+            ax.scatter([i] * len(values), values, color="tab:blue", alpha=0.6)
+            ax.plot([i - 0.2, i + 0.2], [np.mean(values)] * 2, color="black")
+        ax.set_xticks(range(len(names)), names, rotation=15)
+        ax.set_title(label)
+    fig.suptitle(f"ablation: {grid} (dots: seeds, bars: mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

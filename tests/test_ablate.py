@@ -1,0 +1,78 @@
+"""`rlp-jax ablate` and `rlp-jax eval`: FLOP accounting and tables by hand, a tiny grid end to end,
+and a partly finished grid resumed without rerunning finished cells."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rlp_jax import ablate
+from rlp_jax.demo import demo_rlp_config
+
+
+def test_t_flop_and_compute_matched_ntp_steps_by_hand():
+    assert ablate.t_flop(n_rollouts=16, l_seq=4096, batch_size=512, iters=200, t_inp=10) == 16 * 4096 * 512 * 200 + 10
+    c = demo_rlp_config()  # G=8, C=10, L=20, K=1, B=32, 300 steps
+    l_seq = 10 + 20 + 1 + 1
+    want = 8 * l_seq * 32 * 300 + 32 * (10 + 1) * 300
+    assert ablate.rlp_token_budget(c) == want
+    assert ablate.ntp_steps_for_budget(want, batch_size=64, tokens_per_document=13) == -(-want // (64 * 13))
+    cpt = {cell.name: cell for cell in ablate.grids(c)["cpt"]}["CPT, equal T_flop"]
+    assert cpt.overrides["train.steps"] * 64 * 13 >= want > (cpt.overrides["train.steps"] - 1) * 64 * 13
+
+
+def test_rollouts_grid_keeps_thoughts_per_step_fixed():
+    c = demo_rlp_config()
+    for cell in ablate.grids(c)["rollouts"]:
+        assert cell.overrides["rlp.num_rollouts"] * cell.overrides["train.batch_size"] == 8 * 32
+
+
+def test_summary_table_mean_and_spread():
+    runs = {"a": [{"gain_start": 1.0, "acc_greedy_think": 0.5, "acc_no_think": 0.1, "nll_no_think": 2.0},
+                  {"gain_start": 3.0, "acc_greedy_think": 0.7, "acc_no_think": 0.3, "nll_no_think": 1.0}]}
+    table = ablate.summary_table("g", runs)
+    assert "| a | 2 | +2.000 [+1.000, +3.000] | +0.600 [+0.500, +0.700] | +0.200 [+0.100, +0.300] | +1.500 [+1.000, +2.000] |" in table
+
+
+def test_tiny_grid_runs_and_resumes_only_unfinished_cells(tmp_path):
+    lines = []
+    results = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32,
+                              echo=lines.append)
+    assert set(results) == {"dense (RLP)", "sparse (RPT-style)"}
+    for runs in results.values():
+        assert len(runs) == 1 and runs[0]["num_positions"] >= 32 and np.isfinite(runs[0]["gain_start"])
+    assert (tmp_path / "reward" / "table.md").exists()
+    assert (tmp_path / "reward" / "reward.png").read_bytes()[:4] == b"\x89PNG"
+    # Forget one cell's result: a rerun redoes that cell only (and resumes its finished training).
+    (tmp_path / "reward" / ablate._slug("sparse (RPT-style)") / "s0" / "eval.json").unlink()
+    lines.clear()
+    again = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32,
+                            echo=lines.append)
+    started = [line for line in lines if line.startswith("reward / ")]
+    assert started == ["reward / sparse (RPT-style) / seed 0: 2 steps"]
+    assert not any(line.startswith("warm-up") for line in lines)
+    assert again["dense (RLP)"] == results["dense (RLP)"]
+
+
+def test_eval_cli_writes_json_and_markdown(tmp_path):
+    ablate.run_grid("reward", tmp_path, seeds=(0,), steps=1, warmup_steps=2, eval_positions=16,
+                    echo=lambda *_: None)
+    run = tmp_path / "reward" / ablate._slug("dense (RLP)") / "s0"
+    result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "eval", "--workdir", str(run),
+                             "--start-from", str(tmp_path / "warmup-s0"), "--positions", "16",
+                             "--out", str(tmp_path / "final")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "final.json").read_text())
+    for name in ("gain_self", "gain_start", "nll_think", "nll_no_think", "acc_think", "acc_no_think",
+                 "thought_len_mean", "samples"):
+        assert name in data
+    assert data["num_positions"] >= 16
+    assert "exact match, greedy thought" in (tmp_path / "final.md").read_text()
+
+
+def test_unknown_grid_is_one_sentence():
+    result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "ablate", "--grid", "nope", "--workdir", "/tmp/x"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "unknown grid 'nope'" in result.stderr
