@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -84,6 +85,39 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from rlp_jax import config as config_lib
+    from rlp_jax import evaluation_run
+
+    try:
+        config = config_lib.load_config(args.config, []) if args.config else None
+        result = evaluation_run.evaluate_run(args.workdir, args.hf, config=config, start_from=args.start_from,
+                                             num_positions=args.positions)
+    except (config_lib.ConfigError, FileNotFoundError) as error:
+        return _fail("eval", error)
+    out = args.out or (args.workdir and f"{args.workdir}/eval_final") or "eval_final"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps(result, indent=2))
+    markdown = evaluation_run.to_markdown(result, f"rlp-jax eval: {args.workdir or args.hf}")
+    Path(out + ".md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from rlp_jax import ablate
+
+    seeds = tuple(range(args.seeds))
+    try:
+        ablate.run_grid(args.grid, args.workdir, seeds=seeds, steps=args.steps, warmup_steps=args.warmup_steps,
+                        eval_positions=args.eval_positions)
+    except ValueError as error:
+        return _fail("ablate", error)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlp-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     export.set_defaults(run=_export)
+
+    ev = commands.add_parser("eval", help="evaluate a run (or an HF folder) on held-out positions")
+    ev.add_argument("--workdir", default=None, help="a training run's workdir")
+    ev.add_argument("--hf", default=None, help="an HF folder instead of a run (needs --config)")
+    ev.add_argument("--config", default=None, help="config for tokenizer and data (default: the run's)")
+    ev.add_argument("--start-from", default=None, help="a run whose final weights are the 'start' baseline")
+    ev.add_argument("--positions", type=int, default=None, help="held-out positions (default: config)")
+    ev.add_argument("--out", default=None, help="output path prefix for .json and .md")
+    ev.set_defaults(run=_eval)
+
+    ab = commands.add_parser("ablate", help="the paper's ablations at toy scale on the demo task")
+    ab.add_argument("--grid", required=True, help="reward | rollouts | thought_len | kl | cpt")
+    ab.add_argument("--workdir", required=True)
+    ab.add_argument("--seeds", type=int, default=2, help="seeds per cell (default 2)")
+    ab.add_argument("--steps", type=int, default=None, help="RLP steps per cell (default: the demo's)")
+    ab.add_argument("--warmup-steps", type=int, default=None)
+    ab.add_argument("--eval-positions", type=int, default=None)
+    ab.set_defaults(run=_ablate)
 
     conv = commands.add_parser(
         "convert", help="HF folder (config.json + safetensors) <-> rlp-jax params folder")
