@@ -1,0 +1,30 @@
+"""Paper-scale RLP for Qwen3-1.7B-Base on one host with 8 NVIDIA H100 80GB (the paper's recipe,
+configs/rlp_paper.py, on 8 of its 32 GPUs: each step takes 4× longer than on 32).
+
+Launch:   launch/gpu_host.sh --config configs/rlp_qwen3_1p7b_h100x8.py --workdir RUN \
+              --config.init.path=HF_DIR --config.tokenizer=HF_DIR --config.data.corpus=FILES
+Mesh (1, 8, 1) over ('data', 'fsdp', 'tensor'): pure FSDP. Parameters, EMA and AdamW moments are
+  sharded 8 ways over NVLink; every batch dimension (prompts, thoughts) is split 8 ways.
+Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp'); embed → fsdp;
+  heads, kv_heads, mlp, vocab → tensor (size 1 here); layers, length, head_dim, norm replicated.
+Micro-batching: rollouts in 16 chunks of 32 prompts (512 thoughts, 64 per GPU: the KV cache of
+  P + L + 1 + K = 4099 slots is ~30 GiB per GPU); one update per step accumulated over 128
+  micro-batches of 4 prompts (64 thoughts, 8 per GPU, whose 2048 × 151936 thought logits dominate
+  the update's memory).
+Remat and dtypes: remat 'full' (one layer's activations at a time in the backward pass); bf16
+  compute, float32 parameters, AdamW moments, gradients and EMA.
+Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_h100x8.py` (docs/launch.md).
+"""
+
+import runpy
+from pathlib import Path
+
+PLATFORM = "h100"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+
+
+def get_config():
+    c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
+    c.mesh.shape = (1, 8, 1)
+    c.rlp.rollout_microbatches = 16
+    c.rlp.grad_accum_steps = 128
+    return c

@@ -1,0 +1,30 @@
+"""Paper-scale RLP for Qwen3-1.7B-Base on a TPU v5p-128 slice (the paper's recipe,
+configs/rlp_paper.py).
+
+Hardware: v5p-128 counts TensorCores: 64 chips (one JAX device each, 95 GiB HBM) on 16 hosts of 4.
+Launch:   launch/tpu_pod.sh --tpu NAME --zone ZONE -- --config configs/rlp_qwen3_1p7b_v5p128.py \
+              --workdir /mnt/shared/RUN --config.init.path=HF_DIR --config.tokenizer=HF_DIR \
+              --config.data.corpus=FILES
+Mesh (1, 64, 1) over ('data', 'fsdp', 'tensor'): pure FSDP over the 4x4x4 ICI torus (every axis is
+  ICI inside one slice, so a flat fsdp axis costs no slow links).
+Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (64 ways); embed →
+  fsdp; heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
+Micro-batching: rollouts in 2 chunks of 256 prompts (4096 thoughts, 64 per chip); one update per
+  step accumulated over 16 micro-batches of 32 prompts (512 thoughts, 8 per chip).
+Remat and dtypes: remat 'full'; bf16 compute (the MXU's native type), float32 parameters, AdamW
+  moments, gradients and EMA.
+Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v5p128.py` (docs/launch.md).
+"""
+
+import runpy
+from pathlib import Path
+
+PLATFORM = "tpu-v5p"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+
+
+def get_config():
+    c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
+    c.mesh.shape = (1, 64, 1)
+    c.rlp.rollout_microbatches = 2
+    c.rlp.grad_accum_steps = 16
+    return c

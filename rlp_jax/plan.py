@@ -1,0 +1,512 @@
+"""`rlp-jax plan`: per-device memory and FLOPs of a config from shapes alone (no weights, no
+accelerator), and a verdict on whether it fits, naming the knob to turn when it does not.
+
+The train state is sized exactly: `train_step.abstract_state_from_scratch` on an `AbstractMesh` of
+the config's mesh gives every leaf's shape, dtype and `NamedSharding` (the real rules, with
+`sharding.fit_spec`'s replication of dimensions a mesh axis does not divide). Everything that
+lives only inside the jitted step (KV cache, activations, logits) is an estimate from the formulas
+below, written for the code as it is (plain XLA attention that materialises its scores). The peak
+is `state + rollout buffers + max(phase)`; the phases of a step never overlap:
+
+- rollouts, chunk by chunk (`rlp.rollout_microbatches`): KV cache + the larger of one prefill
+  layer and one decode step;
+- the EMA no-think baseline S_ema: one forward over the whole batch (one layer alive at a time);
+- old/reference log-probs (only with several updates per batch or β > 0): forward per micro-batch;
+- the policy update per grad-accum micro-batch: gradients + activations + thought logits.
+
+See docs/launch.md for the formulas and the table of configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+GiB = 2**30
+USABLE_FRACTION = 0.9  # of HBM, for XLA's workspace, fragmentation and the compiled program
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    name: str
+    hbm_gib: float | None  # per device
+    peak_tflops: float | None  # dense bf16, per device
+
+
+# Per JAX device. TPU v5p-N has N/2 chips (N counts TensorCores; a chip is one megacore device);
+# v5e-N and v6e-N have N chips.
+PLATFORMS = {
+    "tpu-v5p": Platform("TPU v5p chip (95 GiB HBM)", 95.0, 459.0),
+    "tpu-v5e": Platform("TPU v5e chip (16 GiB HBM)", 16.0, 197.0),
+    "tpu-v6e": Platform("TPU v6e chip (32 GiB HBM)", 32.0, 918.0),
+    "h100": Platform("NVIDIA H100 SXM (80 GiB HBM)", 80.0, 989.0),
+    "h200": Platform("NVIDIA H200 (141 GiB HBM)", 141.0, 989.0),
+    "cpu": Platform("simulated CPU device (host RAM shared by all devices)", None, None),
+}
+
+
+# ---------------------------------------------------------------- shapes
+
+def _platform_of(config_path: str | None) -> str | None:
+    """The optional module-level `PLATFORM` of a config file (a key of PLATFORMS)."""
+    if not config_path or not Path(config_path).is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"rlp_plan_{Path(config_path).stem}", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, "PLATFORM", None)
+
+
+def model_config_for(config, notes: list[str]):
+    """The ModelConfig `rlp-jax train` would build, or the preset's shapes when the weights or the
+    tokenizer it needs are not on this machine (said in `notes`)."""
+    from rlp_jax import trainer
+    from rlp_jax.models.config import preset
+
+    try:
+        tokenizer = trainer.build_tokenizer(config)
+    except (OSError, ValueError):  # a tokenizer path that exists only on the cluster
+        tokenizer = None
+    path_ok = config.init.kind == "scratch" or (config.init.path and Path(config.init.path).exists())
+    if tokenizer is not None and path_ok:
+        return trainer.build_model_config(config, tokenizer), tokenizer
+    base = preset(config.model.preset)
+    vocab = config.model.vocab_size or (tokenizer.vocab_size if tokenizer and config.init.kind == "scratch"
+                                        else base.vocab_size)
+    if config.init.kind != "scratch" and not path_ok:
+        where = f"{config.init.path} is not on this machine" if config.init.path else "init.path is not set"
+        notes.append(f"{where}: shapes from model.preset={config.model.preset!r}")
+    elif tokenizer is None:
+        notes.append(f"tokenizer {config.tokenizer!r} is not here: vocabulary from model.preset ({vocab})")
+    model_config = base.replace(vocab_size=vocab, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                                remat=config.model.remat)
+    return model_config, tokenizer
+
+
+def _suffix_len(config, tokenizer) -> int:
+    template = config.rlp.prompt_template
+    if not template:
+        return 0
+    return len(tokenizer.encode(template)) if tokenizer is not None else len(template.encode())
+
+
+def abstract_mesh(shape, axes):
+    import jax
+
+    return jax.sharding.AbstractMesh(tuple(shape), tuple(axes),
+                                     axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def state_bytes(config, model_config, mesh) -> dict[str, int]:
+    """Exact per-device bytes of each part of the train state under the real shardings."""
+    import jax
+
+    from rlp_jax import train_step as ts
+    from rlp_jax import trainer
+
+    optimizer = trainer.build_optimizer(config)
+    _, abstract, shardings, _ = ts.abstract_state_from_scratch(
+        model_config, optimizer, config.seed, mesh, with_reference=config.rlp.kl_coef > 0)
+
+    def size(tree, tree_shardings) -> int:
+        leaves, specs = jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)
+        return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, specs))
+
+    return {"params": size(abstract.params, shardings.params),
+            "ema": size(abstract.ema_params, shardings.ema_params),
+            "optimizer": size(abstract.opt_state, shardings.opt_state),
+            "reference": 0 if abstract.ref_params is None else size(abstract.ref_params, shardings.ref_params),
+            "other": size((abstract.step, abstract.rng), (shardings.step, shardings.rng))}
+
+
+# ---------------------------------------------------------------- the estimate
+
+class _Ways:
+    """How many ways the real rules split a dimension (1 where the mesh axes do not divide it)."""
+
+    def __init__(self, mesh):
+        from rlp_jax import sharding
+
+        self.mesh, self.sharding = mesh, sharding
+
+    def __call__(self, logical: str, size: int) -> int:
+        spec = self.sharding.fit_spec((size,), self.sharding.logical_to_mesh((logical,), self.sharding.DEFAULT_RULES),
+                                      self.mesh)
+        names = () if spec[0] is None else (spec[0] if isinstance(spec[0], tuple) else (spec[0],))
+        return math.prod(self.mesh.shape[n] for n in names)
+
+
+def _layer_bytes(rows, S, m, w, b):
+    """Per-device bytes of one decoder layer's tensors for `rows` sequences of `S` tokens:
+    `(all of them, the part remat='dots_saveable' keeps)`. All: per token the residual stream,
+    two norms and the residual after attention (4·D), q/k/v raw, normed and rotated, and the
+    attention output (≈ 4·(H + K)·hd), gate, up, silu(gate) and their product (4·F), all in the
+    compute dtype; per row the attention scores in float32 and the probabilities in the compute
+    dtype (H·S·S·(4 + b)). Dots: the matmul outputs q, k, v, o, gate, up, down."""
+    D, hd = m.hidden_size, m.head_dim
+    H, K, F = m.num_heads // w.heads, m.num_kv_heads // w.kv, m.intermediate_size // w.mlp
+    token = b * (4 * D + 4 * (H + K) * hd + 4 * F)
+    full = rows * S * token + rows * H * S * S * (4 + b)
+    dots = rows * S * b * ((H + 2 * K) * hd + 2 * D + 2 * F)
+    return full, dots
+
+
+def _forward_layer_bytes(rows, S, m, w, b):
+    """Per-device peak of one decoder layer in a forward pass without gradients (earlier layers'
+    tensors are freed): residual and normed input, q/k/v, and the larger of the attention scores
+    (float32 in, probabilities out: H·S·S·(4 + b)) and the MLP's gate, up and product (3·F)."""
+    D, hd = m.hidden_size, m.head_dim
+    H, K, F = m.num_heads // w.heads, m.num_kv_heads // w.kv, m.intermediate_size // w.mlp
+    return rows * S * b * (2 * D + (H + 2 * K) * hd) + rows * max(H * S * S * (4 + b), 3 * S * F * b)
+
+
+def _rows(total: int, ways: int, warnings: list[str], what: str) -> int:
+    if total % ways == 0:
+        return total // ways
+    warnings.append(f"{what}: {total} rows do not divide over the {ways} batch devices, so every device "
+                    f"computes all {total} (choose the knob so the rows are a multiple of {ways})")
+    return total
+
+
+@dataclasses.dataclass
+class Estimate:
+    memory: dict[str, float]  # bytes per device, by term
+    phases: dict[str, dict[str, float]]  # phase → its terms (bytes per device)
+    peak_phase: str
+    peak_bytes: float
+    flops: dict[str, float]  # per step, whole mesh
+    tokens: dict[str, float]
+    warnings: list[str]
+    state: dict[str, int]  # exact per-device bytes of the train state (state_bytes)
+
+
+def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict | None = None) -> Estimate:
+    """Per-device memory (bytes) and per-step FLOPs of `config` on a mesh of `mesh_shape`
+    (`state`: `state_bytes` already computed for this model, optimizer and mesh)."""
+    import jax.numpy as jnp
+
+    mesh = abstract_mesh(mesh_shape, config.mesh.axes)
+    ways = _Ways(mesh)
+    m = model_config
+    r = config.rlp
+    b = jnp.dtype(m.dtype).itemsize
+    B, G, L = config.train.batch_size, r.num_rollouts, r.max_thought_len
+    C, K = config.data.max_context, config.data.target_len
+    P = C + suffix_len + 1
+    layers, D, V = m.num_layers, m.hidden_size, m.vocab_size
+    w = types.SimpleNamespace(heads=ways("heads", m.num_heads), kv=ways("kv_heads", m.num_kv_heads),
+                              mlp=ways("mlp", m.intermediate_size), vocab=ways("vocab", V),
+                              batch=ways("batch", math.prod(mesh.shape.values())))
+    warnings: list[str] = []
+    state = state_bytes(config, model_config, mesh) if state is None else state
+    memory = {k: float(v) for k, v in state.items()}
+    memory["gradients"] = 2.0 * state["params"]  # accumulator + one micro-batch's gradient (param dtype)
+    Vd = V // w.vocab
+    micro = r.num_minibatches * r.grad_accum_steps
+    fresh_old = r.ppo_epochs == 1 and r.num_minibatches == 1
+
+    def update_activations(rows, S, logit_positions):
+        full, dots = _layer_bytes(rows, S, m, w, b)
+        carry = rows * S * D * b
+        saved, transient = {"none": (full, 0), "full": (carry, full),
+                            "dots_saveable": (carry + dots, full - dots)}[m.remat]
+        logits = rows * logit_positions * (D * b + Vd * (b + 12))  # logits, f32 log-softmax and its gradient
+        return {"activations": layers * saved + transient, "logits": logits}
+
+    phases: dict[str, dict[str, float]] = {}
+    flops: dict[str, float] = {}
+    body = 2 * layers * (D * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * D * m.intermediate_size)
+    head = 2 * D * V
+    attn = 4 * layers * m.num_heads * m.head_dim  # × attended keys, per token
+
+    if r.objective == "ntp":
+        S = config.data.seq_len if config.data.kind == "documents" else C + K
+        rows = _rows(B // micro, w.batch, warnings, "NTP micro-batch")
+        phases["update"] = {"gradients": memory["gradients"], **update_activations(rows, S - 1, S - 1)}
+        fwd = B * ((S - 1) * (body + head) + attn * (S - 1) ** 2 / 2)
+        flops["update (fwd + bwd)"] = 3 * fwd * r.ppo_epochs
+        tokens = {"trained": float(B * (S - 1))}
+        buffers = 0.0
+    else:
+        S_cache, S = P + L + 1 + K, P + L
+        chunk = B // r.rollout_microbatches
+        prow = _rows(chunk, w.batch, warnings, "rollout prefill (prompts per chunk)")
+        crow = _rows(chunk * G, w.batch, warnings, "rollout chunk")
+        slot = layers * S_cache * (m.num_kv_heads // w.kv) * m.head_dim * 2 * b  # keys + values, one row
+        kv, prompt_cache = crow * slot, prow * slot
+        # prefill: the prompts' cache + one layer; then that cache copied G-fold; then each decode
+        # step's logits (compute dtype, 3 float32 copies for sampling) and attention over the cache.
+        prefill = prompt_cache + _forward_layer_bytes(prow, P, m, w, b)
+        decode = crow * (Vd * (b + 12) + (m.num_heads // w.heads) * S_cache * (8 + b))
+        phases["rollouts"] = {"kv_cache": kv, "prefill_or_decode": max(prefill - kv, prompt_cache, decode)}
+        erow = _rows(B, w.batch, warnings, "EMA baseline batch")
+        phases["ema_baseline"] = {"forward": _forward_layer_bytes(erow, C + K, m, w, b)}
+        urow = _rows(B // micro * G, w.batch, warnings, "update micro-batch")
+        if not fresh_old or r.kl_coef > 0:
+            phases["old_logprobs"] = {"forward": _forward_layer_bytes(urow, S, m, w, b) + urow * L * Vd * (b + 8)}
+        phases["update"] = {"gradients": memory["gradients"], **update_activations(urow, S, L)}
+        extra = (0 if fresh_old else 4 * L) + (4 * L if r.kl_coef > 0 else 0)
+        buffers = float(B * G // w.batch * (9 * L + 4 * (P + L) + 4 * L + extra))
+        N = B * G
+        flops["rollout prefill"] = B * (P * body + head + attn * P * P / 2)
+        flops["rollout decode"] = N * L * (body + head + attn * (P + L / 2))
+        flops["S_pred scoring"] = N * (K + 1) * (body + head + attn * (P + L))
+        flops["S_ema baseline"] = B * ((C + K) * body + K * head + attn * (C + K) ** 2 / 2)
+        seq_fwd = N * (S * body + L * head + attn * S * S / 2)
+        if not fresh_old:
+            flops["old log-probs"] = seq_fwd
+        if r.kl_coef > 0:
+            flops["reference log-probs"] = seq_fwd
+        flops["update (fwd + bwd)"] = 3 * seq_fwd * r.ppo_epochs
+        t_flop = G * (C + L) * B + B * C
+        tokens = {"thought_tokens": float(N * L), "t_flop": float(t_flop), "t_inp": float(B * C),
+                  "t_flop_run": float(t_flop * config.train.steps)}
+    # Applying the update: new θ, φ and moments are built while the old ones (and the gradient)
+    # are still alive, because a non-finite update keeps the old ones.
+    phases["optimizer_apply"] = {"gradients": memory["gradients"] / 2,
+                                 "new_state": memory["params"] + memory["ema"] + memory["optimizer"]}
+    memory["buffers"] = buffers
+    totals = {name: sum(terms.values()) for name, terms in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    base = sum(v for k, v in memory.items() if k != "gradients")
+    return Estimate(memory, phases, peak_phase, base + totals[peak_phase], flops, tokens, warnings, state)
+
+
+# ---------------------------------------------------------------- verdict and knobs
+
+def suggest(config, model_config, mesh_shape, usable: float, est: Estimate, suffix_len: int) -> str:
+    """The knob settings with which the plan fits: for each phase over the limit, the smallest
+    change of the knob behind it (batch size first, as the other knobs must divide it)."""
+    from rlp_jax import config as config_lib
+
+    devices = math.prod(mesh_shape)
+    changes: dict[str, object] = {}
+
+    def trial_estimate(extra):
+        trial = config.copy_and_resolve_references()
+        for key, value in {**changes, **extra}.items():
+            section, leaf = key.split(".")
+            trial[section][leaf] = value
+        try:
+            _validate_without_paths(trial, devices)
+        except config_lib.ConfigError:
+            return None
+        return estimate(trial, model_config.replace(remat=trial.model.remat), mesh_shape, suffix_len, est.state)
+
+    def phase_fits(phase, **extra) -> bool:
+        e = trial_estimate({k.replace("__", "."): v for k, v in extra.items()})
+        if e is None:
+            return False
+        base = sum(v for k, v in e.memory.items() if k != "gradients")
+        return base + sum(e.phases[phase].values()) <= usable if phase in e.phases else True
+
+    state = sum(est.memory[k] for k in ("params", "ema", "optimizer", "reference"))
+    if state + est.memory["gradients"] / 2 > usable:
+        return ("the train state alone does not fit: shard parameters over more devices (a larger fsdp "
+                "axis in mesh.shape, e.g. all devices on fsdp) or use more devices"
+                + (", or set rlp.kl_coef=0 (drops the reference copy)" if config.rlp.kl_coef > 0 else ""))
+    over = [p for p in est.phases if not phase_fits(p)]
+    advice = []
+    if "ema_baseline" in over:
+        B = config.train.batch_size
+        smaller = next((v for v in range(B - 1, 0, -1) if phase_fits("ema_baseline", train__batch_size=v)), None)
+        if smaller is None:
+            return ("the EMA no-think baseline S_ema over even one prompt does not fit: shorten "
+                    "data.max_context or shard the batch over more devices")
+        changes["train.batch_size"] = smaller
+        advice.append(f"lower train.batch_size to {smaller} (the EMA no-think baseline S_ema runs over the "
+                      "whole batch at once; no knob chunks it)")
+    B = changes.get("train.batch_size", config.train.batch_size)
+    r = config.rlp
+    if "rollouts" in over or not phase_fits("rollouts"):
+        value = next((v for v in range(1, B + 1) if B % v == 0 and phase_fits("rollouts", rlp__rollout_microbatches=v)),
+                     None)
+        if value is None:
+            return ("one prompt's rollouts do not fit: shorten rlp.max_thought_len or data.max_context, or "
+                    "shard the batch or the kv heads (tensor axis) over more devices")
+        if value != r.rollout_microbatches:
+            changes["rlp.rollout_microbatches"] = value
+            advice.append(f"set rlp.rollout_microbatches to {value} (smaller KV cache per rollout chunk)")
+    for phase in ("update", "old_logprobs"):
+        if phase not in est.phases or phase_fits(phase):
+            continue
+        remat = config.model.remat
+        if remat != "full" and phase_fits(phase, model__remat="full"):
+            changes["model.remat"] = "full"
+            advice.append("set model.remat='full' (recompute each layer in the backward pass)")
+            continue
+        for remat in (remat, "full"):
+            value = next((v for v in range(1, B // r.num_minibatches + 1)
+                          if phase_fits(phase, rlp__grad_accum_steps=v, model__remat=remat)), None)
+            if value is not None:
+                break
+        if value is None:
+            return ("even one prompt's G thoughts per update micro-batch do not fit: put more devices on the "
+                    "tensor axis (it splits heads, MLP and vocabulary) or shorten rlp.max_thought_len")
+        changes["rlp.grad_accum_steps"] = value
+        if remat != config.model.remat:
+            changes["model.remat"] = remat
+        advice.append(f"set rlp.grad_accum_steps to {value}" + (" and model.remat='full'" if remat != config.model.remat
+                                                               else "") + " (smaller update micro-batches)")
+    if not advice:
+        return "shard parameters and batch over more devices"
+    final = trial_estimate({})
+    text = "; ".join(advice)
+    if final is None or final.peak_bytes > usable:
+        text += " — and re-run the plan: together these may still not fit"
+    return text
+
+
+# ---------------------------------------------------------------- report
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.3g} FLOP"
+
+
+def _fmt_tokens(x: float) -> str:
+    return f"{x / 1e9:,.2f}B" if x >= 1e9 else f"{x / 1e6:,.2f}M" if x >= 1e6 else f"{x:,.0f}"
+
+
+def plan(config, config_path: str | None = None, devices: int | None = None, hbm_gib: float | None = None,
+         platform: str | None = None) -> dict:
+    """The plan as a dict (what `rlp-jax plan --json` prints)."""
+    from rlp_jax import config as config_lib
+
+    notes: list[str] = []
+    platform = platform or _platform_of(config_path)
+    if platform is not None and platform not in PLATFORMS:
+        raise config_lib.ConfigError(f"platform {platform!r} is unknown; choose one of {', '.join(PLATFORMS)}.")
+    shape = tuple(int(s) for s in config.mesh.shape)
+    if devices is None:
+        if -1 in shape:
+            raise config_lib.ConfigError(f"mesh.shape {shape} has a -1; pass --devices N to say how many devices.")
+        devices = math.prod(shape)
+    mesh_shape = _validate_without_paths(config, devices)
+    spec = PLATFORMS.get(platform) if platform else None
+    if hbm_gib is None and spec is not None:
+        hbm_gib = spec.hbm_gib
+        if hbm_gib is None and platform == "cpu":
+            hbm_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB / devices
+            notes.append(f"CPU devices share this machine's RAM: {hbm_gib:.2f} GiB per device")
+    model_config, tokenizer = model_config_for(config, notes)
+    suffix_len = _suffix_len(config, tokenizer)
+    est = estimate(config, model_config, mesh_shape, suffix_len)
+    out = {"config": config_path, "platform": spec.name if spec else None, "devices": devices,
+           "mesh_shape": list(mesh_shape), "mesh_axes": list(config.mesh.axes),
+           "model": {"preset": config.model.preset, "num_params": model_config.num_params(),
+                     "param_dtype": model_config.param_dtype, "dtype": model_config.dtype,
+                     "remat": model_config.remat, "vocab_size": model_config.vocab_size},
+           "memory_gib": {k: v / GiB for k, v in est.memory.items()},
+           "phases_gib": {p: {k: v / GiB for k, v in terms.items()} for p, terms in est.phases.items()},
+           "peak_phase": est.peak_phase, "peak_gib": est.peak_bytes / GiB,
+           "flops": est.flops, "flops_total": sum(est.flops.values()), "tokens": est.tokens,
+           "warnings": est.warnings, "notes": notes, "hbm_gib": hbm_gib}
+    if spec is not None and spec.peak_tflops:
+        out["seconds_at_peak"] = out["flops_total"] / (devices * spec.peak_tflops * 1e12)
+    if hbm_gib:
+        usable = hbm_gib * USABLE_FRACTION
+        out["usable_gib"] = usable
+        out["fits"] = out["peak_gib"] <= usable
+        if not out["fits"]:
+            out["knob"] = suggest(config, model_config, mesh_shape, usable * GiB, est, suffix_len)
+    return out
+
+
+def _validate_without_paths(config, devices: int):
+    """`config.validate` minus the check that init.path exists (weights live on the cluster)."""
+    from rlp_jax import config as config_lib
+
+    trial = config.copy_and_resolve_references()
+    trial.init.kind = "scratch"
+    return config_lib.validate(trial, devices, 1)
+
+
+def format_plan(p: dict) -> str:
+    unit, scale = ("GiB", 1) if p["peak_gib"] >= 1 else ("MiB", 1024)
+    g = lambda x: f"{x * scale:9.3f}"  # noqa: E731
+    mem, model = p["memory_gib"], p["model"]
+    lines = [f"rlp-jax plan: {p['config'] or 'config'}",
+             f"model {model['preset']}: {model['num_params']:,} params, vocab {model['vocab_size']:,}; params "
+             f"{model['param_dtype']}, compute {model['dtype']}, remat {model['remat']}",
+             f"mesh {tuple(p['mesh_shape'])} over {tuple(p['mesh_axes'])} = {p['devices']} devices"
+             + (f" of {p['platform']}" if p["platform"] else "")]
+    lines += [f"note: {n}" for n in p["notes"]]
+    lines += ["", f"per-device memory ({unit})",
+              f"  params                       {g(mem['params'])}",
+              f"  EMA teacher (float32)        {g(mem['ema'])}",
+              f"  optimizer (AdamW moments)    {g(mem['optimizer'])}",
+              f"  reference policy (KL)        {g(mem['reference'])}",
+              f"  rollout buffers              {g(mem['buffers'])}",
+              "  phases (only the largest counts; they never overlap):"]
+    for phase, terms in p["phases_gib"].items():
+        detail = ", ".join(f"{k} {v * scale:.2f}" for k, v in terms.items())
+        mark = "  <- peak" if phase == p["peak_phase"] else ""
+        lines.append(f"    {phase:<26} {g(sum(terms.values()))}   ({detail}){mark}")
+    lines.append(f"  peak                         {g(p['peak_gib'])}")
+    if "fits" in p:
+        lines.append(f"  usable                       {g(p['usable_gib'])}   ({USABLE_FRACTION:.0%} of "
+                     f"{p['hbm_gib']:.1f} GiB)")
+    lines += ["", "FLOPs per step (model FLOPs; upper bound: full contexts, every thought at its maximum length)"]
+    for name, value in p["flops"].items():
+        lines.append(f"  {name:<26} {_fmt_flops(value):>14}")
+    lines.append(f"  {'total':<26} {_fmt_flops(p['flops_total']):>14}"
+                 + (f"   ({p['seconds_at_peak']:.1f} s/step at 100% of peak)" if "seconds_at_peak" in p else ""))
+    t = p["tokens"]
+    if "t_flop" in t:
+        lines.append(f"  sampled thought tokens ≤ {t['thought_tokens']:,.0f} per step")
+        lines.append(f"  paper's T_flop = n·l_seq·bs·iters + T_inp = {t['t_flop']:,.0f} tokens per step "
+                     f"(T_inp {t['t_inp']:,.0f}), {_fmt_tokens(t['t_flop_run'])} over the run's steps: "
+                     "the CPT tokens of equal compute")
+    lines += [f"warning: {w}" for w in p["warnings"]]
+    lines.append("")
+    if "fits" not in p:
+        lines.append("verdict: unknown — pass --hbm-gib H (memory per device) or --platform.")
+    elif p["fits"]:
+        lines.append(f"verdict: FITS — peak {p['peak_gib'] * scale:.2f} of {p['usable_gib'] * scale:.2f} {unit} usable "
+                     f"({p['peak_gib'] / p['usable_gib']:.0%}), largest phase: {p['peak_phase']}.")
+    else:
+        lines.append(f"verdict: DOES NOT FIT — peak {p['peak_gib']:.2f} GiB > {p['usable_gib']:.2f} GiB usable; "
+                     f"largest phase: {p['peak_phase']}. Turn: {p['knob']}.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "plan", help="per-device memory, FLOPs and a fits/does-not-fit verdict for a config (no accelerator)",
+        description="rlp-jax plan --config configs/X.py [--devices N] [--hbm-gib H] [--config.a.b=value ...]")
+    parser.add_argument("--config", required=True, help="config .py with get_config()")
+    parser.add_argument("--devices", type=int, default=None, help="device count (default: the mesh's product)")
+    parser.add_argument("--hbm-gib", type=float, default=None, help="memory per device in GiB (default: the platform's)")
+    parser.add_argument("--platform", default=None, choices=sorted(PLATFORMS),
+                        help="hardware (default: the config file's PLATFORM)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # shapes only: never claim an accelerator
+    from rlp_jax import config as config_lib
+
+    try:
+        config = config_lib.load_config(args.config, getattr(args, "overrides", []) or [])
+        result = plan(config, args.config, args.devices, args.hbm_gib, args.platform)
+    except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"rlp-jax plan: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0 if result.get("fits", True) else 1
