@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--eval-positions", type=int, default=None)
     ab.set_defaults(run=_ablate)
 
+    from rlp_jax import plan
+
+    plan.register(commands)
+
     conv = commands.add_parser(
         "convert", help="HF folder (config.json + safetensors) <-> rlp-jax params folder")
     direction = conv.add_mutually_exclusive_group(required=True)
@@ -186,10 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a.removeprefix("--config.") for a in argv if a.startswith("--config.")]
     argv = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(argv)
-    if overrides and args.command != "train":
-        print(f"rlp-jax {args.command}: --config.* overrides apply to 'train' only.", file=sys.stderr)
+    if overrides and args.command not in ("train", "plan"):
+        print(f"rlp-jax {args.command}: --config.* overrides apply to 'train' and 'plan' only.", file=sys.stderr)
         return 2
     args.overrides = overrides
+    if args.command != "plan":  # multi-host runs: jax.distributed from the environment (launch/)
+        from rlp_jax import distributed
+
+        try:
+            distributed.maybe_initialize_from_env()
+        except distributed.DistributedConfigError as error:
+            return _fail(args.command, error)
     return args.run(args)
 
 

@@ -108,6 +108,18 @@ def build_step_config(config, tokenizer) -> ts.StepConfig:
 
 
 def build_corpus(config, workdir: Path):
+    """The configured corpus; in a multi-host run process 0 builds it while the others wait."""
+    if jax.process_count() == 1:
+        return _build_corpus(config, workdir)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        corpus = _build_corpus(config, workdir)
+    multihost_utils.sync_global_devices("rlp_jax corpus built")
+    return corpus if jax.process_index() == 0 else _build_corpus(config, workdir)
+
+
+def _build_corpus(config, workdir: Path):
     from rlp_jax import data
 
     d = config.data
@@ -228,6 +240,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
+    if not str(config.data.corpus).strip():  # paper configs leave it for the user to set
+        raise config_lib.ConfigError("data.corpus is empty; set --config.data.corpus to 'demo', a built "
+                                     "corpus directory, or files of text.")
     tokenizer = build_tokenizer(config)
     model_config = build_model_config(config, tokenizer)
     step_cfg = build_step_config(config, tokenizer)
@@ -282,6 +297,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
             steps_this_run += 1
             pending.append(metrics)
             last = step == config.train.steps
+            if jax.process_count() > 1:  # every process must stop at the same step (collective save)
+                from jax.experimental import multihost_utils
+
+                stop["signal"] = bool(multihost_utils.process_allgather(np.array(stop["signal"])).any())
             interrupted = stop["signal"] or (stop_after is not None and steps_this_run >= stop_after)
             if step % config.train.log_every == 0 or last or interrupted:
                 host = [jax.device_get(m) for m in pending]
