@@ -81,6 +81,14 @@ def filter_logits(logits_NxV: Array, top_k: int = 0, top_p: float = 1.0) -> Arra
     return logits_NxV
 
 
+def _argmax(x_NxV: Array) -> Array:
+    """`jnp.argmax(x, -1)` (the first maximum) as two plain reductions: XLA:CPU runs argmax's
+    (value, index) reduction several times slower than a max and an integer min."""
+    V = x_NxV.shape[-1]
+    first = jnp.min(jnp.where(x_NxV == jnp.max(x_NxV, axis=-1, keepdims=True), jnp.arange(V), V), axis=-1)
+    return jnp.minimum(first, V - 1)  # a row of NaNs has no maximum: the last token, not V
+
+
 def _next_token(logits_NxV: Array, key: Array, step: Array, cfg: SamplingConfig):
     logits = logits_NxV.astype(jnp.float32)
     if cfg.stop_tokens and cfg.min_new_tokens > 0:
@@ -89,12 +97,14 @@ def _next_token(logits_NxV: Array, key: Array, step: Array, cfg: SamplingConfig)
     else:
         logits_for_choice = logits
     if cfg.temperature == 0:
-        token = jnp.argmax(logits_for_choice, axis=-1)
+        token = _argmax(logits_for_choice)
         temperature = 1.0
     else:
         temperature = cfg.temperature
         truncated = filter_logits(logits_for_choice / temperature, cfg.top_k, cfg.top_p)
-        token = jax.random.categorical(key, truncated, axis=-1)
+        # jax.random.categorical(key, truncated) draws exactly this (the same Gumbel noise, the
+        # same first maximum); only the argmax is cheaper.
+        token = _argmax(truncated + jax.random.gumbel(key, truncated.shape, truncated.dtype))
     scaled = logits / temperature
     logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logprob

@@ -20,9 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as flax_spmd
 
 from rlp_jax.models.config import ModelConfig
-from rlp_jax.sharding import constrain
+from rlp_jax.sharding import constrain, fit_spec, logical_to_mesh
 
 Array = jax.Array
 
@@ -132,19 +133,23 @@ class Transformer(nnx.Module):
             slots_S = jnp.arange(cache.max_len)
             mask_BxTxS = slots_S[None, None, :] <= positions_BxT[:, :, None]
 
-        def layer(x, inputs):
-            w, k_cache, v_cache = inputs
+        # The whole cache rides in the scan carry and each layer writes its new keys and values
+        # in place (cache[layer, row, position]). Scanning over per-layer cache slices as xs/ys
+        # instead makes XLA copy every layer's slice in and out at each decode step.
+        def layer(carry, w):
+            x, k_all, v_all, index = carry
             w = jax.tree.map(lambda a: a.astype(dtype), w)
-            x, k_cache, v_cache = _decoder_layer(x, w, c, cos_BxTxH, sin_BxTxH, mask_BxTxS,
-                                                 positions_BxT, k_cache, v_cache)
-            return x, (k_cache, v_cache)
+            x, k_all, v_all = _decoder_layer(x, w, c, cos_BxTxH, sin_BxTxH, mask_BxTxS,
+                                             positions_BxT, k_all, v_all, index)
+            return (x, k_all, v_all, index + 1), None
 
         if c.remat != "none":
             policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                       if c.remat == "dots_saveable" else None)
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
         caches = (None, None) if cache is None else (cache.k, cache.v)
-        x_BxTxD, (k, v) = jax.lax.scan(layer, x_BxTxD, (self.layers.weights(), *caches))
+        (x_BxTxD, k, v, _), _ = jax.lax.scan(layer, (x_BxTxD, *caches, jnp.int32(0)),
+                                             self.layers.weights())
         new_cache = None if cache is None else KVCache(k, v)
         return rms_norm(x_BxTxD, self.final_norm[...].astype(dtype), c.rms_norm_eps), new_cache
 
@@ -193,13 +198,18 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
     return x_BxTxNxH * cos_BxTxH[:, :, None] + rotated * sin_BxTxH[:, :, None]
 
 
-def _write_cache(cache_BxSxKxH: Array, new_BxTxKxH: Array, positions_BxT: Array) -> Array:
-    rows_Bx1 = jnp.arange(cache_BxSxKxH.shape[0])[:, None]
-    return cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(new_BxTxKxH.astype(cache_BxSxKxH.dtype))
+def _write_cache(cache_LxBxSxKxH: Array, layer: Array, new_BxTxKxH: Array, positions_BxT: Array) -> Array:
+    rows_Bx1 = jnp.arange(cache_LxBxSxKxH.shape[1])[:, None]
+    return cache_LxBxSxKxH.at[layer, rows_Bx1, positions_BxT].set(new_BxTxKxH.astype(cache_LxBxSxKxH.dtype))
+
+
+# Query blocks up to this many tokens against a cache (decode steps, RLP scoring) use
+# `attention_few_queries`; longer ones (prefill) the plain grouped einsum.
+FEW_QUERIES = 16
 
 
 def _decoder_layer(x_BxTxD, w: dict[str, Any], c: ModelConfig, cos, sin, mask_BxTxS, positions_BxT,
-                   k_cache, v_cache):
+                   k_all, v_all, layer):
     h = rms_norm(x_BxTxD, w["attn_norm"], c.rms_norm_eps)
     q = constrain(jnp.einsum("btd,dnh->btnh", h, w["q"]), ("batch", "length", "heads", None))
     k = constrain(jnp.einsum("btd,dnh->btnh", h, w["k"]), ("batch", "length", "kv_heads", None))
@@ -208,17 +218,40 @@ def _decoder_layer(x_BxTxD, w: dict[str, Any], c: ModelConfig, cos, sin, mask_Bx
         q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if k_cache is not None:
-        k_cache = _write_cache(k_cache, k, positions_BxT)
-        v_cache = _write_cache(v_cache, v, positions_BxT)
-        k, v = k_cache, v_cache
-    attn_BxTxNxH = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
+    attend = attention
+    if k_all is not None:
+        k_all = _write_cache(k_all, layer, k, positions_BxT)
+        v_all = _write_cache(v_all, layer, v, positions_BxT)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+        if q.shape[1] <= FEW_QUERIES and not _kv_heads_split(c.num_kv_heads):
+            attend = attention_few_queries
+    attn_BxTxNxH = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
     x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn_BxTxNxH, w["o"])
     h = rms_norm(x_BxTxD, w["mlp_norm"], c.rms_norm_eps)
-    gate = constrain(jnp.einsum("btd,df->btf", h, w["gate"]), ("batch", "length", "mlp"))
-    up = constrain(jnp.einsum("btd,df->btf", h, w["up"]), ("batch", "length", "mlp"))
-    x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["down"])
-    return constrain(x_BxTxD, ("batch", "length", None)), k_cache, v_cache
+    gate = constrain(_project(h, w["gate"]), ("batch", "length", "mlp"))
+    up = constrain(_project(h, w["up"]), ("batch", "length", "mlp"))
+    x_BxTxD = x_BxTxD + _project(jax.nn.silu(gate) * up, w["down"])
+    return constrain(x_BxTxD, ("batch", "length", None)), k_all, v_all
+
+
+def _project(x_BxTxI: Array, w_IxO: Array) -> Array:
+    """`x @ w` over one flat `B·T` axis. As a `btd,df->btf` einsum, the backward contracts the
+    weight gradient over (B, T) together, and XLA:CPU then transposes whole MLP activations saved
+    by the layer scan (`[B, T, F]` → `[F, B, T]`, fused with their dynamic slice) at a fraction
+    of memory speed; over one flat axis it does not."""
+    B, T, I = x_BxTxI.shape
+    return (x_BxTxI.reshape(B * T, I) @ w_IxO).reshape(B, T, w_IxO.shape[-1])
+
+
+def _kv_heads_split(num_kv_heads: int) -> bool:
+    """Whether the logical-axis rules in context shard the kv heads over a mesh axis of size > 1."""
+    rules = flax_spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return False
+    spec = fit_spec((num_kv_heads,), logical_to_mesh(("kv_heads",), rules), mesh)
+    return spec[0] is not None
 
 
 def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
@@ -230,6 +263,30 @@ def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: 
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out.reshape(B, T, N, H)
+
+
+def attention_few_queries(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
+    """The same grouped-query attention for a few queries against a long cache (decode, scoring).
+
+    `attention` makes (batch, kv head) the batch dimensions of its matmuls; a cache laid out
+    `[B, S, K, H]` must then be transposed to `[B, K, S, H]` — a copy of the whole layer cache at
+    every decode step, which costs more than the attention itself. Here each row's cache is read
+    in its memory order, as one `[S, K·H]` matrix, against block-diagonal queries
+    (`q_bd[(j, h), (k, g)] = q[k, g, h]·[j = k]`); the off-diagonal blocks are multiplications by
+    zero, K-fold extra arithmetic that is cheap while decode is bound by memory traffic.
+    """
+    B, T, N, H = q_BxTxNxH.shape
+    S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+    eye_KxK = jnp.eye(K, dtype=q_BxTxNxH.dtype)
+    q_bd = jnp.einsum("btkgh,kj->bjhtkg", q_BxTxNxH.reshape(B, T, K, N // K, H), eye_KxK)
+    scores_BxSxTxN = jnp.einsum("bsc,bctn->bstn", k_BxSxKxH.reshape(B, S, K * H),
+                                q_bd.reshape(B, K * H, T, N)).astype(jnp.float32) / math.sqrt(H)
+    mask_BxSxTx1 = jnp.swapaxes(mask_BxTxS, 1, 2)[..., None]
+    scores_BxSxTxN = jnp.where(mask_BxSxTx1, scores_BxSxTxN, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BxSxTxN, axis=1).astype(v_BxSxKxH.dtype)
+    all_pairs = jnp.einsum("bstn,bsc->btnc", probs, v_BxSxKxH.reshape(B, S, K * H))
+    out = jnp.einsum("btkgjh,kj->btkgh", all_pairs.reshape(B, T, K, N // K, K, H), eye_KxK)
     return out.reshape(B, T, N, H)
 
 
