@@ -1,0 +1,290 @@
+"""`rlp-jax bench`: how fast rlp-jax runs on this machine, against its matmul peak and against
+the same model in HF transformers (PyTorch). See docs/benchmarks.md.
+
+Measured in one run: (1) matmul roofline, (2) policy update (forward + backward) tokens/s and MFU,
+(3) sampler decode tokens/s at several batch sizes, (4) an RLP step piece by piece, (5) the PyTorch
+peer on identical weights. Medians of `--repeats` timed calls after one untimed warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rlp_jax.models.config import PRESETS, ModelConfig
+
+# A CPU-sized model whose update is dominated by matmuls (the presets `tiny` and `demo` are too
+# small for that: their runtime is overhead and elementwise work). 16.8M parameters.
+BENCH_MODELS: dict[str, ModelConfig] = {
+    "bench-cpu": ModelConfig("qwen3", vocab_size=8192, hidden_size=512, num_layers=4, num_heads=8,
+                             num_kv_heads=4, head_dim=64, intermediate_size=1536,
+                             tie_embeddings=True, rope_theta=10_000.0, rms_norm_eps=1e-6,
+                             max_position_embeddings=4096),
+}
+
+AIMS = {"decode_speedup_b16": 3.0, "update_mfu": 0.40, "scoring_fraction": 0.05}
+
+
+def model_config(name: str, vocab_size: int | None, dtype: str) -> ModelConfig:
+    table = BENCH_MODELS | PRESETS
+    if name not in table:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(table)}.")
+    config = table[name].replace(dtype=dtype, param_dtype=dtype)
+    return config if vocab_size is None else config.replace(vocab_size=vocab_size)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive integers")
+    return values
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Adds the `bench` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "bench", help="measure speed: matmul peak, update MFU, decode, RLP step, vs HF transformers",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bench-cpu",
+                   help=f"model preset (default bench-cpu); one of {', '.join(BENCH_MODELS | PRESETS)}")
+    p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter and compute dtype of both frameworks")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write every number to this JSON file")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (median)")
+    p.add_argument("--skip-torch", action="store_true", help="rlp-jax only (torch not imported)")
+    p.add_argument("--batch", type=int, default=4, help="RLP step: prompts B")
+    p.add_argument("--rollouts", type=int, default=4, help="RLP step: thoughts per prompt G")
+    p.add_argument("--context", type=int, default=128, help="RLP step: context tokens")
+    p.add_argument("--thought", type=int, default=128, help="RLP step: thought tokens (all sampled)")
+    p.add_argument("--targets", type=int, default=1, help="RLP step: scored next tokens K")
+    p.add_argument("--decode-prompt", type=int, default=256, help="decode: prompt tokens per row")
+    p.add_argument("--decode-new", type=int, default=64, help="decode: generated tokens per row")
+    p.add_argument("--decode-batches", type=_ints, default=(1, 16, 64), help="decode: batch sizes, e.g. 1,16,64")
+    p.add_argument("--roofline-sizes", type=_ints, default=(1024, 2048, 4096),
+                   help="matmul sizes n (n×n @ n×n) for the peak")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="also trace one update and the decode at batch 16 (or the largest batch "
+                        "below) with jax.profiler into DIR, and print their costliest XLA operations")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = model_config(args.model, args.vocab, args.dtype)
+        if args.repeats < 1:
+            raise ValueError(f"--repeats={args.repeats}; time at least one repetition.")
+        if args.decode_new < 2:
+            raise ValueError(f"--decode-new={args.decode_new}; decode needs at least 2 new tokens.")
+        if config.vocab_size < 4:
+            raise ValueError(f"vocab_size={config.vocab_size}; the bench needs at least 4 tokens.")
+    except ValueError as error:
+        print(f"rlp-jax bench: {error}", file=sys.stderr)
+        return 2
+    result = measure_all(config, args)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+_START = [time.perf_counter()]
+
+
+def _progress(text: str) -> None:
+    print(f"[bench {time.perf_counter() - _START[0]:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def measure_all(config: ModelConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from rlp_jax.bench import jax_side, measure
+
+    load_before = measure.load_average()
+    started = time.time()
+    _START[0] = time.perf_counter()
+    shapes = jax_side.Shapes(
+        batch=args.batch, rollouts=args.rollouts, context=args.context, thought=args.thought,
+        targets=args.targets, decode_prompt=args.decode_prompt, decode_new=args.decode_new,
+        decode_batches=tuple(args.decode_batches), roofline_sizes=tuple(args.roofline_sizes),
+        repeats=args.repeats)
+    result: dict[str, Any] = {
+        "machine": measure.machine(),
+        "model": {"name": args.model, "dtype": config.dtype, "num_params": config.num_params(),
+                  "matmul_params": measure.matmul_params(config),
+                  "config": {k: v for k, v in vars(config).items() if k != "rope_scaling"}},
+        "shapes": {"batch": shapes.batch, "rollouts": shapes.rollouts, "context": shapes.context,
+                   "thought": shapes.thought, "targets": shapes.targets, "rows": shapes.rows,
+                   "update_seq_len": shapes.seq_len, "decode_prompt": shapes.decode_prompt,
+                   "decode_new": shapes.decode_new, "decode_batches": list(shapes.decode_batches),
+                   "temperature": shapes.temperature, "repeats": shapes.repeats},
+    }
+    _progress("matmul roofline")
+    result["roofline"] = {"jax": jax_side.roofline(shapes.roofline_sizes, shapes.repeats)}
+    peak_key = "bf16" if config.dtype == "bfloat16" else "f32"
+    peak = result["roofline"]["jax"][peak_key]["peak_gflops"]
+
+    _progress("building the model and one batch of rollouts")
+    prepared = jax_side.prepare(config, shapes, args.seed)
+    _progress("policy update (forward + backward)")
+    upd = jax_side.update(prepared)
+    upd["peak_gflops"] = peak
+    upd["fwd_bwd_mfu"] = upd["fwd_bwd_gflops"] / peak
+    upd["update_mfu"] = upd["update_gflops"] / peak
+    result["update"] = {"jax": upd}
+
+    model = jax_side.model_of(prepared)
+    result["decode"] = {"jax": {}}
+    for b in shapes.decode_batches:
+        _progress(f"decode, batch {b}")
+        result["decode"]["jax"][str(b)] = jax_side.decode(model, shapes, b, args.seed)
+
+    _progress("RLP step, piece by piece")
+    result["step"] = jax_side.step_breakdown(prepared, upd)
+
+    if args.profile:
+        _progress(f"profiling (traces under {args.profile})")
+        small = [b for b in shapes.decode_batches if b <= 16]
+        b = max(small) if small else min(shapes.decode_batches)
+        result["profile"] = {"update": jax_side.profile_update(prepared, f"{args.profile}/update"),
+                             f"decode_b{b}": jax_side.profile_decode(model, shapes, b, f"{args.profile}/decode")}
+
+    if not args.skip_torch:
+        from rlp_jax.bench import torch_side
+
+        _progress("PyTorch peer: export, load, check weights")
+        peer = torch_side.Peer(model, threads=measure.cores_used())
+        result["torch"] = peer.versions() | {"max_abs_logit_diff": peer.max_logit_diff(model)}
+        result["roofline"]["torch"] = peer.matmul_peak(shapes.roofline_sizes, shapes.repeats)
+        _progress("PyTorch forward + backward")
+        result["update"]["torch"] = peer.fwd_bwd(prepared)
+        result["decode"]["torch"] = {}
+        for b in shapes.decode_batches:
+            _progress(f"PyTorch generate, batch {b}")
+            result["decode"]["torch"][str(b)] = peer.decode(shapes, b, args.seed)
+        result["ratios"] = ratios(result)
+        # The machine's peak is the best any framework reached; rlp-jax's MFU against that too.
+        best = max(peak, result["roofline"]["torch"][peak_key]["peak_gflops"])
+        upd["best_peak_gflops"] = best
+        upd["update_mfu_best_peak"] = upd["update_gflops"] / best
+        upd["fwd_bwd_mfu_best_peak"] = upd["fwd_bwd_gflops"] / best
+
+    result["aims"] = aims(result)
+    result["machine"]["load_before"] = load_before
+    result["machine"]["load_after"] = measure.load_average()
+    result["wall_s"] = time.time() - started
+    return result
+
+
+def ratios(result: dict[str, Any]) -> dict[str, float | None]:
+    """rlp-jax throughput / PyTorch throughput (> 1: rlp-jax is faster); None where either side
+    has no number."""
+    div = lambda a, b: None if a is None or b is None else a / b
+    out = {"fwd_bwd": div(result["update"]["jax"]["fwd_bwd_tokens_per_s"],
+                          result["update"]["torch"]["fwd_bwd_tokens_per_s"])}
+    for b, ours in result["decode"]["jax"].items():
+        theirs = result["decode"]["torch"][b]
+        out[f"decode_b{b}"] = div(ours["decode_tokens_per_s"], theirs["decode_tokens_per_s"])
+        out[f"generate_b{b}"] = div(ours["generate_tokens_per_s"], theirs["generate_tokens_per_s"])
+    return out
+
+
+def aims(result: dict[str, Any]) -> dict[str, Any]:
+    upd, step = result["update"]["jax"], result["step"]
+    out = {
+        "update_mfu": {"value": upd["update_mfu"], "aim": AIMS["update_mfu"],
+                       "met": upd["update_mfu"] >= AIMS["update_mfu"],
+                       "against": "rlp-jax's own matmul peak (update_mfu_best_peak: against the best peak of either framework)"},
+        "scoring_fraction": {"value": step["fractions"]["scoring"], "aim": AIMS["scoring_fraction"],
+                             "met": step["fractions"]["scoring"] <= AIMS["scoring_fraction"]},
+    }
+    speedup = result.get("ratios", {}).get("decode_b16")
+    out["decode_speedup_b16"] = {"value": speedup, "aim": AIMS["decode_speedup_b16"],
+                                 "met": None if speedup is None else speedup >= AIMS["decode_speedup_b16"]}
+    return out
+
+
+# ---------------------------------------------------------------- the console table
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if abs(value) >= 1e4:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def format_table(r: dict[str, Any]) -> str:
+    m, model, s = r["machine"], r["model"], r["shapes"]
+    torch = r.get("torch")
+    lines = [
+        f"rlp-jax bench on {m['backend']} ({m['cpu']}, {m['cores_used']} cores), jax {m['jax']}"
+        + (f", torch {torch['torch']} ({torch['threads']} threads), transformers {torch['transformers']}"
+           if torch else ", PyTorch skipped"),
+        f"load average (1/5/15 min) before {m['load_before']}, after {m['load_after']}",
+        f"model {model['name']} ({model['dtype']}): {model['num_params']:,} params, "
+        f"{model['matmul_params']:,} in body matmuls; step B={s['batch']} G={s['rollouts']} "
+        f"context {s['context']} thought {s['thought']}; decode prompt {s['decode_prompt']} "
+        f"+ {s['decode_new']} new; median of {s['repeats']}",
+    ]
+    if torch:
+        lines.append(f"identical weights: max |logit rlp-jax − HF| = {torch['max_abs_logit_diff']:.2e}")
+    rows: list[tuple[str, str, str, str]] = []
+    roof = r["roofline"]
+    for key, label in (("f32", "matmul peak f32 (GFLOP/s)"), ("bf16", "matmul peak bf16→f32 (GFLOP/s)")):
+        theirs = roof.get("torch", {}).get(key, {}).get("peak_gflops")
+        ours = roof["jax"][key]["peak_gflops"]
+        rows.append((label, _fmt(ours), _fmt(theirs), _fmt(ours / theirs, 2) if theirs else "-"))
+    upd = r["update"]["jax"]
+    tu = r["update"].get("torch", {})
+    ratio = r.get("ratios", {})
+    rows += [
+        ("fwd+bwd tokens/s", _fmt(upd["fwd_bwd_tokens_per_s"]), _fmt(tu.get("fwd_bwd_tokens_per_s")),
+         _fmt(ratio.get("fwd_bwd"), 2)),
+        ("fwd+bwd model GFLOP/s (MFU)", f"{_fmt(upd['fwd_bwd_gflops'])} ({upd['fwd_bwd_mfu']:.0%})",
+         _fmt(tu.get("fwd_bwd_gflops")) + (f" ({tu['fwd_bwd_gflops'] / upd['peak_gflops']:.0%})" if tu else ""), ""),
+        ("update (fwd+bwd+AdamW+EMA) tokens/s", _fmt(upd["update_tokens_per_s"]), "", ""),
+        ("update MFU", f"{upd['update_mfu']:.1%}", "", ""),
+        ("update MFU vs best peak (either framework)",
+         f"{upd['update_mfu_best_peak']:.1%}" if "update_mfu_best_peak" in upd else "-", "", ""),
+    ]
+    for b, ours in r["decode"]["jax"].items():
+        theirs = r["decode"].get("torch", {}).get(b, {})
+        rows.append((f"decode tokens/s, batch {b}", _fmt(ours["decode_tokens_per_s"]),
+                     _fmt(theirs.get("decode_tokens_per_s")), _fmt(ratio.get(f"decode_b{b}"), 2)))
+        rows.append((f"  generate incl. prefill, batch {b}", _fmt(ours["generate_tokens_per_s"]),
+                     _fmt(theirs.get("generate_tokens_per_s")), _fmt(ratio.get(f"generate_b{b}"), 2)))
+    width = max(len(row[0]) for row in rows) + 2
+    head = f"{'':{width}}{'rlp-jax':>16}{'PyTorch':>16}{'ratio':>8}"
+    lines += ["", head] + [f"{a:{width}}{b:>16}{c:>16}{d:>8}" for a, b, c, d in rows]
+
+    st = r["step"]
+    lines += ["", f"RLP step ({s['rows']} thoughts × {s['thought']} tokens): {st['step_s'] * 1e3:.1f} ms, "
+              f"{st['thought_tokens_per_s']:,.0f} thought tokens/s"]
+    for name, key in (("rollout (sampling)", "rollout_s"), ("scoring on the extended cache", "scoring_s"),
+                      ("EMA no-think baseline", "ema_baseline_s"), ("update", "update_s"),
+                      ("other (rewards, metrics, glue)", "other_s")):
+        lines.append(f"  {name:34}{st[key] * 1e3:10.1f} ms {st[key] / st['step_s']:7.1%}")
+    lines.append(f"  (cross-check: sample_and_score − rollout = "
+                 f"{st['scoring_in_sample_and_score_s'] * 1e3:.1f} ms)")
+    for name, prof in r.get("profile", {}).items():
+        lines += ["", f"profile of {name}: costliest XLA operations (one call, {prof['trace']})"]
+        for op in prof["ops"][:10]:
+            lines.append(f"  {op['ms']:9.1f} ms {op['calls']:5d}×  {op['name']:36} {prof['what'].get(op['name'], '')}")
+    lines.append("")
+    for name, aim in r["aims"].items():
+        verdict = "n/a" if aim["met"] is None else ("met" if aim["met"] else "MISSED")
+        value = "-" if aim["value"] is None else f"{aim['value']:.3g}"
+        lines.append(f"aim {name}: {value} (aim {aim['aim']:g}) {verdict}")
+    return "\n".join(lines)

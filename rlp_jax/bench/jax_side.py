@@ -1,0 +1,310 @@
+"""The rlp-jax half of the bench: matmul roofline, policy update, sampler decode, RLP step pieces.
+
+Every function here jits what it times, runs it once untimed (compilation) and then `repeats`
+times, blocking on the results (`measure.timeit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rlp_jax import losses, rollouts, sampling, sharding
+from rlp_jax import train_step as ts
+from rlp_jax.bench import measure
+from rlp_jax.models.config import ModelConfig
+from rlp_jax.models.transformer import KVCache, Transformer
+
+THINK_OPEN, THINK_CLOSE = 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What one RLP step of the bench looks like, and the decode and roofline sizes."""
+
+    batch: int  # B prompts
+    rollouts: int  # G thoughts per prompt
+    context: int  # T context tokens (every row full)
+    thought: int  # L thought tokens (every thought runs to L: min_thought_len = L)
+    targets: int  # K scored next tokens
+    decode_prompt: int
+    decode_new: int
+    decode_batches: tuple[int, ...]
+    roofline_sizes: tuple[int, ...]
+    repeats: int
+    temperature: float = 0.7
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.rollouts
+
+    @property
+    def prompt_len(self) -> int:  # [context, <think>]
+        return self.context + 1
+
+    @property
+    def seq_len(self) -> int:  # [context, <think>, thought]: what the update runs over
+        return self.prompt_len + self.thought
+
+
+def rollout_config(shapes: Shapes) -> rollouts.RolloutConfig:
+    return rollouts.RolloutConfig(think_open_id=THINK_OPEN, think_close_id=THINK_CLOSE,
+                                  num_rollouts=shapes.rollouts, max_thought_len=shapes.thought,
+                                  min_thought_len=shapes.thought, temperature=shapes.temperature)
+
+
+def make_batch(config: ModelConfig, shapes: Shapes, seed: int = 0) -> dict[str, jax.Array]:
+    rng = np.random.RandomState(seed)
+    B, T, K = shapes.batch, shapes.context, shapes.targets
+    return {"context_BxT": jnp.asarray(rng.randint(3, config.vocab_size, (B, T)), jnp.int32),
+            "context_len_B": jnp.full((B,), T, jnp.int32),
+            "target_BxK": jnp.asarray(rng.randint(3, config.vocab_size, (B, K)), jnp.int32),
+            "target_mask_BxK": jnp.ones((B, K), bool)}
+
+
+def optimizer() -> optax.GradientTransformation:
+    return optax.adamw(1e-6, b1=0.9, b2=0.95, weight_decay=0.1)  # the paper's settings
+
+
+def single_device_mesh() -> jax.sharding.Mesh:
+    return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+# ---------------------------------------------------------------- (1) roofline
+
+def roofline(sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """Square matmuls, f32 and bf16 inputs with f32 accumulation; GFLOP/s per size and the peak."""
+    out: dict[str, Any] = {}
+    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
+        per_size = {}
+        for n in sizes:
+            a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+            b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+            mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+            t = measure.timeit(lambda: mm(a, b), repeats)
+            per_size[str(n)] = 2.0 * n ** 3 / t.median_s / 1e9
+        out[name] = {"gflops_by_size": per_size, "peak_gflops": max(per_size.values())}
+    return out
+
+
+# ---------------------------------------------------------------- setup shared by (2) and (4)
+
+@dataclasses.dataclass
+class Prepared:
+    config: ModelConfig
+    shapes: Shapes
+    graphdef: Any
+    params: Any
+    batch: dict[str, jax.Array]
+    rcfg: rollouts.RolloutConfig
+    step_cfg: ts.StepConfig
+    per_prompt: dict[str, jax.Array]  # the update's inputs, from real rollouts of `params`
+    sample_and_score: Any  # jitted (params, batch, key) -> Rollouts
+    state: Any  # a TrainState with the same params, for the whole compiled step (donated there)
+    state_sharding: Any
+
+
+def prepare(config: ModelConfig, shapes: Shapes, seed: int = 0) -> Prepared:
+    graphdef, state, state_sharding = ts.create_state_from_scratch(config, optimizer(), seed,
+                                                                   single_device_mesh())
+    params = jax.tree.map(jnp.copy, state.params)
+    batch = make_batch(config, shapes, seed)
+    rcfg = rollout_config(shapes)
+    step_cfg = ts.StepConfig(rollout=rcfg)
+    sample_and_score = jax.jit(functools.partial(rollouts.sample_and_score, graphdef, cfg=rcfg))
+    roll = sample_and_score(params, batch, jax.random.key(seed))
+    seq_NxS, predict_at_NxL = rollouts.thought_sequences(roll, shapes.rollouts)
+    B, G, L = shapes.batch, shapes.rollouts, shapes.thought
+    advantages = jax.random.normal(jax.random.key(seed + 1), (B, G))
+    per_prompt = {"seq": seq_NxS.reshape(B, G, -1), "predict_at": predict_at_NxL.reshape(B, G, L),
+                  "thoughts": roll.thoughts_NxL.reshape(B, G, L),
+                  "mask": roll.thought_mask_NxL.reshape(B, G, L), "advantages": advantages}
+    return Prepared(config, shapes, graphdef, params, batch, rcfg, step_cfg, per_prompt,
+                    sample_and_score, state, state_sharding)
+
+
+def model_of(p: Prepared) -> Transformer:
+    return nnx.merge(p.graphdef, p.params)
+
+
+# ---------------------------------------------------------------- (2) the policy update
+
+def update(p: Prepared) -> dict[str, Any]:
+    """Forward + backward of the clipped surrogate over `[context, <think>, thought]` of all B·G
+    rows (train_step's own gradient code), and the whole update: gradient, AdamW, EMA."""
+    opt = optimizer()
+    cfg = p.step_cfg
+
+    @jax.jit
+    def fwd_bwd(params, mb):
+        grads, aux = ts._accumulated_grads(p.graphdef, params, mb, cfg, True)
+        return grads, aux["loss"]
+
+    @jax.jit
+    def full_update(params, opt_state, ema, mb):
+        grads, aux = ts._accumulated_grads(p.graphdef, params, mb, cfg, True)
+        changes, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, changes)
+        return params, opt_state, losses.ema_update(ema, params, cfg.ema_decay), aux["loss"]
+
+    opt_state = opt.init(p.params)
+    ema = jax.tree.map(lambda x: x.astype(jnp.float32), p.params)
+    s = p.shapes
+    t_fb = measure.timeit(lambda: fwd_bwd(p.params, p.per_prompt), s.repeats)
+    t_up = measure.timeit(lambda: full_update(p.params, opt_state, ema, p.per_prompt), s.repeats)
+    flops = measure.train_flops(p.config, s.rows, s.seq_len, s.thought)
+    tokens = s.rows * s.seq_len
+    return {"rows": s.rows, "seq_len": s.seq_len, "tokens": tokens, "model_flops": flops,
+            "fwd_bwd": t_fb.as_dict(), "update": t_up.as_dict(),
+            "fwd_bwd_tokens_per_s": tokens / t_fb.median_s,
+            "update_tokens_per_s": tokens / t_up.median_s,
+            "fwd_bwd_gflops": flops / t_fb.median_s / 1e9,
+            "update_gflops": flops / t_up.median_s / 1e9}
+
+
+# ---------------------------------------------------------------- (3) decode
+
+def decode(model: Transformer, shapes: Shapes, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """`sampling.generate` with a `decode_prompt`-token prompt per row, `decode_new` tokens and
+    with 1 token; decode tokens/s = B·(n−1) / (t(n) − t(1)) (both include the same prefill)."""
+    rng = np.random.RandomState(seed)
+    P, n = shapes.decode_prompt, shapes.decode_new
+    prompts = jnp.asarray(rng.randint(3, model.config.vocab_size, (batch_size, P)), jnp.int32)
+    lengths = jnp.full((batch_size,), P, jnp.int32)
+
+    def run(new_tokens):
+        cfg = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=shapes.temperature)
+        return lambda: sampling.generate(model, prompts, lengths, jax.random.key(seed), cfg).tokens_NxL
+
+    t_n = measure.timeit(run(n), shapes.repeats)
+    t_1 = measure.timeit(run(1), shapes.repeats)
+    return _decode_result(model.config, batch_size, P, n, t_n, t_1)
+
+
+def _decode_result(config, batch_size, P, n, t_n, t_1) -> dict[str, Any]:
+    """Decode throughput from t(n) − t(1); None where timing noise swamps the difference (tiny
+    models), rather than a meaningless number."""
+    decode_s = t_n.median_s - t_1.median_s
+    ok = decode_s > 0.05 * t_n.median_s
+    tokens_per_s = batch_size * (n - 1) / decode_s if ok else None
+    # Mean context of the decode steps: P + 1 … P + n − 1 cached keys.
+    flops_per_token = measure.decode_flops_per_token(config, P + n / 2)
+    return {"batch": batch_size, "prompt": P, "new_tokens": n,
+            "generate": t_n.as_dict(), "prefill_plus_one": t_1.as_dict(),
+            "decode_tokens_per_s": tokens_per_s,
+            "generate_tokens_per_s": batch_size * n / t_n.median_s,
+            "decode_ms_per_step": 1e3 * decode_s / (n - 1) if ok else None,
+            "decode_gflops": tokens_per_s * flops_per_token / 1e9 if ok else None}
+
+
+# ---------------------------------------------------------------- (4) the step, piece by piece
+
+def _score_on_cache(graphdef, params, cache: KVCache, next_positions_N, finished_N, target_BxK, rcfg):
+    """The scoring half of `rollouts.sample_and_score`, on a finished rollout: `[</think>, x_t…]`
+    fed into the rollout cache, log-probs of the targets (and the cache, so that a donated one is
+    written in place)."""
+    model = nnx.merge(graphdef, params)
+    G = rcfg.num_rollouts
+    N, K = next_positions_N.shape[0], target_BxK.shape[1]
+    close_pos_N = next_positions_N - finished_N.astype(jnp.int32)
+    target_NxK = jnp.repeat(target_BxK, G, axis=0)
+    feed = jnp.concatenate([jnp.full((N, 1), rcfg.think_close_id, jnp.int32), target_NxK], axis=1)
+    hidden, cache = model.hidden_states(feed, close_pos_N[:, None] + jnp.arange(K + 1), cache=cache)
+    return losses.token_logprobs(model.logits(hidden[:, :K]).astype(jnp.float32), target_NxK), cache
+
+
+def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]:
+    """Each piece of an RLP step jitted alone, then the whole compiled train step.
+
+    - rollout: `sampling.sample` exactly as `sample_and_score` calls it (prefill, G-fold share,
+      L decode steps), without the scoring;
+    - scoring: the scoring half of `sample_and_score` jitted alone on a finished rollout (its cache
+      donated and written in place, a fresh copy made outside the timed call); as a cross-check,
+      `sample_and_score` − rollout (same key, so the same tokens);
+    - EMA baseline: `rollouts.no_think_logprobs` with φ;
+    - update: gradient + AdamW + EMA (from `update`);
+    - step: `train_step.compile_train_step` on a one-device mesh (everything, plus rewards,
+      advantages and metrics).
+    """
+    s, rcfg, gd = p.shapes, p.rcfg, p.graphdef
+    key = jax.random.key(1)
+    prompt_BxP, prompt_len_B = rollouts.build_prompts(p.batch["context_BxT"], p.batch["context_len_B"], rcfg)
+    cache_len = prompt_BxP.shape[1] + s.thought + 1 + s.targets
+
+    sample = jax.jit(lambda params, k: sampling.sample(gd, params, prompt_BxP, prompt_len_B, k,
+                                                        rcfg.sampling_config(), s.rollouts, cache_len))
+    t_rollout = measure.timeit(lambda: sample(p.params, key).tokens_NxL, s.repeats)
+    t_both = measure.timeit(lambda: p.sample_and_score(p.params, p.batch, key).s_pred_NxK, s.repeats)
+
+    out = sample(p.params, key)
+    score = jax.jit(functools.partial(_score_on_cache, gd, rcfg=rcfg), donate_argnums=(1,))
+    fresh = lambda: (p.params, KVCache(jnp.copy(out.cache.k), jnp.copy(out.cache.v)),
+                     out.next_positions_N, out.finished_N, p.batch["target_BxK"])
+    t_score_alone = measure.timeit(score, s.repeats, setup=fresh)
+
+    ema = jax.tree.map(lambda x: x.astype(jnp.float32), p.params)
+    baseline = jax.jit(functools.partial(rollouts.no_think_logprobs, gd, cfg=rcfg))
+    t_baseline = measure.timeit(lambda: baseline(ema, p.batch), s.repeats)
+
+    mesh = single_device_mesh()
+    batch_sharding = ts.batch_shardings(p.batch, mesh)
+    step = ts.compile_train_step(gd, optimizer(), p.step_cfg, mesh, p.state_sharding, batch_sharding)
+    batch = jax.device_put(p.batch, batch_sharding)
+    holder = {"state": p.state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics
+
+    t_step = measure.timeit(one_step, s.repeats)
+
+    pieces = {"rollout_s": t_rollout.median_s, "scoring_s": t_score_alone.median_s,
+              "ema_baseline_s": t_baseline.median_s, "update_s": update_result["update"]["median_s"]}
+    total = t_step.median_s
+    return {
+        "rollout": t_rollout.as_dict(), "sample_and_score": t_both.as_dict(),
+        "scoring": t_score_alone.as_dict(), "ema_baseline": t_baseline.as_dict(),
+        "step": t_step.as_dict(), **pieces,
+        # Cross-check: what adding the scoring to the rollout program costs (noisy: a difference
+        # of two medians; may come out negative when scoring is far below the timing noise).
+        "scoring_in_sample_and_score_s": t_both.median_s - t_rollout.median_s,
+        "other_s": total - sum(pieces.values()),
+        "step_s": total,
+        "fractions": {name[:-2]: value / total for name, value in pieces.items()},
+        "thought_tokens_per_s": s.rows * s.thought / total,
+        "rollout_tokens_per_s": s.rows * s.thought / t_rollout.median_s,
+    }
+
+
+# ---------------------------------------------------------------- --profile
+
+def profile_update(p: Prepared, folder: str) -> dict[str, Any]:
+    """Where one forward + backward of the update spends its time (see bench/profile.py)."""
+    from rlp_jax.bench import profile
+
+    fwd_bwd = jax.jit(lambda params, mb: ts._accumulated_grads(p.graphdef, params, mb, p.step_cfg, True)[0])
+    out = profile.top_ops(lambda: fwd_bwd(p.params, p.per_prompt), folder)
+    hlo = fwd_bwd.lower(p.params, p.per_prompt).compile().as_text()
+    return out | {"what": profile.describe(hlo, [op["name"] for op in out["ops"]])}
+
+
+def profile_decode(model: Transformer, shapes: Shapes, batch_size: int, folder: str) -> dict[str, Any]:
+    """Where `decode_new` sampler steps at one batch size spend their time."""
+    from rlp_jax.bench import profile
+
+    graphdef, params = nnx.split(model)
+    P = shapes.decode_prompt
+    prompts = jnp.asarray(np.random.RandomState(0).randint(3, model.config.vocab_size, (batch_size, P)), jnp.int32)
+    lengths = jnp.full((batch_size,), P, jnp.int32)
+    cfg = sampling.SamplingConfig(max_new_tokens=shapes.decode_new, temperature=shapes.temperature)
+    args = (graphdef, params, prompts, lengths, jax.random.key(0), cfg, 1, None)
+    out = profile.top_ops(lambda: sampling._sample_jit(*args).tokens_NxL, folder)
+    hlo = sampling._sample_jit.lower(*args).compile().as_text()
+    return out | {"what": profile.describe(hlo, [op["name"] for op in out["ops"]])}

@@ -1,0 +1,128 @@
+"""The PyTorch peer: the same weights (exported with `hf.save_hf`) in HF transformers, timed on
+the same shapes as the rlp-jax side. torch is imported only here, and only when asked for."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from rlp_jax.bench import jax_side, measure
+
+
+def _block(_out: Any) -> None:  # CPU torch ops have finished when they return
+    return None
+
+
+class Peer:
+    """An HF `AutoModelForCausalLM` loaded from an rlp-jax export, with `threads` intra-op threads."""
+
+    def __init__(self, model, threads: int):
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.threads = threads
+        dtype = torch.bfloat16 if model.config.dtype == "bfloat16" else torch.float32
+        from rlp_jax.models import hf
+
+        with tempfile.TemporaryDirectory() as folder:
+            hf.save_hf(model, folder, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        self.model.eval()
+        self.dtype = dtype
+        self.config = model.config  # the rlp-jax ModelConfig (FLOP formulas)
+
+    def versions(self) -> dict[str, str]:
+        import transformers
+
+        return {"torch": self.torch.__version__, "transformers": transformers.__version__,
+                "threads": self.threads,
+                "attn_implementation": getattr(self.model.config, "_attn_implementation", None)}
+
+    def max_logit_diff(self, model) -> float:
+        """Same weights? The largest |logit difference| of one forward over a random sequence."""
+        import jax.numpy as jnp
+
+        tokens = np.random.RandomState(0).randint(3, model.config.vocab_size, (2, 16))
+        ours, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(16), (2, 16)))
+        with self.torch.no_grad():
+            theirs = self.model(input_ids=self.torch.tensor(tokens)).logits.float().numpy()
+        return float(np.abs(np.asarray(ours, np.float32) - theirs).max())
+
+    def matmul_peak(self, sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
+        torch = self.torch
+        out = {}
+        for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+            per_size = {}
+            for n in sizes:
+                a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+                t = measure.timeit(lambda: a @ b, repeats, block=_block)
+                per_size[str(n)] = 2.0 * n ** 3 / t.median_s / 1e9
+            out[name] = {"gflops_by_size": per_size, "peak_gflops": max(per_size.values())}
+        return out
+
+    def fwd_bwd(self, prepared: jax_side.Prepared) -> dict[str, Any]:
+        """The same loss as rlp-jax's update (clipped surrogate of the thought tokens at the
+        sampling temperature, per-token entropy without gradient) on the same rollout rows:
+        forward over `[context, <think>, thought]`, LM head only where thought tokens are scored
+        (`logits_to_keep`), backward."""
+        torch = self.torch
+        s, mb = prepared.shapes, prepared.per_prompt
+        N, L = s.rows, s.thought
+        seq = torch.tensor(np.asarray(mb["seq"]).reshape(N, -1), dtype=torch.long)
+        thoughts = torch.tensor(np.asarray(mb["thoughts"]).reshape(N, L), dtype=torch.long)
+        mask = torch.tensor(np.asarray(mb["mask"]).reshape(N, L), dtype=torch.float32)
+        adv = torch.tensor(np.asarray(mb["advantages"]).reshape(N), dtype=torch.float32)
+        temperature = s.temperature
+        model = self.model
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=seq, logits_to_keep=L + 1).logits[:, :L].float() / temperature
+            log_probs = torch.log_softmax(logits, dim=-1)
+            logp = log_probs.gather(-1, thoughts[..., None])[..., 0]
+            with torch.no_grad():
+                entropy = -(log_probs.exp() * log_probs).sum(-1)
+            ratio = torch.exp(logp - logp.detach())
+            a = adv[:, None]
+            per_token = torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+            loss = -((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+            loss.backward()
+            return loss.item() + 0.0 * entropy.sum().item()
+
+        t = measure.timeit(step, s.repeats, block=_block)
+        model.eval()
+        tokens = N * s.seq_len
+        flops = measure.train_flops(prepared.config, N, s.seq_len, L)
+        return {"fwd_bwd": t.as_dict(), "fwd_bwd_tokens_per_s": tokens / t.median_s,
+                "fwd_bwd_gflops": flops / t.median_s / 1e9}
+
+    def decode(self, shapes: jax_side.Shapes, batch_size: int, seed: int = 0) -> dict[str, Any]:
+        """HF `generate` (sampling at the same temperature, no top-k / top-p, no stop token,
+        default dynamic cache): t(n) and t(1), as on the rlp-jax side."""
+        torch = self.torch
+        rng = np.random.RandomState(seed)
+        P, n = shapes.decode_prompt, shapes.decode_new
+        prompts = torch.tensor(rng.randint(3, self.model.config.vocab_size, (batch_size, P)))
+        attention = torch.ones_like(prompts)
+
+        def run(new_tokens):
+            def go():
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    return self.model.generate(
+                        input_ids=prompts, attention_mask=attention, do_sample=True,
+                        temperature=shapes.temperature, top_k=0, top_p=1.0,
+                        max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        eos_token_id=None, pad_token_id=0)
+            return go
+
+        t_n = measure.timeit(run(n), shapes.repeats, block=_block)
+        t_1 = measure.timeit(run(1), shapes.repeats, block=_block)
+        return jax_side._decode_result(self.config, batch_size, P, n, t_n, t_1)
+
