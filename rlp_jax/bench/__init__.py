@@ -230,7 +230,7 @@ def format_table(r: dict[str, Any]) -> str:
     torch = r.get("torch")
     lines = [
         f"rlp-jax bench on {m['backend']} ({m['cpu']}, {m['cores_used']} cores), jax {m['jax']}"
-        + (f", torch {torch['torch']} ({torch['threads']} threads), transformers {torch['transformers']}"
+        + (f", torch {torch['torch']} on {torch['device']} ({torch['threads']} threads), transformers {torch['transformers']}"
            if torch else ", PyTorch skipped"),
         f"load average (1/5/15 min) before {m['load_before']}, after {m['load_after']}",
         f"model {model['name']} ({model['dtype']}): {model['num_params']:,} params, "

@@ -11,12 +11,19 @@ import numpy as np
 from rlp_jax.bench import jax_side, measure
 
 
-def _block(_out: Any) -> None:  # CPU torch ops have finished when they return
+def _block_cpu(_out: Any) -> None:  # CPU torch ops have finished when they return
     return None
 
 
+def _block_cuda(_out: Any) -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
 class Peer:
-    """An HF `AutoModelForCausalLM` loaded from an rlp-jax export, with `threads` intra-op threads."""
+    """An HF `AutoModelForCausalLM` loaded from an rlp-jax export, with `threads` intra-op threads,
+    on the GPU when torch sees one (a CUDA build of torch), else on the CPU."""
 
     def __init__(self, model, threads: int):
         import torch
@@ -32,7 +39,9 @@ class Peer:
         with tempfile.TemporaryDirectory() as folder:
             hf.save_hf(model, folder, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
             self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        self.model.eval()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.block = _block_cuda if self.device == "cuda" else _block_cpu
+        self.model.to(self.device).eval()
         self.dtype = dtype
         self.config = model.config  # the rlp-jax ModelConfig (FLOP formulas)
 
@@ -40,7 +49,7 @@ class Peer:
         import transformers
 
         return {"torch": self.torch.__version__, "transformers": transformers.__version__,
-                "threads": self.threads,
+                "threads": self.threads, "device": self.device,
                 "attn_implementation": getattr(self.model.config, "_attn_implementation", None)}
 
     def max_logit_diff(self, model) -> float:
@@ -50,7 +59,7 @@ class Peer:
         tokens = np.random.RandomState(0).randint(3, model.config.vocab_size, (2, 16))
         ours, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(16), (2, 16)))
         with self.torch.no_grad():
-            theirs = self.model(input_ids=self.torch.tensor(tokens)).logits.float().numpy()
+            theirs = self.model(input_ids=self.torch.tensor(tokens, device=self.device)).logits.float().cpu().numpy()
         return float(np.abs(np.asarray(ours, np.float32) - theirs).max())
 
     def matmul_peak(self, sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
@@ -59,8 +68,9 @@ class Peer:
         for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
             per_size = {}
             for n in sizes:
-                a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-                t = measure.timeit(lambda: a @ b, repeats, block=_block)
+                a = torch.randn(n, n, dtype=dtype, device=self.device)
+                b = torch.randn(n, n, dtype=dtype, device=self.device)
+                t = measure.timeit(lambda: a @ b, repeats, block=self.block)
                 per_size[str(n)] = 2.0 * n ** 3 / t.median_s / 1e9
             out[name] = {"gflops_by_size": per_size, "peak_gflops": max(per_size.values())}
         return out
@@ -73,10 +83,11 @@ class Peer:
         torch = self.torch
         s, mb = prepared.shapes, prepared.per_prompt
         N, L = s.rows, s.thought
-        seq = torch.tensor(np.asarray(mb["seq"]).reshape(N, -1), dtype=torch.long)
-        thoughts = torch.tensor(np.asarray(mb["thoughts"]).reshape(N, L), dtype=torch.long)
-        mask = torch.tensor(np.asarray(mb["mask"]).reshape(N, L), dtype=torch.float32)
-        adv = torch.tensor(np.asarray(mb["advantages"]).reshape(N), dtype=torch.float32)
+        as_tensor = lambda x, shape, dtype: torch.tensor(np.asarray(x).reshape(shape), dtype=dtype, device=self.device)
+        seq = as_tensor(mb["seq"], (N, -1), torch.long)
+        thoughts = as_tensor(mb["thoughts"], (N, L), torch.long)
+        mask = as_tensor(mb["mask"], (N, L), torch.float32)
+        adv = as_tensor(mb["advantages"], (N,), torch.float32)
         temperature = s.temperature
         model = self.model
         model.train()
@@ -95,7 +106,7 @@ class Peer:
             loss.backward()
             return loss.item() + 0.0 * entropy.sum().item()
 
-        t = measure.timeit(step, s.repeats, block=_block)
+        t = measure.timeit(step, s.repeats, block=self.block)
         model.eval()
         tokens = N * s.seq_len
         flops = measure.train_flops(prepared.config, N, s.seq_len, L)
@@ -108,7 +119,7 @@ class Peer:
         torch = self.torch
         rng = np.random.RandomState(seed)
         P, n = shapes.decode_prompt, shapes.decode_new
-        prompts = torch.tensor(rng.randint(3, self.model.config.vocab_size, (batch_size, P)))
+        prompts = torch.tensor(rng.randint(3, self.model.config.vocab_size, (batch_size, P)), device=self.device)
         attention = torch.ones_like(prompts)
 
         def run(new_tokens):
@@ -122,7 +133,7 @@ class Peer:
                         eos_token_id=None, pad_token_id=0)
             return go
 
-        t_n = measure.timeit(run(n), shapes.repeats, block=_block)
-        t_1 = measure.timeit(run(1), shapes.repeats, block=_block)
+        t_n = measure.timeit(run(n), shapes.repeats, block=self.block)
+        t_1 = measure.timeit(run(1), shapes.repeats, block=self.block)
         return jax_side._decode_result(self.config, batch_size, P, n, t_n, t_1)
 
