@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan.register(commands)
 
+    from rlp_jax import bench
+
+    bench.register(commands)
+
     conv = commands.add_parser(
         "convert", help="HF folder (config.json + safetensors) <-> rlp-jax params folder")
     direction = conv.add_mutually_exclusive_group(required=True)
