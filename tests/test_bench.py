@@ -27,7 +27,7 @@ def positive(x):
 
 def test_bench_runs_on_a_tiny_config_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = parse([*TINY, "--json", str(out)])
+    args = parse([*TINY, "--remat", "full", "--json", str(out)])
     assert args.run(args) == 0
     console = capsys.readouterr().out
     for heading in ("matmul peak f32", "fwd+bwd tokens/s", "update MFU", "decode tokens/s, batch 2",
@@ -46,6 +46,8 @@ def test_bench_runs_on_a_tiny_config_and_writes_json(tmp_path, capsys):
     for key in ("model_flops", "fwd_bwd_tokens_per_s", "update_tokens_per_s", "fwd_bwd_mfu", "update_mfu"):
         assert positive(upd[key]), key
     assert positive(r["update"]["torch"]["fwd_bwd_tokens_per_s"])
+    # Both sides recompute activations in the backward, as the paper configs do.
+    assert r["model"]["config"]["remat"] == "full" and r["update"]["torch"]["gradient_checkpointing"]
     assert 0 < upd["update_mfu_best_peak"] <= upd["update_mfu"]
     for framework in ("jax", "torch"):
         d = r["decode"][framework]["2"]

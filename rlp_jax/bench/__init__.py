@@ -27,14 +27,14 @@ BENCH_MODELS: dict[str, dict[str, Any]] = {
 AIMS = {"decode_speedup_b16": 3.0, "update_mfu": 0.40, "scoring_fraction": 0.05}
 
 
-def model_config(name: str, vocab_size: int | None, dtype: str):
-    """The ModelConfig of a bench model or preset, in `dtype`."""
+def model_config(name: str, vocab_size: int | None, dtype: str, remat: str = "none"):
+    """The ModelConfig of a bench model or preset, in `dtype`, with `remat` in the update."""
     from rlp_jax.models.config import PRESETS, ModelConfig
 
     table = {n: ModelConfig(**fields) for n, fields in BENCH_MODELS.items()} | PRESETS
     if name not in table:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(table)}.")
-    config = table[name].replace(dtype=dtype, param_dtype=dtype)
+    config = table[name].replace(dtype=dtype, param_dtype=dtype, remat=remat)
     return config if vocab_size is None else config.replace(vocab_size=vocab_size)
 
 
@@ -59,6 +59,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="parameter and compute dtype of both frameworks")
+    p.add_argument("--remat", default="none", choices=["none", "dots_saveable", "full"],
+                   help="rematerialisation in the update (the paper configs use full; at their "
+                        "shapes an update without it does not fit an 80 GB GPU)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write every number to this JSON file")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (median)")
     p.add_argument("--skip-torch", action="store_true", help="rlp-jax only (torch not imported)")
@@ -82,7 +85,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = model_config(args.model, args.vocab, args.dtype)
+        config = model_config(args.model, args.vocab, args.dtype, args.remat)
         if args.repeats < 1:
             raise ValueError(f"--repeats={args.repeats}; time at least one repetition.")
         if args.decode_new < 2:
@@ -231,11 +234,12 @@ def format_table(r: dict[str, Any]) -> str:
     m, model, s = r["machine"], r["model"], r["shapes"]
     torch = r.get("torch")
     lines = [
-        f"rlp-jax bench on {m['backend']} ({m['cpu']}, {m['cores_used']} cores), jax {m['jax']}"
+        f"rlp-jax bench on {m['backend']} ({m['device_kind'] + ', ' if m['backend'] != 'cpu' else ''}"
+        f"{m['cpu']}, {m['cores_used']} cores), jax {m['jax']}"
         + (f", torch {torch['torch']} on {torch['device']} ({torch['threads']} threads), transformers {torch['transformers']}"
            if torch else ", PyTorch skipped"),
         f"load average (1/5/15 min) before {m['load_before']}, after {m['load_after']}",
-        f"model {model['name']} ({model['dtype']}): {model['num_params']:,} params, "
+        f"model {model['name']} ({model['dtype']}, remat {model['config']['remat']}): {model['num_params']:,} params, "
         f"{model['matmul_params']:,} in body matmuls; step B={s['batch']} G={s['rollouts']} "
         f"context {s['context']} thought {s['thought']}; decode prompt {s['decode_prompt']} "
         f"+ {s['decode_new']} new; median of {s['repeats']}",

@@ -91,6 +91,13 @@ class Peer:
         temperature = s.temperature
         model = self.model
         model.train()
+        # Recompute activations in the backward exactly when rlp-jax does (its `--remat`).
+        checkpointing = prepared.config.remat != "none"
+        if checkpointing:  # newer transformers name it activation_checkpointing_*
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         def step():
             model.zero_grad(set_to_none=True)
@@ -107,10 +114,13 @@ class Peer:
             return loss.item() + 0.0 * entropy.sum().item()
 
         t = measure.timeit(step, s.repeats, block=self.block)
+        if checkpointing:
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.eval()
         tokens = N * s.seq_len
         flops = measure.train_flops(prepared.config, N, s.seq_len, L)
-        return {"fwd_bwd": t.as_dict(), "fwd_bwd_tokens_per_s": tokens / t.median_s,
+        return {"gradient_checkpointing": checkpointing,
+                "fwd_bwd": t.as_dict(), "fwd_bwd_tokens_per_s": tokens / t.median_s,
                 "fwd_bwd_gflops": flops / t.median_s / 1e9}
 
     def decode(self, shapes: jax_side.Shapes, batch_size: int, seed: int = 0) -> dict[str, Any]:
