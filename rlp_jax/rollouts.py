@@ -143,7 +143,7 @@ def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str,
                     out.logprobs_NxL, s_pred_NxK, jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32))
 
 
-def _context_then_targets(batch: dict[str, Array]) -> tuple[Array, Array]:
+def context_then_targets(batch: dict[str, Array]) -> tuple[Array, Array]:
     """`[context, x_t, x_t+1, …]` right-padded, and the index whose logits predict each target."""
     context_BxT, context_len_B, target_BxK = batch["context_BxT"], batch["context_len_B"], batch["target_BxK"]
     B, K = target_BxK.shape
@@ -157,7 +157,7 @@ def no_think_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str
     """`log p(x_t | x_<t)` of each target token with no thought (teacher-forced over the
     targets), and the argmax predictions. With the EMA params this is the baseline `S_ema`."""
     model = nnx.merge(graphdef, params)
-    seq_BxS, predict_at_BxK = _context_then_targets(batch)
+    seq_BxS, predict_at_BxK = context_then_targets(batch)
     positions = jnp.broadcast_to(jnp.arange(seq_BxS.shape[1]), seq_BxS.shape)
     hidden_BxSxD, _ = model.hidden_states(seq_BxS, positions)
     hidden_BxKxD = jnp.take_along_axis(hidden_BxSxD, predict_at_BxK[..., None], axis=1)

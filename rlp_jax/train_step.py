@@ -279,7 +279,7 @@ def _ntp_step(state, batch, graphdef, optimizer, cfg: StepConfig):
         if "example_mask_B" in batch:
             total_len_B = jnp.where(batch["example_mask_B"], total_len_B, 0)
     else:
-        seq_BxS, _ = rollouts._context_then_targets(batch)
+        seq_BxS, _ = rollouts.context_then_targets(batch)
         total_len_B = batch["context_len_B"] + batch["target_mask_BxK"].sum(-1)
     inputs = {"seq": seq_BxS, "len": total_len_B}
     updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
