@@ -68,7 +68,7 @@ def grids(base: ml_collections.ConfigDict) -> dict[str, list[Cell]]:
                    Cell("sparse (RPT-style)", {"rlp.objective": "rpt"})],
         "rollouts": [Cell(f"G={g}", {"rlp.num_rollouts": g, "train.batch_size": thoughts // g})
                      for g in (2, 4, 8)],
-        "thought_len": [Cell(f"L={n}", {"rlp.max_thought_len": n}) for n in (6, 12, 20)],
+        "thought_len": [Cell(f"L={n}", {"rlp.max_thought_len": n}) for n in (6, 12, 20, 32)],
         "kl": [Cell(f"beta={b:g}", {"rlp.kl_coef": b}) for b in (0.0, 1e-4, 1e-3)],
         "cpt": [Cell("RLP", {}), _cpt_cell(base, 1.0, "CPT, equal T_flop")],
     }
@@ -110,27 +110,36 @@ def run_grid(grid: str, workdir: str | Path, *, seeds=(0, 1), steps: int | None 
         if not (warm_dir / "checkpoints" / str(warm.train.steps)).exists():
             echo(f"warm-up, seed {seed}")
             trainer.train(warm, warm_dir, echo=echo)
-        for cell in cells:
-            run_dir = workdir / grid / _slug(cell.name) / f"s{seed}"
+        eval_config = _apply(base, {})
+        eval_config.seed = seed
+        eval_config.eval.num_positions = eval_positions or demo_rlp_config().eval.num_positions
+
+        def evaluated(run_dir: Path) -> dict:
             eval_file = run_dir / "eval.json"
             if not eval_file.exists():
+                result = evaluation_run.evaluate_run(run_dir, config=eval_config, start_from=warm_dir)
+                eval_file.write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+            return json.loads(eval_file.read_text())
+
+        # The reference row: the warm-up itself, the point every cell of this seed starts from.
+        results.setdefault(START_ROW, []).append(evaluated(warm_dir))
+        for cell in cells:
+            run_dir = workdir / grid / _slug(cell.name) / f"s{seed}"
+            if not (run_dir / "eval.json").exists():
                 config = _apply(base, cell.overrides)
                 config.seed = seed
                 config.init.kind, config.init.path = "checkpoint", str(warm_dir)
                 echo(f"{grid} / {cell.name} / seed {seed}: {config.train.steps} steps")
                 trainer.train(config, run_dir, echo=echo)
-                eval_config = _apply(base, {})
-                eval_config.seed = seed
-                eval_config.eval.num_positions = eval_positions or demo_rlp_config().eval.num_positions
-                result = evaluation_run.evaluate_run(run_dir, config=eval_config, start_from=warm_dir)
-                eval_file.write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
-            results.setdefault(cell.name, []).append(json.loads(eval_file.read_text()))
+            results.setdefault(cell.name, []).append(evaluated(run_dir))
     table = summary_table(grid, results)
     (workdir / grid / "table.md").write_text(table)
     _plot(grid, results, workdir / grid / f"{grid}.png")
     echo(table)
     return results
 
+
+START_ROW = "start (NTP warm-up)"
 
 METRICS = (("gain_start", "gain vs start (nats)"), ("acc_greedy_think", "acc, greedy thought"),
            ("acc_no_think", "acc, no thought"), ("nll_no_think", "NLL, no thought"))

@@ -40,9 +40,13 @@ def test_tiny_grid_runs_and_resumes_only_unfinished_cells(tmp_path):
     lines = []
     results = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32,
                               echo=lines.append)
-    assert set(results) == {"dense (RLP)", "sparse (RPT-style)"}
+    assert list(results) == [ablate.START_ROW, "dense (RLP)", "sparse (RPT-style)"]
     for runs in results.values():
         assert len(runs) == 1 and runs[0]["num_positions"] >= 32 and np.isfinite(runs[0]["gain_start"])
+    # The reference row is the warm-up measured against itself.
+    start = results[ablate.START_ROW][0]
+    assert start["gain_start"] == pytest.approx(start["gain_self"], abs=1e-6)
+    assert f"| {ablate.START_ROW} | 1 |" in (tmp_path / "reward" / "table.md").read_text()
     assert (tmp_path / "reward" / "table.md").exists()
     assert (tmp_path / "reward" / "reward.png").read_bytes()[:4] == b"\x89PNG"
     # Forget one cell's result: a rerun redoes that cell only (and resumes its finished training).
