@@ -15,19 +15,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from rlp_jax import rollouts
+from rlp_jax import rollouts, sharding
 from rlp_jax.rollouts import RolloutConfig
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "greedy"))
-def _rollouts(graphdef, params, batch, key, cfg, greedy):
-    return rollouts.sample_and_score(graphdef, params, batch, key, cfg, greedy=greedy)
+def _replicate(tree, replicated: NamedSharding | None):
+    """Outputs every process can read (multi-host: a sharded output spans other hosts' devices)."""
+    if replicated is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated), tree)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _no_think(graphdef, params, batch, cfg):
-    return rollouts.no_think_logprobs(graphdef, params, batch, cfg)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "greedy", "replicated"))
+def _rollouts(graphdef, params, batch, key, cfg, greedy, replicated=None):
+    return _replicate(rollouts.sample_and_score(graphdef, params, batch, key, cfg, greedy=greedy), replicated)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "replicated"))
+def _no_think(graphdef, params, batch, cfg, replicated=None):
+    return _replicate(rollouts.no_think_logprobs(graphdef, params, batch, cfg), replicated)
+
+
+def _on_mesh(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """A held-out batch that every process holds whole, as global arrays split over the mesh's
+    batch axes (replicated where the batch does not divide them)."""
+    batch_spec = sharding.logical_to_mesh(("batch",), sharding.DEFAULT_RULES)
+
+    def place(x):
+        x = np.asarray(x)
+        spec = sharding.fit_spec(x.shape, P(*batch_spec, *(None,) * (x.ndim - 1)), mesh)
+        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+
+    return {k: place(v) for k, v in batch.items()}
 
 
 def _mean_se(values: np.ndarray) -> tuple[float, float]:
@@ -40,8 +62,12 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
 
 def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], batches: list[dict],
              cfg: RolloutConfig, key: jax.Array, decode: Callable[[list[int]], str] | None = None,
-             show_thoughts: int = 4) -> dict[str, Any]:
+             show_thoughts: int = 4, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Evaluates `params` on held-out prompt `batches` (step format: rollouts.from_prompt_batch).
+
+    With `mesh` (the params' mesh; required when they span several processes), every process
+    passes the same whole `batches`: each batch is split over the mesh's batch axes and every
+    process gets every result, so all processes return the same numbers.
 
     `baselines` names the no-think scorers the information gain is measured against, e.g.
     `{"ema": φ, "start": θ_0}`: the gain against the EMA is what training rewards; the gain against
@@ -59,12 +85,14 @@ def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], bat
     def add(name, values):
         per_position.setdefault(name, []).append(np.asarray(values))
 
+    replicated = None if mesh is None else NamedSharding(mesh, P())
     for i, batch in enumerate(batches):
-        batch_key = jax.random.fold_in(key, i)
-        roll = jax.device_get(_rollouts(graphdef, params, batch, batch_key, cfg, False))
-        greedy = jax.device_get(_rollouts(graphdef, params, batch, batch_key, cfg, True))
-        s_self, pred_self = jax.device_get(_no_think(graphdef, params, batch, cfg))
         host = jax.device_get(batch)
+        batch = batch if mesh is None else _on_mesh(host, mesh)
+        batch_key = jax.random.fold_in(key, i)
+        roll = jax.device_get(_rollouts(graphdef, params, batch, batch_key, cfg, False, replicated))
+        greedy = jax.device_get(_rollouts(graphdef, params, batch, batch_key, cfg, True, replicated))
+        s_self, pred_self = jax.device_get(_no_think(graphdef, params, batch, cfg, replicated))
         B, K = host["target_BxK"].shape
         valid = np.asarray(host.get("example_mask_B", np.ones(B, bool)), bool)
         mask = np.asarray(host["target_mask_BxK"], bool)
@@ -72,7 +100,7 @@ def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], bat
         s_pred_BxG = np.where(mask[:, None], roll.s_pred_NxK.reshape(B, G, K), 0).sum(-1)
         s_pred_B = s_pred_BxG.mean(-1)
         for name, base_params in baselines.items():
-            s_base, _ = jax.device_get(_no_think(graphdef, base_params, batch, cfg))
+            s_base, _ = jax.device_get(_no_think(graphdef, base_params, batch, cfg, replicated))
             add(f"gain_{name}", (s_pred_B - np.where(mask, s_base, 0).sum(-1))[valid])
         add("nll_think", (-s_pred_B / num_targets)[valid])
         add("nll_no_think", (-np.where(mask, s_self, 0).sum(-1) / num_targets)[valid])

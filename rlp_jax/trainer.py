@@ -133,32 +133,37 @@ def _build_corpus(config, workdir: Path):
 
 
 def build_batches(config, corpus, tokenizer, split: str, batch_size: int, *, num_epochs=None,
-                  pad_final_batch=False, shuffle=True, seed_offset=0):
+                  pad_final_batch=False, shuffle=True, seed_offset=0, whole_split=False):
+    """Batches of this process's shard of `split`, or of the whole split (`whole_split`: every
+    process reads the same batches, as held-out evaluation needs)."""
     from rlp_jax import data
 
     d = config.data
     common = dict(batch_size=batch_size, seed=config.seed + seed_offset, num_epochs=num_epochs,
                   shuffle_documents=shuffle, shuffle_window=d.shuffle_window if shuffle else 0,
                   pad_final_batch=pad_final_batch)
+    layout = dict(process_index=0, process_count=1) if whole_split else {}
     if d.kind == "documents":
         return data.document_batches(corpus, split, tokenizer,
-                                     data.DocumentBatchConfig(seq_len=d.seq_len, **common))
+                                     data.DocumentBatchConfig(seq_len=d.seq_len, **common), **layout)
     positions = data.PositionConfig(
         d.strategy, d.positions_per_document or None, stride=d.stride, min_context=d.min_context,
         marked_kinds=tuple(d.marked_kinds) or None)
     return data.prompt_batches(corpus, split, tokenizer, data.PromptBatchConfig(
-        max_context=d.max_context, target_len=d.target_len, positions=positions, **common))
+        max_context=d.max_context, target_len=d.target_len, positions=positions, **common), **layout)
 
 
 def eval_batches(config, corpus, tokenizer) -> list[dict]:
-    """The fixed held-out prompt batches (validation split, in order, same at every evaluation)."""
+    """The fixed held-out prompt batches (validation split, in order, same at every evaluation
+    and on every process), on the host."""
     if config.data.kind == "documents":
         return []
     iterator = build_batches(config, corpus, tokenizer, "validation", config.eval.batch_size,
-                             num_epochs=1, pad_final_batch=True, shuffle=False, seed_offset=1)
+                             num_epochs=1, pad_final_batch=True, shuffle=False, seed_offset=1,
+                             whole_split=True)
     out, count = [], 0
     for batch in iterator:
-        out.append({k: jnp.asarray(v) for k, v in rollouts.from_prompt_batch(batch).items()})
+        out.append({k: np.asarray(v) for k, v in rollouts.from_prompt_batch(batch).items()})
         count += int(batch["example_mask_B"].sum())
         if count >= config.eval.num_positions:
             break
@@ -267,8 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     else:
         start_step, state = 0, make_state()
 
-    do_eval = (config.rlp.objective != "ntp" and config.data.kind == "prompts" and config.eval.num_positions > 0
-               and jax.process_count() == 1)
+    do_eval = config.rlp.objective != "ntp" and config.data.kind == "prompts" and config.eval.num_positions > 0
     start_params = _start_params(workdir, state, shardings, restored is not None) if do_eval else None
     held_out = eval_batches(config, corpus, tokenizer) if do_eval else []
 
@@ -285,7 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     tokens_per_step = 0.0
     try:
         if do_eval and start_step == 0:
-            evals.append(_run_eval(graphdef, state, start_params, held_out, step_cfg, config, tokenizer, 0, writer, echo))
+            evals.append(_run_eval(graphdef, state, start_params, held_out, step_cfg, config, tokenizer, mesh, 0, writer, echo))
         steps_this_run = 0
         while step < config.train.steps:
             local = _step_batch(next(train_iter))
@@ -315,7 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
                 tokens_per_step = _tokens_per_step(host[-1], config)
                 writer.progress(step, host[-1], tokens_per_step)
             if do_eval and config.eval.every_steps and step % config.eval.every_steps == 0 and not last:
-                evals.append(_run_eval(graphdef, state, start_params, held_out, step_cfg, config, tokenizer, step, writer, echo))
+                evals.append(_run_eval(graphdef, state, start_params, held_out, step_cfg, config, tokenizer, mesh, step, writer, echo))
             if step % config.checkpoint.every_steps == 0 or last or interrupted:
                 checkpointer.save(step, state, {"train": train_iter.get_state()}, config_json)
             if interrupted:
@@ -324,7 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
                      f"checkpoint saved — rerun the same command to resume")
                 return RunResult(workdir, step, True, evals)
         if do_eval:
-            evals.append(_run_eval(graphdef, state, start_params, held_out, step_cfg, config, tokenizer, step, writer, echo))
+            evals.append(_run_eval(graphdef, state, start_params, held_out, step_cfg, config, tokenizer, mesh, step, writer, echo))
         checkpointer.wait()
         return RunResult(workdir, step, False, evals)
     finally:
@@ -367,12 +371,12 @@ def _start_params(workdir: Path, state, shardings, resumed: bool):
     return params
 
 
-def _run_eval(graphdef, state, start_params, held_out, step_cfg, config, tokenizer, step, writer, echo):
+def _run_eval(graphdef, state, start_params, held_out, step_cfg, config, tokenizer, mesh, step, writer, echo):
     rcfg = dataclasses.replace(step_cfg.rollout, num_rollouts=max(config.eval.num_thoughts, 2))
     t0 = time.perf_counter()
     result = eval_lib.evaluate(graphdef, state.params, {"ema": state.ema_params, "start": start_params},
                                held_out, rcfg, jax.random.key(config.seed + 12345),
-                               decode=tokenizer.decode, show_thoughts=config.eval.show_thoughts)
+                               decode=tokenizer.decode, show_thoughts=config.eval.show_thoughts, mesh=mesh)
     result["step"] = step
     writer.write(step, {k: v for k, v in result.items() if k != "samples"}, file="eval.jsonl")
     if writer.enabled:

@@ -1,7 +1,8 @@
 """Launch scripts and multi-host start-up: shellcheck and `bash -n` on every script; the scripts'
 checks and the environment they hand each process (with fake gcloud / srun / nvidia-smi / rlp-jax
 commands); the local launcher stopping every process when one fails; and `rlp-jax train` as
-2 CPU processes × 4 devices giving the metrics of 1 process × 8 devices fed the same batches."""
+2 CPU processes × 4 devices giving the metrics and held-out evaluations of 1 process × 8 devices
+fed the same batches."""
 
 import json
 import os
@@ -303,7 +304,9 @@ def test_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
     from rlp_jax import config as config_lib
     from rlp_jax import trainer
 
-    overrides = [f"data.data_dir={tmp_path / 'data'}", "train.steps=3", "checkpoint.every_steps=100"]
+    # Held-out evaluation at the start and the end: every process reads the same whole split.
+    overrides = [f"data.data_dir={tmp_path / 'data'}", "train.steps=3", "checkpoint.every_steps=100",
+                 "eval.num_positions=24", "eval.batch_size=16"]
     config = config_lib.load_config(TINY, overrides)
     trainer.build_corpus(config, tmp_path)  # built once, before either run reads it
     # 2 processes × 4 devices through the launcher and the real CLI, in the background ...
@@ -317,6 +320,8 @@ def test_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
         build = trainer.build_batches
 
         def as_two_processes(config, corpus, tokenizer, split, batch_size, **kwargs):
+            if kwargs.get("whole_split"):
+                return build(config, corpus, tokenizer, split, batch_size, **kwargs)
             iterators = []
             for index in range(2):
                 monkeypatch.setattr(jax, "process_index", lambda i=index: i)
@@ -342,3 +347,10 @@ def test_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
         for key in a:
             if not key.startswith("data_"):  # data counters are per process
                 np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=f"step {a['step']} {key}")
+    one, two = ([json.loads(line) for line in (tmp_path / name / "eval.jsonl").read_text().splitlines()]
+                for name in ("one", "two"))
+    assert [e["step"] for e in two] == [0, 3] == [e["step"] for e in one]
+    for a, b in zip(one, two):
+        assert a["num_positions"] == b["num_positions"] >= 24
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=f"eval @ {a['step']} {key}")
