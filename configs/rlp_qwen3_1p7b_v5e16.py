@@ -1,20 +1,16 @@
 """RLP for Qwen3-1.7B-Base on a TPU v5e-16 slice (v5litepod-16): the paper's recipe
-(configs/rlp_paper.py) with 256 prompts per step instead of 512.
+(configs/rlp_paper.py), 512 prompts per step for 200 steps.
 
 Hardware: 16 v5e chips (16 GiB HBM each) on 4 hosts of 4.
 Launch:   launch/tpu_pod.sh --tpu NAME --zone ZONE -- --config configs/rlp_qwen3_1p7b_v5e16.py \
               --workdir /mnt/shared/RUN --config.init.path=HF_DIR --config.tokenizer=HF_DIR \
               --config.data.corpus=FILES
-Why 256 prompts: the EMA no-think baseline S_ema is one forward over the whole batch; with 512
-  prompts of 2048 tokens its attention scores alone are 12 GiB per chip, which with the state does
-  not fit in 16 GiB (`rlp-jax plan ... --config.train.batch_size=512` says so). Run twice the
-  steps (train.steps=400) to see the paper's number of prompts.
 Mesh (1, 16, 1) over ('data', 'fsdp', 'tensor'): pure FSDP; the float32 state is 1.6 GiB per chip.
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (16 ways); embed →
   fsdp; heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
-Micro-batching: rollouts in 16 chunks of 16 prompts (256 thoughts, 16 per chip); one update per
-  step accumulated over 256 micro-batches of one prompt's 16 thoughts (one per chip) — the
-  smallest micro-batch there is.
+Micro-batching: rollouts and the EMA no-think baseline in 32 chunks of 16 prompts (256 thoughts,
+  16 per chip); one update per step accumulated over 512 micro-batches of one prompt's 16 thoughts
+  (one per chip) — the smallest micro-batch there is.
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v5e16.py` (docs/launch.md).
 """
@@ -27,9 +23,7 @@ PLATFORM = "tpu-v5e"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
 
 def get_config():
     c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
-    c.train.batch_size = 256
-    c.train.steps = 400
     c.mesh.shape = (1, 16, 1)
-    c.rlp.rollout_microbatches = 16
-    c.rlp.grad_accum_steps = 256
+    c.rlp.rollout_microbatches = 32
+    c.rlp.grad_accum_steps = 512
     return c

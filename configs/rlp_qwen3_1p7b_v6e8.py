@@ -1,19 +1,16 @@
 """RLP for Qwen3-1.7B-Base on a TPU v6e-8 host (Trillium): the paper's recipe
-(configs/rlp_paper.py) with 256 prompts per step instead of 512.
+(configs/rlp_paper.py), 512 prompts per step for 200 steps.
 
 Hardware: 8 v6e chips (32 GiB HBM each) on one host.
 Launch:   launch/tpu_pod.sh --tpu NAME --zone ZONE -- --config configs/rlp_qwen3_1p7b_v6e8.py \
               --workdir RUN --config.init.path=HF_DIR --config.tokenizer=HF_DIR \
               --config.data.corpus=FILES
-Why 256 prompts: the EMA no-think baseline S_ema is one forward over the whole batch; with 512
-  prompts of 2048 tokens its attention scores alone are 24 GiB per chip, which with the 3.2 GiB
-  state and the rollout buffers does not fit in 32 GiB. Run twice the steps (train.steps=400) to
-  see the paper's number of prompts.
 Mesh (1, 8, 1) over ('data', 'fsdp', 'tensor'): pure FSDP over the host's 2x4 ICI.
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (8 ways); embed →
   fsdp; heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
-Micro-batching: rollouts in 16 chunks of 16 prompts (256 thoughts, 32 per chip); one update per
-  step accumulated over 256 micro-batches of one prompt (16 thoughts, 2 per chip).
+Micro-batching: rollouts and the EMA no-think baseline in 32 chunks of 16 prompts (256 thoughts,
+  32 per chip); one update per step accumulated over 512 micro-batches of one prompt (16 thoughts,
+  2 per chip).
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v6e8.py` (docs/launch.md).
 """
@@ -26,9 +23,7 @@ PLATFORM = "tpu-v6e"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
 
 def get_config():
     c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
-    c.train.batch_size = 256
-    c.train.steps = 400
     c.mesh.shape = (1, 8, 1)
-    c.rlp.rollout_microbatches = 16
-    c.rlp.grad_accum_steps = 256
+    c.rlp.rollout_microbatches = 32
+    c.rlp.grad_accum_steps = 512
     return c

@@ -10,7 +10,7 @@ is `state + rollout buffers + max(phase)`; the phases of a step never overlap:
 
 - rollouts, chunk by chunk (`rlp.rollout_microbatches`): KV cache + the larger of one prefill
   layer and one decode step;
-- the EMA no-think baseline S_ema: one forward over the whole batch (one layer alive at a time);
+- the EMA no-think baseline S_ema: a forward per rollout chunk (one layer alive at a time);
 - old/reference log-probs (only with several updates per batch or β > 0): forward per micro-batch;
 - the policy update per grad-accum micro-batch: gradients + activations + thought logits.
 
@@ -246,7 +246,7 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
         prefill = prompt_cache + _forward_layer_bytes(prow, P, m, w, b)
         decode = crow * (Vd * (b + 12) + (m.num_heads // w.heads) * S_cache * (8 + b))
         phases["rollouts"] = {"kv_cache": kv, "prefill_or_decode": max(prefill - kv, prompt_cache, decode)}
-        erow = _rows(B, w.batch, warnings, "EMA baseline batch")
+        erow = _rows(chunk, w.batch, warnings, "EMA baseline chunk")
         phases["ema_baseline"] = {"forward": _forward_layer_bytes(erow, C + K, m, w, b)}
         urow = _rows(B // micro * G, w.batch, warnings, "update micro-batch")
         if not fresh_old or r.kl_coef > 0:
@@ -314,26 +314,17 @@ def suggest(config, model_config, mesh_shape, usable: float, est: Estimate, suff
                 + (", or set rlp.kl_coef=0 (drops the reference copy)" if config.rlp.kl_coef > 0 else ""))
     over = [p for p in est.phases if not phase_fits(p)]
     advice = []
-    if "ema_baseline" in over:
-        B = config.train.batch_size
-        smaller = next((v for v in range(B - 1, 0, -1) if phase_fits("ema_baseline", train__batch_size=v)), None)
-        if smaller is None:
-            return ("the EMA no-think baseline S_ema over even one prompt does not fit: shorten "
-                    "data.max_context or shard the batch over more devices")
-        changes["train.batch_size"] = smaller
-        advice.append(f"lower train.batch_size to {smaller} (the EMA no-think baseline S_ema runs over the "
-                      "whole batch at once; no knob chunks it)")
-    B = changes.get("train.batch_size", config.train.batch_size)
-    r = config.rlp
-    if "rollouts" in over or not phase_fits("rollouts"):
-        value = next((v for v in range(1, B + 1) if B % v == 0 and phase_fits("rollouts", rlp__rollout_microbatches=v)),
-                     None)
+    B, r = config.train.batch_size, config.rlp
+    if {"rollouts", "ema_baseline"} & set(over):
+        # Both run over the same rlp.rollout_microbatches chunks of prompts.
+        value = next((v for v in range(1, B + 1) if B % v == 0 and phase_fits("rollouts", rlp__rollout_microbatches=v)
+                      and phase_fits("ema_baseline", rlp__rollout_microbatches=v)), None)
         if value is None:
-            return ("one prompt's rollouts do not fit: shorten rlp.max_thought_len or data.max_context, or "
-                    "shard the batch or the kv heads (tensor axis) over more devices")
+            return ("one prompt's rollouts or EMA no-think baseline do not fit: shorten rlp.max_thought_len or "
+                    "data.max_context, or shard the batch or the kv heads (tensor axis) over more devices")
         if value != r.rollout_microbatches:
             changes["rlp.rollout_microbatches"] = value
-            advice.append(f"set rlp.rollout_microbatches to {value} (smaller KV cache per rollout chunk)")
+            advice.append(f"set rlp.rollout_microbatches to {value} (fewer prompts per rollout and S_ema chunk)")
     for phase in ("update", "old_logprobs"):
         if phase not in est.phases or phase_fits(phase):
             continue

@@ -42,7 +42,7 @@ class StepConfig:
     ppo_epochs: int = 1
     num_minibatches: int = 1
     grad_accum_steps: int = 1
-    rollout_microbatches: int = 1
+    rollout_microbatches: int = 1  # prompts in this many sequential chunks: rollouts and S_ema
     skip_nonfinite: bool = True  # a non-finite loss or gradient leaves θ, φ and the optimizer as they were
 
     def __post_init__(self):
@@ -118,6 +118,19 @@ def _rollouts(state, batch, key, graphdef, cfg: StepConfig) -> rollouts.Rollouts
     return _merge(out)
 
 
+def _ema_baseline(state, batch, graphdef, cfg: StepConfig) -> Array:
+    """`S_ema = log p_φ(x_t | x_<t)` of every target token, over the same `rollout_microbatches`
+    chunks of prompts as the rollouts (bounds the forward's activations and attention scores)."""
+    def baseline(chunk):
+        return rollouts.no_think_logprobs(graphdef, state.ema_params, chunk, cfg.rollout)[0]
+
+    if cfg.rollout_microbatches == 1:
+        s_ema_BxK = baseline(batch)
+    else:
+        s_ema_BxK = _merge(jax.lax.map(baseline, _split(batch, cfg.rollout_microbatches)))
+    return jax.lax.stop_gradient(s_ema_BxK)
+
+
 def _rewards(batch, roll: rollouts.Rollouts, s_ema_BxK: Array, cfg: StepConfig) -> Array:
     B, K = batch["target_BxK"].shape
     G = cfg.rollout.num_rollouts
@@ -134,8 +147,7 @@ def _policy_step(state, batch, key, graphdef, optimizer, cfg: StepConfig):
     cfg.check_batch_size(B)
 
     roll = _rollouts(state, batch, key, graphdef, cfg)
-    s_ema_BxK, _ = rollouts.no_think_logprobs(graphdef, state.ema_params, batch, rcfg)
-    s_ema_BxK = jax.lax.stop_gradient(s_ema_BxK)
+    s_ema_BxK = _ema_baseline(state, batch, graphdef, cfg)
     # Padding rows of a short final batch (example_mask_B False) get reward and advantage 0 and
     # are left out of every metric.
     valid_B = batch.get("example_mask_B", jnp.ones((B,), bool)).astype(bool)

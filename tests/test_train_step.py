@@ -210,6 +210,24 @@ def test_grad_accumulation_and_minibatches_give_the_unsplit_update():
         run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, grad_accum_steps=3), optimizer, steps=1)
 
 
+def test_rollout_microbatches_chunk_the_ema_baseline_without_changing_it():
+    graphdef, state, _ = ts.create_state_from_scratch(MODEL, optax.sgd(0.1), 0, sharding.make_mesh((2, 2, 2)))
+    batch = make_batch(K=3)
+    baseline = {n: jax.jit(lambda s, b, n=n: ts._ema_baseline(s, b, graphdef, ts.StepConfig(
+        rollout=ROLLOUT, rollout_microbatches=n)))(state, batch) for n in (1, 2, 4)}
+    # The same rows in the same order: chunking only bounds how many prompts one forward holds.
+    expected, _ = jax.jit(lambda p, b: rollouts.no_think_logprobs(graphdef, p, b, ROLLOUT))(state.ema_params, batch)
+    for n, s_ema_BxK in baseline.items():
+        assert s_ema_BxK.shape == (B, 3)
+        np.testing.assert_allclose(s_ema_BxK, expected, rtol=1e-5, atol=1e-6, err_msg=f"{n} chunks")
+    # Inside the compiled sharded step too (its rollouts differ: each chunk draws its own key).
+    mesh = sharding.make_mesh((2, 2, 2))
+    metrics = {n: run_steps(mesh, ts.StepConfig(rollout=ROLLOUT, rollout_microbatches=n), optax.sgd(0.1),
+                            steps=1, batch=batch)[2][0] for n in (1, 2)}
+    np.testing.assert_allclose(metrics[2]["s_ema_mean"], metrics[1]["s_ema_mean"], rtol=1e-5)
+    assert np.isfinite(metrics[2]["loss"]) and metrics[2]["thought_len_mean"] > 0
+
+
 def test_rpt_rewards_are_binary_and_ntp_matches_hand_cross_entropy():
     optimizer = optax.sgd(0.0)  # lr 0: look at the first step's numbers only
     _, _, rpt = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, objective="rpt"),
