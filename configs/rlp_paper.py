@@ -56,9 +56,14 @@ def get_config():
     c.rlp.num_minibatches = 1
     c.checkpoint.every_steps = 10
     c.checkpoint.keep = 3
-    c.eval.num_positions = 0  # evaluation is single-process only; run `rlp-jax eval` on the result
+    # Held-out evaluation (multi-process too) samples thoughts for every position; off by default
+    # at this scale: set eval.num_positions to turn it on, or run `rlp-jax eval` on the result.
+    c.eval.num_positions = 0
 
     c.mesh.shape = (1, -1, 1)  # ('data', 'fsdp', 'tensor'): every device on fsdp
     c.rlp.rollout_microbatches = 16
-    c.rlp.grad_accum_steps = 128
+    c.rlp.grad_accum_steps = 64
+    # The update's LM head + softmax over 256 thought positions at a time: a thought's full
+    # [2048, 151936] logits would take ~4 GiB of the update's memory (docs/train_step.md).
+    c.rlp.head_chunk_len = 256
     return c

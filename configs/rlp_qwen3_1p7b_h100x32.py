@@ -10,7 +10,7 @@ Mesh (4, 8, 1) over ('data', 'fsdp', 'tensor'): hybrid sharded data parallelism.
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (32 ways); embed →
   fsdp (8 ways); heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
 Micro-batching: rollouts in 4 chunks of 128 prompts (2048 thoughts, 64 per GPU); one update per
-  step accumulated over 32 micro-batches of 16 prompts (256 thoughts, 8 per GPU).
+  step accumulated over 16 micro-batches of 32 prompts (512 thoughts, 16 per GPU).
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_h100x32.py` (docs/launch.md).
 """
@@ -25,5 +25,5 @@ def get_config():
     c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
     c.mesh.shape = (4, 8, 1)
     c.rlp.rollout_microbatches = 4
-    c.rlp.grad_accum_steps = 32
+    c.rlp.grad_accum_steps = 16
     return c

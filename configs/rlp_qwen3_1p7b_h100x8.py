@@ -8,9 +8,9 @@ Mesh (1, 8, 1) over ('data', 'fsdp', 'tensor'): pure FSDP. Parameters, EMA and A
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp'); embed → fsdp;
   heads, kv_heads, mlp, vocab → tensor (size 1 here); layers, length, head_dim, norm replicated.
 Micro-batching: rollouts in 16 chunks of 32 prompts (512 thoughts, 64 per GPU: the KV cache of
-  P + L + 1 + K = 4099 slots is ~30 GiB per GPU); one update per step accumulated over 128
-  micro-batches of 4 prompts (64 thoughts, 8 per GPU, whose 2048 × 151936 thought logits dominate
-  the update's memory).
+  P + L + 1 + K = 4099 slots is ~30 GiB per GPU); one update per step accumulated over 64
+  micro-batches of 8 prompts (128 thoughts, 16 per GPU; the LM head over 256 thought positions at
+  a time keeps their 2048 × 151936 thought logits from dominating the update's memory).
 Remat and dtypes: remat 'full' (one layer's activations at a time in the backward pass); bf16
   compute, float32 parameters, AdamW moments, gradients and EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_h100x8.py` (docs/launch.md).
@@ -26,5 +26,5 @@ def get_config():
     c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
     c.mesh.shape = (1, 8, 1)
     c.rlp.rollout_microbatches = 16
-    c.rlp.grad_accum_steps = 128
+    c.rlp.grad_accum_steps = 64
     return c

@@ -10,7 +10,7 @@ Mesh (1, 64, 1) over ('data', 'fsdp', 'tensor'): pure FSDP over the 4x4x4 ICI to
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (64 ways); embed →
   fsdp; heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
 Micro-batching: rollouts in 2 chunks of 256 prompts (4096 thoughts, 64 per chip); one update per
-  step accumulated over 16 micro-batches of 32 prompts (512 thoughts, 8 per chip).
+  step accumulated over 8 micro-batches of 64 prompts (1024 thoughts, 16 per chip).
 Remat and dtypes: remat 'full'; bf16 compute (the MXU's native type), float32 parameters, AdamW
   moments, gradients and EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v5p128.py` (docs/launch.md).
@@ -26,5 +26,5 @@ def get_config():
     c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
     c.mesh.shape = (1, 64, 1)
     c.rlp.rollout_microbatches = 2
-    c.rlp.grad_accum_steps = 16
+    c.rlp.grad_accum_steps = 8
     return c

@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rlp.num_minibatches = 1
     c.rlp.grad_accum_steps = 1
     c.rlp.rollout_microbatches = 1
+    c.rlp.head_chunk_len = 0  # > 0: the update's LM head + softmax over this many thought positions at a time
     c.rlp.prompt_template = ""  # text inserted between the context and <think>
     c.rlp.mask_markers_in_scoring = False
 
@@ -202,6 +203,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         if parts < 1 or B % parts:
             raise ConfigError(f"train.batch_size={B} does not divide over {name} ({parts}); choose a "
                               f"multiple of {parts}.")
+    if c.rlp.head_chunk_len < 0:
+        raise ConfigError(f"rlp.head_chunk_len={c.rlp.head_chunk_len}; use 0 (off) or a number of thought "
+                          "positions per LM-head chunk.")
     if c.rlp.objective != "ntp" and c.rlp.num_rollouts < 2:
         raise ConfigError(f"rlp.num_rollouts={c.rlp.num_rollouts}; group advantages need at least 2.")
     if c.train.steps < 1 or c.checkpoint.every_steps < 1 or c.train.log_every < 1:

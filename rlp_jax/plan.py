@@ -212,12 +212,18 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
     micro = r.num_minibatches * r.grad_accum_steps
     fresh_old = r.ppo_epochs == 1 and r.num_minibatches == 1
 
+    def head_positions(positions):
+        chunk = r.get("head_chunk_len", 0) if r.objective != "ntp" else 0
+        return min(positions, chunk) if chunk > 0 else positions
+
     def update_activations(rows, S, logit_positions):
         full, dots = _layer_bytes(rows, S, m, w, b)
         carry = rows * S * D * b
         saved, transient = {"none": (full, 0), "full": (carry, full),
                             "dots_saveable": (carry + dots, full - dots)}[m.remat]
-        logits = rows * logit_positions * (D * b + Vd * (b + 12))  # logits, f32 log-softmax and its gradient
+        # hidden states at the thought positions, then logits, f32 log-softmax and its gradient
+        # (of one rlp.head_chunk_len chunk of positions at a time when that is set)
+        logits = rows * (logit_positions * D * b + head_positions(logit_positions) * Vd * (b + 12))
         return {"activations": layers * saved + transient, "logits": logits}
 
     phases: dict[str, dict[str, float]] = {}
@@ -250,7 +256,8 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
         phases["ema_baseline"] = {"forward": _forward_layer_bytes(erow, C + K, m, w, b)}
         urow = _rows(B // micro * G, w.batch, warnings, "update micro-batch")
         if not fresh_old or r.kl_coef > 0:
-            phases["old_logprobs"] = {"forward": _forward_layer_bytes(urow, S, m, w, b) + urow * L * Vd * (b + 8)}
+            phases["old_logprobs"] = {"forward": _forward_layer_bytes(urow, S, m, w, b)
+                                                 + urow * head_positions(L) * Vd * (b + 8)}
         phases["update"] = {"gradients": memory["gradients"], **update_activations(urow, S, L)}
         extra = (0 if fresh_old else 4 * L) + (4 * L if r.kl_coef > 0 else 0)
         buffers = float(B * G // w.batch * (9 * L + 4 * (P + L) + 4 * L + extra))

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from rlp_jax import losses, sampling
+from rlp_jax.models.transformer import head_logits
 
 Array = jax.Array
 
@@ -178,16 +179,35 @@ def thought_sequences(rollouts: Rollouts, num_rollouts: int) -> tuple[Array, Arr
 
 
 def thought_logprobs(graphdef: nnx.GraphDef, params: nnx.State, seq_NxS: Array, predict_at_NxL: Array,
-                     thoughts_NxL: Array, temperature: float) -> tuple[Array, Array]:
+                     thoughts_NxL: Array, temperature: float, head_chunk_len: int = 0) -> tuple[Array, Array]:
     """Teacher-forced `log π(ℓ_u | prefix_u)` of every thought token at the sampling temperature
-    (the only place the policy gradient enters), and the per-token policy entropy."""
+    (the only place the policy gradient enters), and the per-token policy entropy.
+
+    `head_chunk_len > 0` runs the LM head and its softmax over that many thought positions at a
+    time, each chunk rematerialised in the backward pass: the `[N, L, V]` logits (with their
+    float32 softmax and gradient, ~14 bytes × L × V per thought) never exist at once, only one
+    chunk's. Same numbers either way."""
     model = nnx.merge(graphdef, params)
     positions = jnp.broadcast_to(jnp.arange(seq_NxS.shape[1]), seq_NxS.shape)
     hidden_NxSxD, _ = model.hidden_states(seq_NxS, positions)
     hidden_NxLxD = jnp.take_along_axis(hidden_NxSxD, predict_at_NxL[..., None], axis=1)
-    logits_NxLxV = model.logits(hidden_NxLxD)
-    logp_NxL = losses.token_logprobs(logits_NxLxV, thoughts_NxL, temperature)
-    scaled = jax.lax.stop_gradient(logits_NxLxV.astype(jnp.float32) / temperature)
-    log_probs = jax.nn.log_softmax(scaled, axis=-1)
-    entropy_NxL = -(jnp.exp(log_probs) * log_probs).sum(-1)
-    return logp_NxL, entropy_NxL
+    head_DxV = model.head_weights()
+
+    def scored(h_NxCxD, t_NxC):
+        logits_NxCxV = head_logits(h_NxCxD, head_DxV)
+        logp_NxC = losses.token_logprobs(logits_NxCxV, t_NxC, temperature)
+        scaled = jax.lax.stop_gradient(logits_NxCxV.astype(jnp.float32) / temperature)
+        log_probs = jax.nn.log_softmax(scaled, axis=-1)
+        return logp_NxC, -(jnp.exp(log_probs) * log_probs).sum(-1)
+
+    N, L = thoughts_NxL.shape
+    if not 0 < head_chunk_len < L:
+        return scored(hidden_NxLxD, thoughts_NxL)
+    chunks = -(-L // head_chunk_len)
+    pad = chunks * head_chunk_len - L
+    h_nxNxCxD = jnp.pad(hidden_NxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
+        N, chunks, head_chunk_len, -1).swapaxes(0, 1)
+    t_nxNxC = jnp.pad(thoughts_NxL, ((0, 0), (0, pad))).reshape(N, chunks, head_chunk_len).swapaxes(0, 1)
+    logp_nxNxC, entropy_nxNxC = jax.lax.map(lambda xs: jax.checkpoint(scored)(*xs), (h_nxNxCxD, t_nxNxC))
+    unchunk = lambda x_nxNxC: x_nxNxC.swapaxes(0, 1).reshape(N, chunks * head_chunk_len)[:, :L]
+    return unchunk(logp_nxNxC), unchunk(entropy_nxNxC)

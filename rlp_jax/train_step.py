@@ -43,6 +43,7 @@ class StepConfig:
     num_minibatches: int = 1
     grad_accum_steps: int = 1
     rollout_microbatches: int = 1  # prompts in this many sequential chunks: rollouts and S_ema
+    head_chunk_len: int = 0  # > 0: the update's LM head over this many thought positions at a time
     skip_nonfinite: bool = True  # a non-finite loss or gradient leaves θ, φ and the optimizer as they were
 
     def __post_init__(self):
@@ -51,6 +52,8 @@ class StepConfig:
         for name in ("ppo_epochs", "num_minibatches", "grad_accum_steps", "rollout_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.head_chunk_len < 0:
+            raise ValueError(f"head_chunk_len must be >= 0 (0: off), got {self.head_chunk_len}.")
 
     def check_batch_size(self, batch_size: int) -> None:
         for name, parts in (("rollout_microbatches", self.rollout_microbatches),
@@ -166,9 +169,9 @@ def _policy_step(state, batch, key, graphdef, optimizer, cfg: StepConfig):
     fresh_old = cfg.ppo_epochs == 1 and cfg.num_minibatches == 1
     micro = cfg.num_minibatches * cfg.grad_accum_steps
     if not fresh_old:  # one no-grad pass with θ_old, in the update's micro-batch sizes
-        per_prompt["old_logp"] = _thought_logprobs_chunked(graphdef, state.params, per_prompt, micro, rcfg)
+        per_prompt["old_logp"] = _thought_logprobs_chunked(graphdef, state.params, per_prompt, micro, cfg)
     if cfg.kl_coef:
-        per_prompt["ref_logp"] = _thought_logprobs_chunked(graphdef, state.ref_params, per_prompt, micro, rcfg)
+        per_prompt["ref_logp"] = _thought_logprobs_chunked(graphdef, state.ref_params, per_prompt, micro, cfg)
 
     minibatches = _split(per_prompt, cfg.num_minibatches)
 
@@ -233,12 +236,13 @@ def _policy_step(state, batch, key, graphdef, optimizer, cfg: StepConfig):
     return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
 
-def _thought_logprobs_chunked(graphdef, params, per_prompt, chunks: int, rcfg: RolloutConfig) -> Array:
+def _thought_logprobs_chunked(graphdef, params, per_prompt, chunks: int, cfg: StepConfig) -> Array:
     def one(mb):
         b, G, S = mb["seq"].shape
         logp, _ = rollouts.thought_logprobs(graphdef, params, mb["seq"].reshape(b * G, S),
                                             mb["predict_at"].reshape(b * G, -1),
-                                            mb["thoughts"].reshape(b * G, -1), rcfg.temperature)
+                                            mb["thoughts"].reshape(b * G, -1), cfg.rollout.temperature,
+                                            cfg.head_chunk_len)
         return jax.lax.stop_gradient(logp.reshape(b, G, -1))
 
     inputs = {k: per_prompt[k] for k in ("seq", "predict_at", "thoughts")}
@@ -257,7 +261,8 @@ def _accumulated_grads(graphdef, params, mb, cfg: StepConfig, fresh_old: bool):
         b, G, S = m["seq"].shape
         logp, entropy = rollouts.thought_logprobs(graphdef, p, m["seq"].reshape(b * G, S),
                                                   m["predict_at"].reshape(b * G, -1),
-                                                  m["thoughts"].reshape(b * G, -1), rcfg.temperature)
+                                                  m["thoughts"].reshape(b * G, -1), rcfg.temperature,
+                                                  cfg.head_chunk_len)
         logp, entropy = logp.reshape(b, G, -1), entropy.reshape(b, G, -1)
         old = jax.lax.stop_gradient(logp) if fresh_old else m["old_logp"]
         policy_loss, sm = losses.clipped_surrogate_loss(logp, old, m["advantages"], m["mask"],

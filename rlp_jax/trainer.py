@@ -104,7 +104,7 @@ def build_step_config(config, tokenizer) -> ts.StepConfig:
         rollout=build_rollout_config(config, tokenizer), objective=r.objective, eps_low=r.eps_low,
         eps_high=r.eps_high, kl_coef=r.kl_coef, kl_estimator=r.kl_estimator, ema_decay=r.ema_decay,
         ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, grad_accum_steps=r.grad_accum_steps,
-        rollout_microbatches=r.rollout_microbatches, skip_nonfinite=True)
+        rollout_microbatches=r.rollout_microbatches, head_chunk_len=r.head_chunk_len, skip_nonfinite=True)
 
 
 def build_corpus(config, workdir: Path):

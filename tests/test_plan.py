@@ -141,7 +141,7 @@ def test_paper_config_fits_and_reports_flops(capsys):
 
 @pytest.mark.parametrize("override, knob, value", [
     ("--config.rlp.rollout_microbatches=1", "rlp.rollout_microbatches", 8),
-    ("--config.rlp.grad_accum_steps=8", "rlp.grad_accum_steps", 128),
+    ("--config.rlp.grad_accum_steps=8", "rlp.grad_accum_steps", 64),
 ])
 def test_a_config_that_does_not_fit_names_the_knob_that_fixes_it(capsys, override, knob, value):
     code, out, _ = run_plan(capsys, "plan", "--config", H100X8, override)

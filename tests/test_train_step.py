@@ -108,6 +108,56 @@ def test_update_is_the_policy_gradient_of_thought_tokens_only():
     assert float(metrics["grad_norm"]) > 0
 
 
+@pytest.mark.parametrize("chunk", [2, 3])  # L = 5: padded last chunk either way
+def test_chunked_lm_head_gives_the_same_logprobs_gradients_and_update(chunk):
+    graphdef, state, _ = ts.create_state_from_scratch(MODEL, optax.sgd(1.0), 0, single_device_mesh())
+    batch = make_batch()
+    roll = rollouts.sample_and_score(graphdef, state.params, batch, jax.random.key(3), ROLLOUT)
+    seq, predict_at = rollouts.thought_sequences(roll, G)
+    weights = jax.random.normal(jax.random.key(4), roll.thoughts_NxL.shape)
+
+    def objective(p, head_chunk_len):
+        logp, entropy = rollouts.thought_logprobs(graphdef, p, seq, predict_at, roll.thoughts_NxL, 0.7,
+                                                  head_chunk_len)
+        return (weights * logp).sum(), (logp, entropy)
+
+    (_, (logp, entropy)), grads = jax.value_and_grad(objective, has_aux=True)(state.params, 0)
+    (_, (logp_c, entropy_c)), grads_c = jax.jit(jax.value_and_grad(objective, has_aux=True),
+                                                static_argnums=1)(state.params, chunk)
+    np.testing.assert_allclose(logp_c, logp, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(entropy_c, entropy, rtol=1e-5, atol=1e-6)
+    for a, b in zip(leaves(grads_c), leaves(grads)):  # float32 sums in another order: ~1e-6 apart
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # The whole compiled step: the same SGD update.
+    _, whole, _ = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT), optax.sgd(1.0), steps=1)
+    _, chunked, _ = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, head_chunk_len=chunk),
+                              optax.sgd(1.0), steps=1)
+    for a, b in zip(leaves(chunked.params), leaves(whole.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_lm_head_bounds_the_logits_memory_of_the_update():
+    """XLA's own buffer assignment (compiled, not run): with a 16k vocabulary and 256 thought
+    positions the forward + backward of the thought log-probs holds about 2.5 [N, L, V] float32
+    buffers at once (339 MB); with chunks of 8 positions 103 MB, the rest being the body's."""
+    config = preset("tiny", vocab_size=16_384)
+    graphdef, state, _ = ts.create_state_from_scratch(config, optax.sgd(1.0), 0, single_device_mesh())
+    N, S, Lt = 8, 272, 256
+    seq = jnp.zeros((N, S), jnp.int32)
+    predict_at = jnp.broadcast_to(jnp.arange(S - Lt - 1, S - 1), (N, Lt))
+    thoughts = jnp.ones((N, Lt), jnp.int32)
+
+    def temp_bytes(head_chunk_len):
+        grad = jax.grad(lambda p: rollouts.thought_logprobs(graphdef, p, seq, predict_at, thoughts, 1.0,
+                                                            head_chunk_len)[0].sum())
+        return jax.jit(grad).lower(state.params).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = N * Lt * config.vocab_size * 4  # one float32 [N, L, V]
+    whole, chunked = temp_bytes(0), temp_bytes(8)
+    assert whole >= 2 * logits_bytes
+    assert whole - chunked > 1.5 * logits_bytes, (whole, chunked, logits_bytes)
+
+
 def _shardings(state, optimizer, mesh, batch):
     abstract = jax.eval_shape(lambda s: s, state)
     return ts.state_shardings(abstract, optimizer, mesh), ts.batch_shardings(batch, mesh)

@@ -153,10 +153,17 @@ class Transformer(nnx.Module):
         new_cache = None if cache is None else KVCache(k, v)
         return rms_norm(x_BxTxD, self.final_norm[...].astype(dtype), c.rms_norm_eps), new_cache
 
+    def head_weights(self) -> Array:
+        """The LM head `[D, V]` (the transposed embedding when tied)."""
+        return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+
     def logits(self, hidden_BxTxD: Array) -> Array:
-        head_DxV = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-        logits = hidden_BxTxD @ head_DxV.astype(hidden_BxTxD.dtype)
-        return constrain(logits, ("batch",) + ("length",) * (logits.ndim - 2) + ("vocab",))
+        return head_logits(hidden_BxTxD, self.head_weights())
+
+
+def head_logits(hidden_BxTxD: Array, head_DxV: Array) -> Array:
+    logits = hidden_BxTxD @ head_DxV.astype(hidden_BxTxD.dtype)
+    return constrain(logits, ("batch",) + ("length",) * (logits.ndim - 2) + ("vocab",))
 
 
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
