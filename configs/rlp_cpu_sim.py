@@ -41,6 +41,7 @@ def get_config():
     c.rlp.rollout_microbatches = 2
     c.rlp.grad_accum_steps = 4
     c.checkpoint.every_steps = 10
-    c.eval.num_positions = 0  # evaluation is single-process only
+    c.eval.num_positions = 64  # held-out evaluation at the start and the end, on every process
+    c.eval.batch_size = 16
     c.mesh.shape = (2, 2, 2)
     return c
