@@ -16,14 +16,13 @@ Remat and dtypes: remat 'full' (one layer's activations at a time in the backwar
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_h100x8.py` (docs/launch.md).
 """
 
-import runpy
-from pathlib import Path
+from rlp_jax.configs import rlp_paper
 
 PLATFORM = "h100"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
 
 
 def get_config():
-    c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
+    c = rlp_paper.get_config()
     c.mesh.shape = (1, 8, 1)
     c.rlp.rollout_microbatches = 16
     c.rlp.grad_accum_steps = 64

@@ -16,14 +16,13 @@ Remat and dtypes: remat 'full'; bf16 compute (the MXU's native type), float32 pa
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v5p128.py` (docs/launch.md).
 """
 
-import runpy
-from pathlib import Path
+from rlp_jax.configs import rlp_paper
 
 PLATFORM = "tpu-v5p"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
 
 
 def get_config():
-    c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
+    c = rlp_paper.get_config()
     c.mesh.shape = (1, 64, 1)
     c.rlp.rollout_microbatches = 2
     c.rlp.grad_accum_steps = 8

@@ -15,14 +15,13 @@ Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments,
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v6e8.py` (docs/launch.md).
 """
 
-import runpy
-from pathlib import Path
+from rlp_jax.configs import rlp_paper
 
 PLATFORM = "tpu-v6e"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
 
 
 def get_config():
-    c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
+    c = rlp_paper.get_config()
     c.mesh.shape = (1, 8, 1)
     c.rlp.rollout_microbatches = 32
     c.rlp.grad_accum_steps = 256

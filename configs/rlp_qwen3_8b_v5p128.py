@@ -17,14 +17,13 @@ Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments,
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_8b_v5p128.py` (docs/launch.md).
 """
 
-import runpy
-from pathlib import Path
+from rlp_jax.configs import rlp_paper
 
 PLATFORM = "tpu-v5p"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
 
 
 def get_config():
-    c = runpy.run_path(str(Path(__file__).with_name("rlp_paper.py")))["get_config"]()
+    c = rlp_paper.get_config()
     c.model.preset = "qwen3-8b"  # shapes for `rlp-jax plan`; the run reads them from init.path
     c.mesh.shape = (1, 16, 4)
     c.rlp.rollout_microbatches = 2

@@ -20,7 +20,8 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from rlp_jax.demo import demo_rlp_config, demo_warmup_config
+from rlp_jax.configs.demo import get_config as demo_rlp_config
+from rlp_jax.configs.demo import warmup_config as demo_warmup_config
 
 
 def t_flop(n_rollouts: int, l_seq: int, batch_size: int, iters: int, t_inp: int) -> int:

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: the train state, the data iterator's state and the config.
+"""A run directory's layout, and the Orbax checkpoints in it: the train state, the data
+iterator's state and the config.
 
 Saves are asynchronous and committed atomically by Orbax (a save that dies half-way leaves no
 step behind). Restoring takes the abstract state with the CURRENT shardings, so a checkpoint
@@ -21,11 +22,57 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class RunDir:
+    """Where a training run keeps what it writes (`rlp-jax train --workdir PATH`)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).absolute()
+        self.checkpoints = self.path / "checkpoints"  # Orbax steps: state, data, config
+        self.start_params = self.path / "start_params"  # θ_0, for the gain against the start
+        self.model_config = self.path / "model_config.json"
+        self.config = self.path / "config.json"
+
+    def is_run(self) -> bool:
+        return self.model_config.exists()
+
+    def latest_params(self) -> dict:
+        """The newest checkpoint's params as a pure nested dict of host arrays."""
+        steps = []
+        if self.checkpoints.exists():
+            checkpointer = Checkpointer(self.checkpoints, keep=1_000_000, create=False)
+            steps = checkpointer.steps()
+            checkpointer.close()
+        if not steps:
+            raise FileNotFoundError(f"{self.path} has no checkpoint; point at the workdir of a run "
+                                    "that has saved at least one step.")
+        return pure_params(ocp.StandardCheckpointer().restore(self.checkpoints / str(steps[-1]) / "state")["params"])
+
+    def save_start_params(self, params: Any) -> None:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(self.start_params, params)
+        checkpointer.wait_until_finished()
+
+    def restore_start_params(self, abstract: Any | None = None) -> Any:
+        """θ_0 onto `abstract`'s shardings, or (no `abstract`) as a pure dict of host arrays."""
+        restored = ocp.StandardCheckpointer().restore(self.start_params, abstract)
+        return restored if abstract is not None else pure_params(restored)
+
+
+def pure_params(tree: Any) -> Any:
+    """A restored `nnx.State` comes back as nested dicts with each Param as `{'value': array}`;
+    this strips those wrappers (what `nnx.replace_by_pure_dict` takes)."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: pure_params(v) for k, v in tree.items()}
+    return tree
+
+
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True, create: bool = True):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
+                                               create=create)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:

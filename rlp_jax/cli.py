@@ -72,12 +72,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from rlp_jax import build
     from rlp_jax import config as config_lib
-    from rlp_jax import trainer
     from rlp_jax.models import hf
 
     try:
-        model = trainer.load_final_model(args.workdir)
+        model = build.model_from_run(args.workdir)
     except config_lib.ConfigError as error:
         return _fail("export", error)
     out = hf.save_hf(model, args.out, dtype=args.dtype)
@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train with a config file (ml_collections); rerun to resume",
         description="rlp-jax train --config configs/X.py --workdir DIR [--config.a.b=value ...]")
-    train.add_argument("--config", default=None, help="config .py with get_config() (default: the demo's RLP stage)")
+    train.add_argument("--config", default="demo",
+                       help="config .py with get_config(), or a bundled config's name (default: demo, the demo's "
+                            "RLP stage)")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics and exports go here")
     train.set_defaults(run=_train)
 

@@ -1,5 +1,7 @@
 """Configs: the base ConfigDict, loading a config file with `--config.a.b=value` overrides, and
-validation that ends bad input with one sentence (exit status 2) before anything compiles."""
+the cross-field checks that end bad input with one sentence (exit status 2) before anything
+compiles. Each single setting is checked by the dataclass it configures (`rlp_jax.build` turns
+their errors into `ConfigError`s)."""
 
 from __future__ import annotations
 
@@ -96,26 +98,41 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # -1: all remaining devices
     c.mesh.axes = ("data", "fsdp", "tensor")
+    # Logical axis → mesh axis (or axes, or None: replicated); rlp_jax.sharding.DEFAULT_RULES.
+    from rlp_jax.sharding import DEFAULT_RULES
+
+    c.mesh.rules = DEFAULT_RULES
     return c
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """The config of `path` (a .py file with `get_config()`; None: the demo's RLP config) with
-    `a.b=value` overrides applied. Keys are locked: an unknown key is an error."""
-    if path is None:
-        from rlp_jax.demo import demo_rlp_config
+def bundled_configs() -> Path:
+    """The folder of the configs that ship with rlp-jax (`configs/`, installed as rlp_jax.configs)."""
+    return Path(importlib.util.find_spec("rlp_jax.configs").submodule_search_locations[0])
 
-        config = demo_rlp_config()
-    else:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass --config configs/<experiment>.py.")
-        spec = importlib.util.spec_from_file_location(f"rlp_config_{file.stem}", file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ConfigError(f"{path} has no get_config(); define one that returns a ConfigDict.")
-        config = module.get_config()
+
+def config_path(name_or_path: str) -> Path:
+    """A config file: a path, or the name of a bundled config (`demo`, `rlp_paper`, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    folder = bundled_configs()
+    if "/" not in name_or_path and (folder / f"{name_or_path}.py").is_file():
+        return folder / f"{name_or_path}.py"
+    names = ", ".join(sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")))
+    raise ConfigError(f"config {name_or_path} is neither a file nor a bundled config; pass a path to a "
+                      f"config .py or one of: {names}.")
+
+
+def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """The config of `path` (a .py file with `get_config()`, or a bundled config's name) with
+    `a.b=value` overrides applied. Keys are locked: an unknown key is an error."""
+    file = config_path(path)
+    spec = importlib.util.spec_from_file_location(f"rlp_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(); define one that returns a ConfigDict.")
+    config = module.get_config()
     config.lock()
     for item in overrides:
         apply_override(config, item)
@@ -173,16 +190,15 @@ def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> tuple[int, ...]:
-    """Checks what can be checked before compiling; returns the resolved mesh shape."""
+    """The checks across settings (and of the keys no dataclass owns); returns the resolved mesh
+    shape."""
     c = config
     shape = resolve_mesh_shape(c.mesh.shape, num_devices)
     if len(shape) != len(c.mesh.axes):
         raise ConfigError(f"mesh.shape {shape} and mesh.axes {tuple(c.mesh.axes)} differ in length.")
-    choices = {"rlp.objective": ("rlp", "rpt", "ntp"), "init.kind": ("scratch", "hf", "params", "checkpoint"),
-               "data.kind": ("prompts", "documents"), "train.on_nonfinite": ("skip", "stop"),
-               "model.remat": ("none", "full", "dots_saveable"),
-               "data.strategy": ("uniform", "all", "stride", "marked"),
-               "rlp.kl_estimator": ("k1", "k2", "k3")}
+    validate_rules(c.mesh.rules, c.mesh.axes)
+    choices = {"init.kind": ("scratch", "hf", "params", "checkpoint"), "data.kind": ("prompts", "documents"),
+               "train.on_nonfinite": ("skip", "stop")}
     for key, allowed in choices.items():
         section, leaf = key.split(".")
         if c[section][leaf] not in allowed:
@@ -203,11 +219,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         if parts < 1 or B % parts:
             raise ConfigError(f"train.batch_size={B} does not divide over {name} ({parts}); choose a "
                               f"multiple of {parts}.")
-    if c.rlp.head_chunk_len < 0:
-        raise ConfigError(f"rlp.head_chunk_len={c.rlp.head_chunk_len}; use 0 (off) or a number of thought "
-                          "positions per LM-head chunk.")
-    if c.rlp.objective != "ntp" and c.rlp.num_rollouts < 2:
-        raise ConfigError(f"rlp.num_rollouts={c.rlp.num_rollouts}; group advantages need at least 2.")
     if c.train.steps < 1 or c.checkpoint.every_steps < 1 or c.train.log_every < 1:
         raise ConfigError("train.steps, train.log_every and checkpoint.every_steps must be >= 1.")
+    if c.eval.num_positions > 0 and c.eval.num_thoughts < 2:
+        raise ConfigError(f"eval.num_thoughts={c.eval.num_thoughts}; held-out evaluation samples at least 2 "
+                          "thoughts per position (or set eval.num_positions=0).")
     return shape
+
+
+def validate_rules(rules, mesh_axes) -> None:
+    """Every logical axis the model and step use has a rule, and every rule names mesh axes of
+    `mesh.axes`, each at most once."""
+    from rlp_jax.sharding import LOGICAL_AXES, rules_from_config
+
+    try:
+        table = dict(rules_from_config(rules))
+    except (TypeError, ValueError):
+        raise ConfigError(f"mesh.rules {rules!r} is not a list of (logical axis, mesh axes) pairs; see "
+                          "rlp_jax.sharding.DEFAULT_RULES.") from None
+    missing = [a for a in LOGICAL_AXES if a not in table]
+    if missing:
+        raise ConfigError(f"mesh.rules has no rule for {', '.join(missing)}; add one (None replicates).")
+    for logical, target in table.items():
+        names = () if target is None else (target if isinstance(target, tuple) else (target,))
+        unknown = [n for n in names if n not in tuple(mesh_axes)]
+        if unknown:
+            raise ConfigError(f"mesh.rules maps {logical!r} to {unknown[0]!r}, which is not one of mesh.axes "
+                              f"{tuple(mesh_axes)}; rename it or add that axis to the mesh.")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"mesh.rules maps {logical!r} to {target!r}, naming a mesh axis twice.")

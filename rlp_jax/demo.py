@@ -1,11 +1,10 @@
 """`rlp-jax demo`: RLP learning to think, on CPU, in minutes.
 
 1. Build the demo corpus (3-digit additions; rlp_jax.data.demo_corpus).
-2. Warm-start a small model with next-token prediction on the worked-thought variant, briefly,
-   so that it can open a thought and write partly-right column sums (a warm-up that is too good
-   leaves RLP nothing to learn).
+2. Warm-start a small model with next-token prediction on the worked-thought variant, briefly
+   (configs/demo.py `warmup_config`).
 3. RLP on the plain documents, prompts at the first answer digit, from the warm-started weights,
-   with held-out evaluation before, during and after.
+   with held-out evaluation before, during and after (configs/demo.py `get_config`).
 4. WORKDIR/report.md and PNG plots: reward and held-out information gain against step.
 """
 
@@ -16,62 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import ml_collections
 
-from rlp_jax.config import base_config
-
-
-def _demo_base() -> ml_collections.ConfigDict:
-    """What both demo stages share: the demo model, tokenizer and corpus on any device count."""
-    c = base_config()
-    c.model.preset = "demo"
-    c.model.remat = "dots_saveable"  # on CPU, 2x faster backward than storing every activation
-    c.tokenizer = "demo"
-    c.data.corpus = "demo"
-    c.data.shuffle_window = 256
-    c.train.weight_decay = 0.0
-    c.mesh.shape = (1, -1, 1)
-    return c
-
-
-def demo_warmup_config() -> ml_collections.ConfigDict:
-    c = _demo_base()
-    c.data.demo_variant = "worked"
-    c.data.kind = "documents"
-    c.data.seq_len = 40
-    c.rlp.objective = "ntp"
-    c.train.steps = 150
-    c.train.batch_size = 64
-    c.train.learning_rate = 2e-3
-    c.train.warmup_steps = 10
-    c.train.log_every = 25
-    c.checkpoint.every_steps = 150
-    c.checkpoint.keep = 1
-    return c
-
-
-def demo_rlp_config() -> ml_collections.ConfigDict:
-    c = _demo_base()
-    c.data.demo_variant = "plain"
-    c.data.max_context = 10  # BOS + "457+386=" is 9 tokens
-    c.data.target_len = 1
-    c.data.strategy = "marked"
-    c.data.positions_per_document = 0
-    c.data.marked_kinds = ("answer_start",)
-    c.train.steps = 300
-    c.train.batch_size = 32
-    c.train.learning_rate = 5e-5
-    c.train.log_every = 10
-    c.rlp.num_rollouts = 8
-    c.rlp.max_thought_len = 20  # the worked thought is 17 characters + </think>
-    c.rlp.temperature = 1.0
-    c.rlp.ema_decay = 0.99
-    c.rlp.mask_markers_in_scoring = True
-    c.checkpoint.every_steps = 100
-    c.eval.every_steps = 100
-    c.eval.num_positions = 512
-    c.eval.batch_size = 128
-    return c
+from rlp_jax.configs import demo as demo_configs
 
 
 def run_demo(workdir: str | Path, *, warmup_steps: int | None = None, rlp_steps: int | None = None,
@@ -81,8 +26,8 @@ def run_demo(workdir: str | Path, *, warmup_steps: int | None = None, rlp_steps:
 
     workdir = Path(workdir).absolute()
     t0 = time.perf_counter()
-    warm = demo_warmup_config()
-    rlp = demo_rlp_config()
+    warm = demo_configs.warmup_config()
+    rlp = demo_configs.get_config()
     data_dir = str(workdir / "data")
     warm.data.data_dir = rlp.data.data_dir = data_dir
     if warmup_steps is not None:

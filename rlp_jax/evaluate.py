@@ -12,13 +12,13 @@ import functools
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlp_jax import rollouts, sharding
+from rlp_jax.batch import PromptBatch, step_fields
 from rlp_jax.rollouts import RolloutConfig
 
 
@@ -39,17 +39,17 @@ def _no_think(graphdef, params, batch, cfg, replicated=None):
     return _replicate(rollouts.no_think_logprobs(graphdef, params, batch, cfg), replicated)
 
 
-def _on_mesh(batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def _on_mesh(batch: PromptBatch, mesh: jax.sharding.Mesh, rules) -> PromptBatch:
     """A held-out batch that every process holds whole, as global arrays split over the mesh's
     batch axes (replicated where the batch does not divide them)."""
-    batch_spec = sharding.logical_to_mesh(("batch",), sharding.DEFAULT_RULES)
+    batch_spec = sharding.logical_to_mesh(("batch",), rules)
 
     def place(x):
         x = np.asarray(x)
         spec = sharding.fit_spec(x.shape, P(*batch_spec, *(None,) * (x.ndim - 1)), mesh)
         return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
 
-    return {k: place(v) for k, v in batch.items()}
+    return jax.tree.map(place, batch)
 
 
 def _mean_se(values: np.ndarray) -> tuple[float, float]:
@@ -60,14 +60,15 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(se)
 
 
-def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], batches: list[dict],
+def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], batches: list[PromptBatch],
              cfg: RolloutConfig, key: jax.Array, decode: Callable[[list[int]], str] | None = None,
-             show_thoughts: int = 4, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
-    """Evaluates `params` on held-out prompt `batches` (step format: rollouts.from_prompt_batch).
+             show_thoughts: int = 4, mesh: jax.sharding.Mesh | None = None,
+             rules=sharding.DEFAULT_RULES) -> dict[str, Any]:
+    """Evaluates `params` on held-out prompt `batches` (host `PromptBatch`es).
 
     With `mesh` (the params' mesh; required when they span several processes), every process
-    passes the same whole `batches`: each batch is split over the mesh's batch axes and every
-    process gets every result, so all processes return the same numbers.
+    passes the same whole `batches`: each batch is split over the mesh's batch axes (`rules`)
+    and every process gets every result, so all processes return the same numbers.
 
     `baselines` names the no-think scorers the information gain is measured against, e.g.
     `{"ema": φ, "start": θ_0}`: the gain against the EMA is what training rewards; the gain against
@@ -87,15 +88,15 @@ def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], bat
 
     replicated = None if mesh is None else NamedSharding(mesh, P())
     for i, batch in enumerate(batches):
-        host = jax.device_get(batch)
-        batch = batch if mesh is None else _on_mesh(host, mesh)
+        host = jax.device_get(step_fields(batch))
+        batch = host if mesh is None else _on_mesh(host, mesh, rules)
         batch_key = jax.random.fold_in(key, i)
         roll = jax.device_get(_rollouts(graphdef, params, batch, batch_key, cfg, False, replicated))
         greedy = jax.device_get(_rollouts(graphdef, params, batch, batch_key, cfg, True, replicated))
         s_self, pred_self = jax.device_get(_no_think(graphdef, params, batch, cfg, replicated))
-        B, K = host["target_BxK"].shape
-        valid = np.asarray(host.get("example_mask_B", np.ones(B, bool)), bool)
-        mask = np.asarray(host["target_mask_BxK"], bool)
+        B, K = host.target_BxK.shape
+        valid = np.asarray(host.example_mask_B, bool)
+        mask = np.asarray(host.target_mask_BxK, bool)
         num_targets = np.maximum(mask.sum(-1), 1)
         s_pred_BxG = np.where(mask[:, None], roll.s_pred_NxK.reshape(B, G, K), 0).sum(-1)
         s_pred_B = s_pred_BxG.mean(-1)
@@ -104,7 +105,7 @@ def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], bat
             add(f"gain_{name}", (s_pred_B - np.where(mask, s_base, 0).sum(-1))[valid])
         add("nll_think", (-s_pred_B / num_targets)[valid])
         add("nll_no_think", (-np.where(mask, s_self, 0).sum(-1) / num_targets)[valid])
-        target = host["target_BxK"]
+        target = host.target_BxK
         correct = lambda pred_BxK: np.all((pred_BxK == target) | ~mask, axis=-1)
         sampled_correct = np.stack([correct(roll.predicted_NxK.reshape(B, G, K)[:, g]) for g in range(G)], -1)
         add("acc_think", sampled_correct.mean(-1)[valid])
@@ -115,9 +116,9 @@ def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], bat
         truncated.append(roll.truncated_N[rows])
         if decode is not None and len(samples) < show_thoughts:
             for b in np.flatnonzero(valid)[: show_thoughts - len(samples)]:
-                n = int(host["context_len_B"][b])
+                n = int(host.context_len_B[b])
                 thought = roll.thoughts_NxL[b * G][roll.thought_mask_NxL[b * G]]
-                samples.append({"context": decode(host["context_BxT"][b, :n].tolist()),
+                samples.append({"context": decode(host.context_BxT[b, :n].tolist()),
                                 "thought": decode(thought.tolist()),
                                 "target": decode(target[b][mask[b]].tolist()),
                                 "predicted": decode(roll.predicted_NxK[b * G][mask[b]].tolist())})

@@ -14,16 +14,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from rlp_jax import build
+from rlp_jax import checkpoint as ckpt_lib
 from rlp_jax import evaluate as eval_lib
-from rlp_jax import trainer
 from rlp_jax.config import ConfigError
 
 
 def run_config(run_dir: Path) -> ml_collections.ConfigDict:
-    path = Path(run_dir) / "config.json"
+    path = ckpt_lib.RunDir(run_dir).config
     if not path.exists():
         raise ConfigError(f"{run_dir} has no config.json; pass the --workdir of an rlp-jax training run.")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -35,10 +35,10 @@ def _params(model) -> Any:
 
 def _start_params(run_dir: Path, like):
     """θ_0 that the trainer saved in WORKDIR/start_params, or None."""
-    path = Path(run_dir) / "start_params"
-    if not path.exists():
+    run = ckpt_lib.RunDir(run_dir)
+    if not run.start_params.exists():
         return None
-    pure = trainer._unwrap_values(ocp.StandardCheckpointer().restore(path.absolute()))
+    pure = run.restore_start_params()
     state = jax.tree.map(lambda x: x, like)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
     return state
@@ -58,7 +58,7 @@ def evaluate_run(run_dir: str | Path | None = None, hf_dir: str | Path | None = 
     if run_dir is not None:
         run_dir = Path(run_dir)
         config = config or run_config(run_dir)
-        model = trainer.load_final_model(run_dir)
+        model = build.model_from_run(run_dir)
     else:
         if config is None:
             raise ConfigError("evaluating an HF folder needs a config for the tokenizer and data; pass --config.")
@@ -67,7 +67,7 @@ def evaluate_run(run_dir: str | Path | None = None, hf_dir: str | Path | None = 
         model = hf.load_hf(hf_dir)
     graphdef, params = nnx.split(model, nnx.Param)
     baselines = {"self": params}
-    start = (_params(trainer.load_final_model(start_from)) if start_from is not None
+    start = (_params(build.model_from_run(start_from)) if start_from is not None
              else _start_params(run_dir, params) if run_dir is not None else None)
     if start is not None:
         baselines["start"] = start
@@ -78,13 +78,10 @@ def evaluate_run(run_dir: str | Path | None = None, hf_dir: str | Path | None = 
         config.eval.num_thoughts = num_thoughts
     if config.data.kind == "documents":  # an NTP run: evaluate at the RLP prompt positions of the demo task
         config.data.kind = "prompts"
-    tokenizer = trainer.build_tokenizer(config)
-    corpus = trainer.build_corpus(config, Path(run_dir or hf_dir))
-    held_out = trainer.eval_batches(config, corpus, tokenizer)
-    step_cfg = trainer.build_step_config(config, tokenizer)
-    import dataclasses
-
-    rcfg = dataclasses.replace(step_cfg.rollout, num_rollouts=max(config.eval.num_thoughts, 2))
+    tokenizer = build.tokenizer(config)
+    corpus = build.corpus(config, Path(run_dir or hf_dir))
+    held_out = build.eval_batches(config, corpus, tokenizer)
+    rcfg = build.rollout_config(config, tokenizer, config.eval.num_thoughts)
     result = eval_lib.evaluate(graphdef, params, baselines, held_out, rcfg, jax.random.key(config.seed + 12345),
                                decode=tokenizer.decode, show_thoughts=config.eval.show_thoughts)
     return result

@@ -28,6 +28,9 @@ __all__ = [
     "sparse_match_reward",
     "next_token_loss",
     "ema_update",
+    "rlp_advantages",
+    "policy_loss",
+    "reward_statistics",
     "rlp_loss",
 ]
 
@@ -248,7 +251,7 @@ def next_token_loss(logits: Array, targets: Array, mask: Array | None = None) ->
 
 
 def ema_update(ema_params: Any, params: Any, decay: float | Array) -> Any:
-    """Algorithm 1 line 16: the EMA teacher update `φ ← τ φ + (1 − τ) θ` on a pytree.
+    """Algorithm 1 line 15: the EMA teacher update `φ ← τ φ + (1 − τ) θ` on a pytree.
 
     The arithmetic is float32 (or wider) and each leaf keeps the EMA's own dtype. Keep the EMA in
     float32: with τ = 0.999 a step moves φ by 1e-3 of the gap, which bfloat16 rounds away.
@@ -260,6 +263,87 @@ def ema_update(ema_params: Any, params: Any, decay: float | Array) -> Any:
         return (ema + (1.0 - decay) * (_f32(leaf) - ema)).astype(ema_leaf.dtype)
 
     return jax.tree.map(update, ema_params, params)
+
+
+def rlp_advantages(
+    logp_reasoned_BxG: Array,
+    logp_baseline_B: Array,
+    *,
+    target_mask: Array | None = None,
+    rollout_valid_BxG: Array | None = None,
+) -> tuple[Array, Array]:
+    """Eq. 5 then eq. 7: the information-gain reward of each of the G thoughts of a prompt against
+    the prompt's one no-think baseline, and the group-relative advantages of those rewards.
+
+    Args:
+      logp_reasoned_BxG: `S_pred`, `[B, G]`, or `[B, G, K]` with `target_mask`.
+      logp_baseline_B: `S_ema`, `[B]` or `[B, K]`: one baseline per prompt, shared by its G thoughts.
+      target_mask: `[B, K]` or `[B, G, K]` validity of multi-token targets (gains summed over K).
+      rollout_valid_BxG: rollouts that take part; the others get reward 0 and advantage 0 and
+        are left out of their group's mean.
+
+    Returns:
+      `(rewards_BxG, advantages_BxG)`, both float32 constants for autodiff.
+    """
+    baseline = jnp.expand_dims(logp_baseline_B, 1)  # one per prompt, shared across G
+    if target_mask is not None and target_mask.ndim == logp_baseline_B.ndim:
+        target_mask = jnp.expand_dims(target_mask, 1)
+    rewards_BxG = information_gain_reward(logp_reasoned_BxG, baseline, target_mask)
+    if rollout_valid_BxG is not None:
+        rewards_BxG = jnp.where(rollout_valid_BxG, rewards_BxG, 0.0)
+    return rewards_BxG, group_relative_advantages(rewards_BxG, rollout_valid_BxG)
+
+
+def policy_loss(
+    logp_BxGxL: Array,
+    old_logp_BxGxL: Array,
+    advantages_BxG: Array,
+    thought_mask_BxGxL: Array,
+    *,
+    rollout_valid_BxG: Array | None = None,
+    ref_logp_BxGxL: Array | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = "k3",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+) -> tuple[Array, dict[str, Array]]:
+    """The loss that carries the gradient: the clipped surrogate (eq. 8) over the thought tokens
+    of the rollouts that take part, plus `kl_coef` × the KL estimate to a reference policy.
+
+    Whatever produced the advantages (the dense information gain, a sparse match reward), this
+    is the update. Invalid rollouts' tokens are masked out: they count in no normaliser.
+
+    Returns:
+      `(loss, metrics)`: the surrogate's metrics plus `policy_loss` and `kl`.
+    """
+    mask = thought_mask_BxGxL.astype(bool)
+    if rollout_valid_BxG is not None:
+        mask = mask & rollout_valid_BxG.astype(bool)[..., None]
+    surrogate, metrics = clipped_surrogate_loss(
+        logp_BxGxL, old_logp_BxGxL, advantages_BxG, mask, eps_low, eps_high)
+    if kl_coef:
+        if ref_logp_BxGxL is None:
+            raise ValueError("kl_coef > 0 needs ref_logp_BxGxL; pass the reference policy's "
+                             "log-probs of the thought tokens, or set kl_coef=0.")
+        kl = kl_penalty(logp_BxGxL, ref_logp_BxGxL, mask, kl_estimator)
+    else:
+        kl = jnp.zeros((), jnp.float32)
+    return surrogate + kl_coef * kl, {**metrics, "policy_loss": surrogate, "kl": kl}
+
+
+def reward_statistics(rewards_BxG: Array, advantages_BxG: Array,
+                      rollout_valid_BxG: Array | None = None) -> dict[str, Array]:
+    """`reward_mean`, `reward_std`, `reward_pos_frac` and `advantage_abs_mean` over the rollouts
+    that take part (what an RLP run logs about its rewards)."""
+    valid = (jnp.ones(rewards_BxG.shape, jnp.float32) if rollout_valid_BxG is None
+             else rollout_valid_BxG.astype(jnp.float32))
+    n = jnp.maximum(valid.sum(), 1.0)
+    mean = lambda x: (x * valid).sum() / n
+    reward_mean = mean(rewards_BxG)
+    return {"reward_mean": reward_mean,
+            "reward_std": jnp.sqrt(mean((rewards_BxG - reward_mean) ** 2)),
+            "reward_pos_frac": mean((rewards_BxG > 0).astype(jnp.float32)),
+            "advantage_abs_mean": mean(jnp.abs(advantages_BxG))}
 
 
 def rlp_loss(
@@ -278,8 +362,8 @@ def rlp_loss(
     kl_estimator: KLEstimator = "k3",
 ) -> tuple[Array, dict[str, Array]]:
     """The whole RLP objective for callers that already have the log-probabilities:
-    information-gain reward (eq. 5) → group-relative advantages (eq. 7) → clipped surrogate
-    (eq. 8) (+ β · KL to a reference policy when `kl_coef > 0`).
+    `rlp_advantages` (eq. 5, eq. 7) then `policy_loss` (eq. 8, + β · KL when `kl_coef > 0`) —
+    the same two functions rlp-jax's own train step calls.
 
     Args:
       logp_BxGxL: current-policy log-probs of the thought tokens (carries the gradient).
@@ -293,38 +377,14 @@ def rlp_loss(
       ref_logp_BxGxL: reference-policy log-probs; required when `kl_coef > 0`.
 
     Returns:
-      `(loss, metrics)` with the surrogate's metrics plus `reward_mean`, `reward_std`,
-      `advantage_abs_mean`, `kl`, `policy_loss`.
+      `(loss, metrics)` with the surrogate's metrics plus `policy_loss`, `kl` and
+      `reward_statistics`.
     """
-    baseline = jnp.expand_dims(logp_baseline_B, 1)  # one per prompt, shared across G
-    if target_mask is not None and target_mask.ndim == logp_baseline_B.ndim:
-        target_mask = jnp.expand_dims(target_mask, 1)
-    rewards_BxG = information_gain_reward(logp_reasoned_BxG, baseline, target_mask)
-    advantages_BxG = group_relative_advantages(rewards_BxG, rollout_valid_BxG)
-    mask = thought_mask_BxGxL.astype(bool)
-    if rollout_valid_BxG is not None:
-        mask = mask & rollout_valid_BxG.astype(bool)[..., None]
-    policy_loss, metrics = clipped_surrogate_loss(
-        logp_BxGxL, old_logp_BxGxL, advantages_BxG, mask, eps_low, eps_high)
-    if kl_coef:
-        if ref_logp_BxGxL is None:
-            raise ValueError("rlp_loss got kl_coef > 0 but no ref_logp_BxGxL; pass the reference "
-                             "policy's log-probs of the thought tokens, or set kl_coef=0.")
-        kl = kl_penalty(logp_BxGxL, ref_logp_BxGxL, mask, kl_estimator)
-    else:
-        kl = jnp.zeros((), jnp.float32)
-    loss = policy_loss + kl_coef * kl
-    valid = (jnp.ones_like(rewards_BxG) if rollout_valid_BxG is None
-             else rollout_valid_BxG.astype(jnp.float32))
-    n = jnp.maximum(valid.sum(), 1.0)
-    reward_mean = (rewards_BxG * valid).sum() / n
-    reward_var = (((rewards_BxG - reward_mean) ** 2) * valid).sum() / n
-    metrics = {
-        **metrics,
-        "policy_loss": policy_loss,
-        "kl": kl,
-        "reward_mean": reward_mean,
-        "reward_std": jnp.sqrt(reward_var),
-        "advantage_abs_mean": (jnp.abs(advantages_BxG) * valid).sum() / n,
-    }
-    return loss, metrics
+    rewards_BxG, advantages_BxG = rlp_advantages(
+        logp_reasoned_BxG, logp_baseline_B, target_mask=target_mask,
+        rollout_valid_BxG=rollout_valid_BxG)
+    loss, metrics = policy_loss(
+        logp_BxGxL, old_logp_BxGxL, advantages_BxG, thought_mask_BxGxL,
+        rollout_valid_BxG=rollout_valid_BxG, eps_low=eps_low, eps_high=eps_high,
+        ref_logp_BxGxL=ref_logp_BxGxL, kl_coef=kl_coef, kl_estimator=kl_estimator)
+    return loss, metrics | reward_statistics(rewards_BxG, advantages_BxG, rollout_valid_BxG)

@@ -67,16 +67,17 @@ def _platform_of(config_path: str | None) -> str | None:
 def model_config_for(config, notes: list[str]):
     """The ModelConfig `rlp-jax train` would build, or the preset's shapes when the weights or the
     tokenizer it needs are not on this machine (said in `notes`)."""
-    from rlp_jax import trainer
+    from rlp_jax import build
+    from rlp_jax.config import ConfigError
     from rlp_jax.models.config import preset
 
     try:
-        tokenizer = trainer.build_tokenizer(config)
-    except (OSError, ValueError):  # a tokenizer path that exists only on the cluster
+        tokenizer = build.tokenizer(config)
+    except ConfigError:  # a tokenizer path that exists only on the cluster
         tokenizer = None
     path_ok = config.init.kind == "scratch" or (config.init.path and Path(config.init.path).exists())
     if tokenizer is not None and path_ok:
-        return trainer.build_model_config(config, tokenizer), tokenizer
+        return build.model_config(config, tokenizer), tokenizer
     base = preset(config.model.preset)
     vocab = config.model.vocab_size or (tokenizer.vocab_size if tokenizer and config.init.kind == "scratch"
                                         else base.vocab_size)
@@ -108,12 +109,12 @@ def state_bytes(config, model_config, mesh) -> dict[str, int]:
     """Exact per-device bytes of each part of the train state under the real shardings."""
     import jax
 
+    from rlp_jax import build
     from rlp_jax import train_step as ts
-    from rlp_jax import trainer
 
-    optimizer = trainer.build_optimizer(config)
     _, abstract, shardings, _ = ts.abstract_state_from_scratch(
-        model_config, optimizer, config.seed, mesh, with_reference=config.rlp.kl_coef > 0)
+        model_config, build.optimizer(config), config.seed, mesh, build.rules(config),
+        with_reference=config.rlp.kl_coef > 0)
 
     def size(tree, tree_shardings) -> int:
         leaves, specs = jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)
@@ -131,14 +132,13 @@ def state_bytes(config, model_config, mesh) -> dict[str, int]:
 class _Ways:
     """How many ways the real rules split a dimension (1 where the mesh axes do not divide it)."""
 
-    def __init__(self, mesh):
+    def __init__(self, mesh, rules):
         from rlp_jax import sharding
 
-        self.mesh, self.sharding = mesh, sharding
+        self.mesh, self.sharding, self.rules = mesh, sharding, rules
 
     def __call__(self, logical: str, size: int) -> int:
-        spec = self.sharding.fit_spec((size,), self.sharding.logical_to_mesh((logical,), self.sharding.DEFAULT_RULES),
-                                      self.mesh)
+        spec = self.sharding.fit_spec((size,), self.sharding.logical_to_mesh((logical,), self.rules), self.mesh)
         names = () if spec[0] is None else (spec[0] if isinstance(spec[0], tuple) else (spec[0],))
         return math.prod(self.mesh.shape[n] for n in names)
 
@@ -147,24 +147,25 @@ def _layer_bytes(rows, S, m, w, b):
     """Per-device bytes of one decoder layer's tensors for `rows` sequences of `S` tokens:
     `(all of them, the part remat='dots_saveable' keeps)`. All: per token the residual stream,
     two norms and the residual after attention (4·D), q/k/v raw, normed and rotated, and the
-    attention output (≈ 4·(H + K)·hd), gate, up, silu(gate) and their product (4·F), all in the
-    compute dtype; per row the attention scores in float32 and the probabilities in the compute
-    dtype (H·S·S·(4 + b)). Dots: the matmul outputs q, k, v, o, gate, up, down."""
+    attention output (≈ 4·(Q + J)·hd for Q query and J kv heads), gate, up, silu(gate) and their
+    product (4·F), all in the compute dtype; per row the attention scores in float32 and the
+    probabilities in the compute dtype (Q·S·S·(4 + b)). Dots: the matmul outputs q, k, v, o, gate,
+    up, down."""
     D, hd = m.hidden_size, m.head_dim
-    H, K, F = m.num_heads // w.heads, m.num_kv_heads // w.kv, m.intermediate_size // w.mlp
-    token = b * (4 * D + 4 * (H + K) * hd + 4 * F)
-    full = rows * S * token + rows * H * S * S * (4 + b)
-    dots = rows * S * b * ((H + 2 * K) * hd + 2 * D + 2 * F)
+    Q, J, F = m.num_heads // w.heads, m.num_kv_heads // w.kv, m.intermediate_size // w.mlp
+    token = b * (4 * D + 4 * (Q + J) * hd + 4 * F)
+    full = rows * S * token + rows * Q * S * S * (4 + b)
+    dots = rows * S * b * ((Q + 2 * J) * hd + 2 * D + 2 * F)
     return full, dots
 
 
 def _forward_layer_bytes(rows, S, m, w, b):
     """Per-device peak of one decoder layer in a forward pass without gradients (earlier layers'
     tensors are freed): residual and normed input, q/k/v, and the larger of the attention scores
-    (float32 in, probabilities out: H·S·S·(4 + b)) and the MLP's gate, up and product (3·F)."""
+    (float32 in, probabilities out: Q·S·S·(4 + b)) and the MLP's gate, up and product (3·F)."""
     D, hd = m.hidden_size, m.head_dim
-    H, K, F = m.num_heads // w.heads, m.num_kv_heads // w.kv, m.intermediate_size // w.mlp
-    return rows * S * b * (2 * D + (H + 2 * K) * hd) + rows * max(H * S * S * (4 + b), 3 * S * F * b)
+    Q, J, F = m.num_heads // w.heads, m.num_kv_heads // w.kv, m.intermediate_size // w.mlp
+    return rows * S * b * (2 * D + (Q + 2 * J) * hd) + rows * max(Q * S * S * (4 + b), 3 * S * F * b)
 
 
 def _rows(total: int, ways: int, warnings: list[str], what: str) -> int:
@@ -192,8 +193,10 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
     (`state`: `state_bytes` already computed for this model, optimizer and mesh)."""
     import jax.numpy as jnp
 
+    from rlp_jax import build
+
     mesh = abstract_mesh(mesh_shape, config.mesh.axes)
-    ways = _Ways(mesh)
+    ways = _Ways(mesh, build.rules(config))
     m = model_config
     r = config.rlp
     b = jnp.dtype(m.dtype).itemsize

@@ -1,10 +1,7 @@
 """From prompts to scored thoughts: the rollout half of an RLP step (Algorithm 1, lines 2–4).
 
-Pure functions of `(graphdef, params, batch, key)`; jit them inside a train step.
-
-Batch fields (right-padded; see docs/data.md): `context_BxT` int32, `context_len_B` int32 (≥ 1),
-`target_BxK` int32, `target_mask_BxK` bool. Rows `b·G … b·G+G−1` of every `N = B·G` array are the G
-thoughts of prompt b.
+Pure functions of `(graphdef, params, batch, key)` on a `rlp_jax.batch.PromptBatch`; jit them
+inside a train step. Rows `b·G … b·G+G−1` of every `N = B·G` array are the G thoughts of prompt b.
 """
 
 from __future__ import annotations
@@ -13,10 +10,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from rlp_jax import losses, sampling
+from rlp_jax.batch import PromptBatch
 from rlp_jax.models.transformer import head_logits
 
 Array = jax.Array
@@ -78,21 +75,6 @@ class Rollouts:
     predicted_NxK: Array  # argmax prediction after the thought (for the RPT-style reward)
 
 
-def from_prompt_batch(batch: dict[str, Array]) -> dict[str, Array]:
-    """The step's batch from a data-pipeline prompt batch (rlp_jax.data): the left-padded
-    `context_BxC` moved to the left edge (`context_BxT`, right-padded); other fields kept."""
-    if "context_BxC" not in batch:
-        return batch
-    xp = np if isinstance(batch["context_BxC"], np.ndarray) else jnp  # host batches stay on host
-    context_BxC, context_len_B = batch["context_BxC"], batch["context_len_B"]
-    C = context_BxC.shape[1]
-    shift_Bx1 = (C - context_len_B)[:, None]
-    columns_BxC = (xp.arange(C)[None, :] + shift_Bx1) % C  # pads wrap round to the right
-    out = {k: v for k, v in batch.items() if k not in ("context_BxC", "context_mask_BxC")}
-    out["context_BxT"] = xp.take_along_axis(context_BxC, columns_BxC, axis=1)
-    return out
-
-
 def build_prompts(context_BxT: Array, context_len_B: Array, cfg: RolloutConfig) -> tuple[Array, Array]:
     """`[context, *suffix, <think>]` per row, right-padded to `T + len(suffix) + 1`."""
     B, T = context_BxT.shape
@@ -113,47 +95,54 @@ def _scoring_logits(model, hidden_NxKxD: Array, cfg: RolloutConfig) -> Array:
     return logits
 
 
-def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, Array], key: Array,
+def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBatch, key: Array,
                      cfg: RolloutConfig, greedy: bool = False) -> Rollouts:
     """Samples G thoughts per prompt from `params` (the behaviour policy θ_old) and scores the true
-    next token(s) after each thought by extending the rollout's own KV cache with
-    `[</think>, x_t, …]` — no second forward over context + thought. `greedy` decodes the thought
-    by argmax instead (evaluation); behaviour log-probs are then taken at temperature 1."""
-    model = nnx.merge(graphdef, params)
-    G, L = cfg.num_rollouts, cfg.max_thought_len
-    target_BxK = batch["target_BxK"]
-    K = target_BxK.shape[1]
-    prompt_BxP, prompt_len_B = build_prompts(batch["context_BxT"], batch["context_len_B"], cfg)
+    next token(s) after each thought on the rollout's own KV cache (`score_after_thoughts`).
+    `greedy` decodes the thought by argmax instead (evaluation); behaviour log-probs are then
+    taken at temperature 1."""
+    L, K = cfg.max_thought_len, batch.target_BxK.shape[1]
+    prompt_BxP, prompt_len_B = build_prompts(batch.context_BxT, batch.context_len_B, cfg)
     sampling_cfg = cfg.sampling_config()
     if greedy:
         sampling_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
     out = sampling.sample(graphdef, params, prompt_BxP, prompt_len_B, key, sampling_cfg,
-                          num_samples=G, cache_len=prompt_BxP.shape[1] + L + 1 + K)
-    N = out.tokens_NxL.shape[0]
-    # Where </think> goes: after the last thought token. A sampled </think> is rewritten in place
-    # (same token, same slot, same prefix: the same keys and values).
-    close_pos_N = out.next_positions_N - out.finished_N.astype(jnp.int32)
-    target_NxK = jnp.repeat(target_BxK, G, axis=0)
-    feed_Nx1K = jnp.concatenate([jnp.full((N, 1), cfg.think_close_id, jnp.int32), target_NxK], axis=1)
-    positions_Nx1K = close_pos_N[:, None] + jnp.arange(K + 1)
-    hidden, _ = model.hidden_states(feed_Nx1K, positions_Nx1K, cache=out.cache)
-    logits_NxKxV = _scoring_logits(model, hidden[:, :K], cfg)
-    s_pred_NxK = losses.token_logprobs(logits_NxKxV, target_NxK)
+                          num_samples=cfg.num_rollouts, cache_len=prompt_BxP.shape[1] + L + 1 + K)
+    s_pred_NxK, predicted_NxK, _ = score_after_thoughts(graphdef, params, out, batch.target_BxK, cfg)
     thought_mask_NxL = jnp.arange(L)[None, :] < out.lengths_N[:, None]
     return Rollouts(prompt_BxP, prompt_len_B, out.tokens_NxL, thought_mask_NxL, ~out.finished_N,
-                    out.logprobs_NxL, s_pred_NxK, jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32))
+                    out.logprobs_NxL, s_pred_NxK, predicted_NxK)
 
 
-def context_then_targets(batch: dict[str, Array]) -> tuple[Array, Array]:
+def score_after_thoughts(graphdef: nnx.GraphDef, params: nnx.State, out: sampling.SampleOutput,
+                         target_BxK: Array, cfg: RolloutConfig):
+    """Eq. 3, `S_pred = log p_θ(x_t | x_<t, c)`: `[</think>, x_t, …]` fed into the finished
+    rollout's cache right after each thought (no second forward over context + thought).
+    Returns the log-probs and argmax predictions of the K targets, and the extended cache. A
+    sampled `</think>` is rewritten in its own slot (same token, same prefix: the same keys and
+    values)."""
+    model = nnx.merge(graphdef, params)
+    N, K = out.tokens_NxL.shape[0], target_BxK.shape[1]
+    close_pos_N = out.next_positions_N - out.finished_N.astype(jnp.int32)
+    target_NxK = jnp.repeat(target_BxK, N // target_BxK.shape[0], axis=0)
+    feed_Nx1K = jnp.concatenate([jnp.full((N, 1), cfg.think_close_id, jnp.int32), target_NxK], axis=1)
+    positions_Nx1K = close_pos_N[:, None] + jnp.arange(K + 1)
+    hidden, cache = model.hidden_states(feed_Nx1K, positions_Nx1K, cache=out.cache)
+    logits_NxKxV = _scoring_logits(model, hidden[:, :K], cfg)
+    return (losses.token_logprobs(logits_NxKxV, target_NxK),
+            jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32), cache)
+
+
+def context_then_targets(batch: PromptBatch) -> tuple[Array, Array]:
     """`[context, x_t, x_t+1, …]` right-padded, and the index whose logits predict each target."""
-    context_BxT, context_len_B, target_BxK = batch["context_BxT"], batch["context_len_B"], batch["target_BxK"]
+    context_BxT, context_len_B, target_BxK = batch.context_BxT, batch.context_len_B, batch.target_BxK
     B, K = target_BxK.shape
     seq = jnp.concatenate([context_BxT, jnp.zeros_like(target_BxK)], axis=1)
     seq = seq.at[jnp.arange(B)[:, None], context_len_B[:, None] + jnp.arange(K)].set(target_BxK)
     return seq, jnp.maximum(context_len_B[:, None] - 1 + jnp.arange(K), 0)  # ≥ 0 on empty padding rows
 
 
-def no_think_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, Array],
+def no_think_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBatch,
                       cfg: RolloutConfig) -> tuple[Array, Array]:
     """`log p(x_t | x_<t)` of each target token with no thought (teacher-forced over the
     targets), and the argmax predictions. With the EMA params this is the baseline `S_ema`."""
@@ -163,7 +152,7 @@ def no_think_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str
     hidden_BxSxD, _ = model.hidden_states(seq_BxS, positions)
     hidden_BxKxD = jnp.take_along_axis(hidden_BxSxD, predict_at_BxK[..., None], axis=1)
     logits = _scoring_logits(model, hidden_BxKxD, cfg)
-    return losses.token_logprobs(logits, batch["target_BxK"]), jnp.argmax(logits, -1).astype(jnp.int32)
+    return losses.token_logprobs(logits, batch.target_BxK), jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 def thought_sequences(rollouts: Rollouts, num_rollouts: int) -> tuple[Array, Array]:

@@ -20,7 +20,6 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -170,14 +169,13 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompts_BxP: Array, prompt
     return SampleOutput(tokens_NxL, logprobs_NxL, lengths_N, finished_N, cache, start_N + lengths_N)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "num_samples", "cache_len"))
-def _sample_jit(graphdef, params, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, cache_len):
-    return sample(graphdef, params, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, cache_len)
+# `sample`, jitted on its own (graphdef, cfg, num_samples and cache_len static).
+sample_jit = jax.jit(sample, static_argnames=("graphdef", "cfg", "num_samples", "cache_len"))
 
 
 def generate(model: nnx.Module, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
              cfg: SamplingConfig, num_samples: int = 1, cache_len: int | None = None) -> SampleOutput:
     """Jitted `sample` for a live NNX model (compiled once per shape and config)."""
     graphdef, params = nnx.split(model)
-    return _sample_jit(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B),
-                       key, cfg, num_samples, cache_len)
+    return sample_jit(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B),
+                      key, cfg, num_samples, cache_len)

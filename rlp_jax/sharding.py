@@ -20,6 +20,9 @@ LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 DEFAULT_MESH_AXES = ("data", "fsdp", "tensor")
 
+# Every logical axis name that model and step code use (a rules table must map each).
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "norm")
+
 DEFAULT_RULES: LogicalRules = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -32,6 +35,22 @@ DEFAULT_RULES: LogicalRules = (
     ("layers", None),
     ("norm", None),
 )
+
+
+def rules_from_config(rules) -> LogicalRules:
+    """A rules table from config (lists from JSON become tuples); raises on malformed entries."""
+    out = []
+    for logical, target in rules:
+        if not isinstance(logical, str):
+            raise ValueError(f"logical axis {logical!r} is not a name")
+        if isinstance(target, (list, tuple)):
+            target = tuple(target)
+            if not all(isinstance(t, str) for t in target):
+                raise ValueError(f"mesh axes {target!r} are not names")
+        elif target is not None and not isinstance(target, str):
+            raise ValueError(f"mesh axis {target!r} is not a name")
+        out.append((logical, target))
+    return tuple(out)
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str] = DEFAULT_MESH_AXES,
@@ -94,10 +113,11 @@ def param_shardings(abstract_params, mesh: jax.sharding.Mesh, rules: LogicalRule
     return jax.tree.map(to_sharding, specs, abstract_params, is_leaf=lambda x: isinstance(x, P))
 
 
-def global_batch(local_batch: dict[str, Any], shardings: dict[str, jax.sharding.NamedSharding]):
-    """Global arrays from each process's own rows (the rows of process p come p-th)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-            for k, v in local_batch.items()}
+def global_batch(local_batch: Any, shardings: Any):
+    """Global arrays from each process's own rows (the rows of process p come p-th), for a
+    batch pytree and its matching tree of shardings."""
+    return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)),
+                        shardings, local_batch)
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -1,15 +1,18 @@
 """ONE pure function `(state, batch) -> (state, metrics)`: Algorithm 1 of the RLP paper.
 
-1. θ_old ← θ: this step's params sample G thoughts per prompt (rollouts.sample_and_score), and the
-   true next token(s) are scored after each thought on the rollout cache (S_pred).
-2. φ ← θ on the very first step (lazy EMA init), then the EMA scores the targets with no thought
-   (S_ema).
-3. Rewards (eq. 5, or the RPT-style match), group-relative advantages (eq. 7).
-4. Clipped-surrogate updates of the thought tokens only (eq. 8) (+ β·KL to a frozen reference),
-   `ppo_epochs × num_minibatches` optimizer steps per rollout batch, each accumulated over
-   `grad_accum_steps` micro-batches; φ ← τφ + (1−τ)θ after every optimizer step.
+1. θ_old ← θ (line 5): this step's params sample G thoughts per prompt (line 7,
+   rollouts.sample_and_score), and the true next token(s) are scored after each thought on the
+   rollout cache (S_pred, eq. 3).
+2. φ ← θ on the very first step (lines 8–9, lazy EMA init), then the EMA scores the targets with
+   no thought (S_ema, eq. 4).
+3. Rewards and group-relative advantages: `losses.rlp_advantages` (eq. 5, eq. 7), or the
+   RPT-style match reward.
+4. `losses.policy_loss` — the clipped surrogate over the thought tokens only (eq. 8), + β·KL to a
+   frozen reference — in `ppo_epochs × num_minibatches` optimizer steps per rollout batch (line
+   14), each accumulated over `grad_accum_steps` micro-batches; φ ← τφ + (1−τ)θ after every
+   optimizer step (line 15).
 The objective `ntp` (continued pretraining on the same documents) runs through the same state,
-batch and metrics. See docs/train_step.md.
+optimizer steps and EMA. See docs/train_step.md.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import optax
 from flax import nnx
 
 from rlp_jax import losses, rollouts, sharding
+from rlp_jax.batch import Batch, DocumentBatch, PromptBatch
 from rlp_jax.rollouts import RolloutConfig
 
 Array = jax.Array
@@ -44,7 +48,6 @@ class StepConfig:
     grad_accum_steps: int = 1
     rollout_microbatches: int = 1  # prompts in this many sequential chunks: rollouts and S_ema
     head_chunk_len: int = 0  # > 0: the update's LM head over this many thought positions at a time
-    skip_nonfinite: bool = True  # a non-finite loss or gradient leaves θ, φ and the optimizer as they were
 
     def __post_init__(self):
         if self.objective not in ("rlp", "rpt", "ntp"):
@@ -54,6 +57,17 @@ class StepConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.head_chunk_len < 0:
             raise ValueError(f"head_chunk_len must be >= 0 (0: off), got {self.head_chunk_len}.")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl_estimator={self.kl_estimator!r}; choose 'k1', 'k2' or 'k3'.")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ValueError(f"clip range eps_low={self.eps_low}, eps_high={self.eps_high}; need 0 <= eps_low < 1 "
+                             "and eps_high >= 0.")
+
+    @property
+    def fresh_old_logprobs(self) -> bool:
+        """One update per rollout batch: θ_old = θ, so the old log-probs are the current ones
+        (stop-gradient) and the importance ratio is exactly 1."""
+        return self.ppo_epochs == 1 and self.num_minibatches == 1
 
     def check_batch_size(self, batch_size: int) -> None:
         for name, parts in (("rollout_microbatches", self.rollout_microbatches),
@@ -89,14 +103,19 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int | Arra
 
 # ---------------------------------------------------------------- the step
 
-def train_step(state: TrainState, batch: dict[str, Array], *, graphdef: nnx.GraphDef,
+def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                optimizer: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict[str, Array]]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    # Algorithm 1 line 3: φ ← θ on the first batch.
+    # Algorithm 1 lines 8–9: φ ← θ on the first batch.
     ema = jax.lax.cond(state.step == 0, lambda: _to_f32(state.params), lambda: state.ema_params)
     state = dataclasses.replace(state, ema_params=ema)
+    if isinstance(batch, DocumentBatch):
+        if cfg.objective != "ntp":
+            raise ValueError(f"a DocumentBatch trains next-token prediction only, but objective="
+                             f"{cfg.objective!r}; feed PromptBatches or use objective='ntp'.")
+        return _ntp_step(state, *_whole_documents(batch), graphdef, optimizer, cfg)
     if cfg.objective == "ntp":
-        return _ntp_step(state, batch, graphdef, optimizer, cfg)
+        return _ntp_step(state, *_context_and_targets(batch), graphdef, optimizer, cfg)
     return _policy_step(state, batch, key, graphdef, optimizer, cfg)
 
 
@@ -109,80 +128,127 @@ def _merge(tree):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)
 
 
-def _rollouts(state, batch, key, graphdef, cfg: StepConfig) -> rollouts.Rollouts:
-    """Rollouts in `rollout_microbatches` sequential chunks of prompts (bounds the KV cache)."""
-    rcfg = cfg.rollout
-    if cfg.rollout_microbatches == 1:
-        return rollouts.sample_and_score(graphdef, state.params, batch, key, rcfg)
-    chunks = _split(batch, cfg.rollout_microbatches)
-    keys = jax.random.split(key, cfg.rollout_microbatches)
-    out = jax.lax.map(lambda xs: rollouts.sample_and_score(graphdef, state.params, xs[0], xs[1], rcfg),
-                      (chunks, keys))
-    return _merge(out)
+def _chunked(fn, tree, chunks: int):
+    """`fn` over `chunks` sequential slices of the leading axis of `tree`, results re-joined."""
+    if chunks == 1:
+        return fn(tree)
+    return _merge(jax.lax.map(fn, _split(tree, chunks)))
 
 
-def _ema_baseline(state, batch, graphdef, cfg: StepConfig) -> Array:
-    """`S_ema = log p_φ(x_t | x_<t)` of every target token, over the same `rollout_microbatches`
-    chunks of prompts as the rollouts (bounds the forward's activations and attention scores)."""
-    def baseline(chunk):
-        return rollouts.no_think_logprobs(graphdef, state.ema_params, chunk, cfg.rollout)[0]
-
-    if cfg.rollout_microbatches == 1:
-        s_ema_BxK = baseline(batch)
-    else:
-        s_ema_BxK = _merge(jax.lax.map(baseline, _split(batch, cfg.rollout_microbatches)))
-    return jax.lax.stop_gradient(s_ema_BxK)
+def _rollouts(state, batch: PromptBatch, key, graphdef, cfg: StepConfig) -> rollouts.Rollouts:
+    """Rollouts in `rollout_microbatches` sequential chunks of prompts (bounds the KV cache);
+    each chunk draws with its own key."""
+    n = cfg.rollout_microbatches
+    if n == 1:
+        return rollouts.sample_and_score(graphdef, state.params, batch, key, cfg.rollout)
+    chunk = lambda xs: rollouts.sample_and_score(graphdef, state.params, xs[0], xs[1], cfg.rollout)
+    return _merge(jax.lax.map(chunk, (_split(batch, n), jax.random.split(key, n))))
 
 
-def _rewards(batch, roll: rollouts.Rollouts, s_ema_BxK: Array, cfg: StepConfig) -> Array:
-    B, K = batch["target_BxK"].shape
+def ema_baseline(state: TrainState, batch: PromptBatch, graphdef: nnx.GraphDef, cfg: StepConfig) -> Array:
+    """`S_ema = log p_φ(x_t | x_<t)` (eq. 4) of every target token, over the same
+    `rollout_microbatches` chunks of prompts as the rollouts (bounds the forward's activations)."""
+    baseline = lambda chunk: rollouts.no_think_logprobs(graphdef, state.ema_params, chunk, cfg.rollout)[0]
+    return jax.lax.stop_gradient(_chunked(baseline, batch, cfg.rollout_microbatches))
+
+
+def _advantages(batch: PromptBatch, roll: rollouts.Rollouts, s_ema_BxK: Array, valid_BxG: Array,
+                cfg: StepConfig) -> tuple[Array, Array]:
+    B, K = batch.target_BxK.shape
     G = cfg.rollout.num_rollouts
-    mask_Bx1xK = batch["target_mask_BxK"][:, None]
     if cfg.objective == "rlp":
-        return losses.information_gain_reward(roll.s_pred_NxK.reshape(B, G, K), s_ema_BxK[:, None], mask_Bx1xK)
-    return losses.sparse_match_reward(roll.predicted_NxK.reshape(B, G, K), batch["target_BxK"][:, None], mask_Bx1xK)
+        return losses.rlp_advantages(roll.s_pred_NxK.reshape(B, G, K), s_ema_BxK,
+                                     target_mask=batch.target_mask_BxK, rollout_valid_BxG=valid_BxG)
+    rewards_BxG = losses.sparse_match_reward(roll.predicted_NxK.reshape(B, G, K), batch.target_BxK[:, None],
+                                             batch.target_mask_BxK[:, None])
+    rewards_BxG = jnp.where(valid_BxG, rewards_BxG, 0.0)
+    return rewards_BxG, losses.group_relative_advantages(rewards_BxG, valid_BxG)
 
 
-def _policy_step(state, batch, key, graphdef, optimizer, cfg: StepConfig):
-    rcfg = cfg.rollout
-    B, K = batch["target_BxK"].shape
-    G, L = rcfg.num_rollouts, rcfg.max_thought_len
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class UpdateBatch:
+    """What the policy update reads, one row per thought (N = B·G rows)."""
+
+    seq_NxS: Array  # [prompt, thought], contiguous, pads after
+    predict_at_NxL: Array  # the index whose logits predict each thought token
+    thoughts_NxL: Array
+    mask_NxL: Array  # tokens the policy chose
+    advantages_N: Array
+    valid_N: Array  # False on the thoughts of padding prompts
+    old_logp_NxL: Array | None = None  # θ_old's log-probs, when several updates share the batch
+    ref_logp_NxL: Array | None = None  # the reference policy's, when kl_coef > 0
+
+
+def update_batch(roll: rollouts.Rollouts, advantages_BxG: Array, valid_BxG: Array) -> UpdateBatch:
+    """The update's rows from a step's rollouts and advantages."""
+    seq_NxS, predict_at_NxL = rollouts.thought_sequences(roll, advantages_BxG.shape[1])
+    return UpdateBatch(seq_NxS, predict_at_NxL, roll.thoughts_NxL, roll.thought_mask_NxL,
+                       advantages_BxG.reshape(-1), valid_BxG.reshape(-1))
+
+
+def _policy_step(state, batch: PromptBatch, key, graphdef, optimizer, cfg: StepConfig):
+    B, G = batch.size, cfg.rollout.num_rollouts
     cfg.check_batch_size(B)
-
     roll = _rollouts(state, batch, key, graphdef, cfg)
-    s_ema_BxK = _ema_baseline(state, batch, graphdef, cfg)
-    # Padding rows of a short final batch (example_mask_B False) get reward and advantage 0 and
-    # are left out of every metric.
-    valid_B = batch.get("example_mask_B", jnp.ones((B,), bool)).astype(bool)
+    s_ema_BxK = ema_baseline(state, batch, graphdef, cfg)
+    valid_B = batch.example_mask_B.astype(bool)
     valid_BxG = jnp.broadcast_to(valid_B[:, None], (B, G))
-    rewards_BxG = jnp.where(valid_BxG, _rewards(batch, roll, s_ema_BxK, cfg), 0.0)
-    advantages_BxG = losses.group_relative_advantages(rewards_BxG, valid_BxG)
+    rewards_BxG, advantages_BxG = _advantages(batch, roll, s_ema_BxK, valid_BxG, cfg)
 
-    seq_NxS, predict_at_NxL = rollouts.thought_sequences(roll, G)
-    per_prompt = {
-        "seq": seq_NxS.reshape(B, G, -1),
-        "predict_at": predict_at_NxL.reshape(B, G, L),
-        "thoughts": roll.thoughts_NxL.reshape(B, G, L),
-        "mask": roll.thought_mask_NxL.reshape(B, G, L),
-        "advantages": advantages_BxG,
-    }
-    fresh_old = cfg.ppo_epochs == 1 and cfg.num_minibatches == 1
+    rows = update_batch(roll, advantages_BxG, valid_BxG)
     micro = cfg.num_minibatches * cfg.grad_accum_steps
-    if not fresh_old:  # one no-grad pass with θ_old, in the update's micro-batch sizes
-        per_prompt["old_logp"] = _thought_logprobs_chunked(graphdef, state.params, per_prompt, micro, cfg)
+    if not cfg.fresh_old_logprobs:  # one no-grad pass with θ_old, in the update's micro-batch sizes
+        rows.old_logp_NxL = _thought_logprobs_chunked(graphdef, state.params, rows, micro, cfg)
     if cfg.kl_coef:
-        per_prompt["ref_logp"] = _thought_logprobs_chunked(graphdef, state.ref_params, per_prompt, micro, cfg)
+        rows.ref_logp_NxL = _thought_logprobs_chunked(graphdef, state.ref_params, rows, micro, cfg)
+    (params, ema_params, opt_state, skipped), aux = _optimizer_steps(
+        state, _split(rows, cfg.num_minibatches),
+        lambda p, mb: policy_gradient(graphdef, p, mb, cfg), optimizer, cfg)
 
-    minibatches = _split(per_prompt, cfg.num_minibatches)
+    tokens = jnp.maximum(aux["num_tokens"].sum(), 1.0)
+    token_mean = lambda name: aux[name].sum() / tokens
+    valid_N = rows.valid_N
+    num_rows = jnp.maximum(valid_N.sum(), 1)
+    row_mean = lambda x_N: jnp.where(valid_N, x_N, 0).sum() / num_rows
+    lengths_N = roll.thought_mask_NxL.sum(-1)
+    s_pred_N = jnp.where(jnp.repeat(batch.target_mask_BxK, G, axis=0), roll.s_pred_NxK, 0.0).sum(-1)
+    s_ema_B = jnp.where(batch.target_mask_BxK, s_ema_BxK, 0.0).sum(-1)
+    metrics = {
+        "loss": aux["loss"].mean(),
+        "policy_loss": aux["policy_loss"].mean(),
+        "kl": aux["kl"].mean(),
+        **losses.reward_statistics(rewards_BxG, advantages_BxG, valid_BxG),
+        "s_pred_mean": row_mean(s_pred_N),
+        "s_ema_mean": row_mean(jnp.repeat(s_ema_B, G)),
+        "thought_len_mean": row_mean(lengths_N),
+        "thought_len_max": jnp.where(valid_N, lengths_N, 0).max(),
+        "truncated_frac": row_mean(roll.truncated_N),
+        **{name: token_mean(name) for name in _TOKEN_METRICS},
+        "ratio_max": aux["ratio_max"].max(),
+        "entropy": token_mean("entropy"),
+        "grad_norm": aux["grad_norm"].mean(),
+        "nonfinite_skipped": skipped,
+        "match_rate": row_mean((roll.predicted_NxK == jnp.repeat(batch.target_BxK, G, 0))[:, 0]),
+        "num_prompts": valid_B.sum(),
+        "thought_tokens": jnp.where(valid_N, lengths_N, 0).sum(),
+    }
+    new_state = dataclasses.replace(state, params=params, ema_params=ema_params, opt_state=opt_state,
+                                    step=state.step + 1)
+    return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+
+def _optimizer_steps(state: TrainState, minibatches, gradient, optimizer, cfg: StepConfig):
+    """`ppo_epochs × num_minibatches` optimizer steps (Algorithm 1 line 14), each followed by the
+    EMA update (line 15). A step whose loss or gradient is not finite leaves θ, φ and the optimizer
+    as they were and is counted. Returns `((params, ema, opt_state, skipped), per-update aux)`."""
 
     def update(carry, index):
         params, ema_params, opt_state, skipped = carry
         mb = jax.tree.map(lambda x: x[index % cfg.num_minibatches], minibatches)
-        grads, aux = _accumulated_grads(graphdef, params, mb, cfg, fresh_old)
+        grads, aux = gradient(params, mb)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
-        if not cfg.skip_nonfinite:
-            ok = jnp.ones((), bool)
         changes, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, changes)
         new_ema = losses.ema_update(ema_params, new_params, cfg.ema_decay)
@@ -191,91 +257,47 @@ def _policy_step(state, batch, key, graphdef, optimizer, cfg: StepConfig):
                  skipped + (~ok).astype(jnp.int32))
         return carry, aux | {"grad_norm": grad_norm}
 
-    num_updates = cfg.ppo_epochs * cfg.num_minibatches
-    (params, ema_params, opt_state, skipped), aux = jax.lax.scan(
-        update, (state.params, state.ema_params, state.opt_state, jnp.zeros((), jnp.int32)),
-        jnp.arange(num_updates))
-
-    tokens = jnp.maximum(aux["num_tokens"].sum(), 1.0)
-    token_mean = lambda name: aux[name].sum() / tokens
-    valid_N = valid_BxG.reshape(-1)
-    num_rows = jnp.maximum(valid_N.sum(), 1)
-    row_mean = lambda x_N: jnp.where(valid_N, x_N, 0).sum() / num_rows
-    lengths_N = roll.thought_mask_NxL.sum(-1)
-    target_mask_NxK = jnp.repeat(batch["target_mask_BxK"], G, axis=0)
-    s_pred_N = jnp.where(target_mask_NxK, roll.s_pred_NxK, 0.0).sum(-1)
-    rewards_N = rewards_BxG.reshape(-1)
-    reward_mean = row_mean(rewards_N)
-    metrics = {
-        "loss": aux["loss"].mean(),
-        "policy_loss": aux["policy_loss"].mean(),
-        "kl": aux["kl"].mean(),
-        "reward_mean": reward_mean,
-        "reward_std": jnp.sqrt(row_mean((rewards_N - reward_mean) ** 2)),
-        "reward_pos_frac": row_mean(rewards_N > 0),
-        "s_pred_mean": row_mean(s_pred_N),
-        "s_ema_mean": row_mean(jnp.repeat(jnp.where(batch["target_mask_BxK"], s_ema_BxK, 0.0).sum(-1), G)),
-        "advantage_abs_mean": row_mean(jnp.abs(advantages_BxG.reshape(-1))),
-        "thought_len_mean": row_mean(lengths_N),
-        "thought_len_max": jnp.where(valid_N, lengths_N, 0).max(),
-        "truncated_frac": row_mean(roll.truncated_N),
-        "clip_frac_low": token_mean("clip_frac_low"),
-        "clip_frac_high": token_mean("clip_frac_high"),
-        "clip_frac": token_mean("clip_frac"),
-        "ratio_mean": token_mean("ratio_mean"),
-        "ratio_max": aux["ratio_max"].max(),
-        "approx_kl": token_mean("approx_kl"),
-        "entropy": token_mean("entropy"),
-        "grad_norm": aux["grad_norm"].mean(),
-        "nonfinite_skipped": skipped,
-        "match_rate": row_mean((roll.predicted_NxK == jnp.repeat(batch["target_BxK"], G, 0))[:, 0]),
-        "num_prompts": valid_B.sum(),
-    }
-    new_state = dataclasses.replace(state, params=params, ema_params=ema_params, opt_state=opt_state,
-                                    step=state.step + 1)
-    return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+    init = (state.params, state.ema_params, state.opt_state, jnp.zeros((), jnp.int32))
+    return jax.lax.scan(update, init, jnp.arange(cfg.ppo_epochs * cfg.num_minibatches))
 
 
-def _thought_logprobs_chunked(graphdef, params, per_prompt, chunks: int, cfg: StepConfig) -> Array:
-    def one(mb):
-        b, G, S = mb["seq"].shape
-        logp, _ = rollouts.thought_logprobs(graphdef, params, mb["seq"].reshape(b * G, S),
-                                            mb["predict_at"].reshape(b * G, -1),
-                                            mb["thoughts"].reshape(b * G, -1), cfg.rollout.temperature,
-                                            cfg.head_chunk_len)
-        return jax.lax.stop_gradient(logp.reshape(b, G, -1))
+def _thought_logprobs_chunked(graphdef, params, rows: UpdateBatch, chunks: int, cfg: StepConfig) -> Array:
+    def one(mb: UpdateBatch):
+        logp, _ = rollouts.thought_logprobs(graphdef, params, mb.seq_NxS, mb.predict_at_NxL, mb.thoughts_NxL,
+                                            cfg.rollout.temperature, cfg.head_chunk_len)
+        return jax.lax.stop_gradient(logp)
 
-    inputs = {k: per_prompt[k] for k in ("seq", "predict_at", "thoughts")}
-    return _merge(jax.lax.map(one, _split(inputs, chunks)))
+    return _chunked(one, rows, chunks)
 
 
-def _accumulated_grads(graphdef, params, mb, cfg: StepConfig, fresh_old: bool):
-    """Gradient of the minibatch loss, summed over `grad_accum_steps` micro-batches with weights
-    that make it equal to the loss of the whole minibatch at once."""
-    rcfg = cfg.rollout
-    micro = _split(mb, cfg.grad_accum_steps)
-    thoughts_per_micro = (micro["mask"].sum(-1) > 0).sum(axis=(1, 2)).astype(jnp.float32)
+_TOKEN_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "approx_kl")
+
+
+def policy_gradient(graphdef: nnx.GraphDef, params: Any, minibatch: UpdateBatch,
+                    cfg: StepConfig) -> tuple[Any, dict[str, Array]]:
+    """The gradient of `losses.policy_loss` over one minibatch of thoughts, summed over
+    `grad_accum_steps` micro-batches with weights that make it the gradient of the whole
+    minibatch at once; and the loss and its metrics, summed the same way (token metrics as
+    token-weighted sums, to be divided by `num_tokens`)."""
+    micro = _split(minibatch, cfg.grad_accum_steps)
+    taking_part = lambda m: (m.mask_NxL & m.valid_N[..., None]).astype(jnp.float32)
+    thoughts_per_micro = (taking_part(micro).sum(-1) > 0).sum(axis=1).astype(jnp.float32)
     total_thoughts = jnp.maximum(thoughts_per_micro.sum(), 1.0)
 
-    def loss_fn(p, m):
-        b, G, S = m["seq"].shape
-        logp, entropy = rollouts.thought_logprobs(graphdef, p, m["seq"].reshape(b * G, S),
-                                                  m["predict_at"].reshape(b * G, -1),
-                                                  m["thoughts"].reshape(b * G, -1), rcfg.temperature,
-                                                  cfg.head_chunk_len)
-        logp, entropy = logp.reshape(b, G, -1), entropy.reshape(b, G, -1)
-        old = jax.lax.stop_gradient(logp) if fresh_old else m["old_logp"]
-        policy_loss, sm = losses.clipped_surrogate_loss(logp, old, m["advantages"], m["mask"],
-                                                        cfg.eps_low, cfg.eps_high)
-        kl = (losses.kl_penalty(logp, m["ref_logp"], m["mask"], cfg.kl_estimator)
-              if cfg.kl_coef else jnp.zeros((), jnp.float32))
+    def loss_fn(p, m: UpdateBatch):
+        logp, entropy = rollouts.thought_logprobs(graphdef, p, m.seq_NxS, m.predict_at_NxL, m.thoughts_NxL,
+                                                  cfg.rollout.temperature, cfg.head_chunk_len)
+        old = jax.lax.stop_gradient(logp) if m.old_logp_NxL is None else m.old_logp_NxL
+        loss, sm = losses.policy_loss(logp, old, m.advantages_N, m.mask_NxL, rollout_valid_BxG=m.valid_N,
+                                      eps_low=cfg.eps_low, eps_high=cfg.eps_high, ref_logp_BxGxL=m.ref_logp_NxL,
+                                      kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
         weight = sm["num_thoughts"] / total_thoughts
-        num_tokens = m["mask"].sum().astype(jnp.float32)
-        aux = {name: sm[name] * num_tokens for name in
-               ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "approx_kl")}
-        aux |= {"entropy": jnp.where(m["mask"], entropy, 0.0).sum(), "num_tokens": num_tokens,
-                "ratio_max": sm["ratio_max"], "policy_loss": policy_loss * weight, "kl": kl * weight}
-        return (policy_loss + cfg.kl_coef * kl) * weight, aux
+        num_tokens = taking_part(m).sum()
+        aux = {name: sm[name] * num_tokens for name in _TOKEN_METRICS}
+        aux |= {"entropy": (entropy * taking_part(m)).sum(), "num_tokens": num_tokens,
+                "ratio_max": sm["ratio_max"], "policy_loss": sm["policy_loss"] * weight,
+                "kl": sm["kl"] * weight}
+        return loss * weight, aux
 
     def accumulate(grads, m):
         (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, m)
@@ -287,56 +309,46 @@ def _accumulated_grads(graphdef, params, mb, cfg: StepConfig, fresh_old: bool):
     return grads, summed | {"ratio_max": aux["ratio_max"].max()}
 
 
-def _ntp_step(state, batch, graphdef, optimizer, cfg: StepConfig):
-    """Continued pretraining: next-token cross-entropy over `[context, targets]` of the batch."""
-    B = next(iter(batch.values())).shape[0]
-    cfg.check_batch_size(B)
-    if "tokens_BxT" in batch:  # a document batch (rlp_jax.data.document_batches): whole documents
-        seq_BxS, total_len_B = batch["tokens_BxT"], batch["token_mask_BxT"].sum(-1).astype(jnp.int32)
-        if "example_mask_B" in batch:
-            total_len_B = jnp.where(batch["example_mask_B"], total_len_B, 0)
-    else:
-        seq_BxS, _ = rollouts.context_then_targets(batch)
-        total_len_B = batch["context_len_B"] + batch["target_mask_BxK"].sum(-1)
-    inputs = {"seq": seq_BxS, "len": total_len_B}
-    updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
-    minibatches = _split(inputs, cfg.num_minibatches)
+def _whole_documents(batch: DocumentBatch) -> tuple[Array, Array]:
+    lengths_B = batch.token_mask_BxT.sum(-1).astype(jnp.int32)
+    return batch.tokens_BxT, jnp.where(batch.example_mask_B, lengths_B, 0)
 
-    def loss_sum(p, m):
-        model = nnx.merge(graphdef, p)
-        positions = jnp.broadcast_to(jnp.arange(m["seq"].shape[1]), m["seq"].shape)
-        logits, _ = model(m["seq"][:, :-1], positions[:, :-1])
-        mask = jnp.arange(1, m["seq"].shape[1])[None] < m["len"][:, None]
-        nll = -losses.token_logprobs(logits, m["seq"][:, 1:])
-        return jnp.where(mask, nll, 0.0).sum(), mask.sum()
 
-    def update(carry, index):
-        params, ema_params, opt_state, skipped = carry
-        mb = jax.tree.map(lambda x: x[index % cfg.num_minibatches], minibatches)
+def _context_and_targets(batch: PromptBatch) -> tuple[Array, Array]:
+    seq_BxS, _ = rollouts.context_then_targets(batch)
+    lengths_B = batch.context_len_B + batch.target_mask_BxK.sum(-1)
+    return seq_BxS, jnp.where(batch.example_mask_B, lengths_B, 0)
+
+
+def _ntp_step(state, seq_BxS: Array, len_B: Array, graphdef, optimizer, cfg: StepConfig):
+    """Continued pretraining: next-token cross-entropy over the first `len_B` tokens of each row
+    (`losses.next_token_loss`), through the same optimizer steps, EMA and guard."""
+    cfg.check_batch_size(seq_BxS.shape[0])
+    targets_mask = lambda m: jnp.arange(1, m["seq"].shape[1])[None] < m["len"][:, None]
+
+    def gradient(params, mb):
         micro = _split(mb, cfg.grad_accum_steps)
-        total = jnp.maximum((jnp.arange(1, mb["seq"].shape[1])[None] < mb["len"][:, None]).sum(), 1)
+        total = jnp.maximum(targets_mask(mb).sum(), 1)
+
+        def loss_fn(p, m):
+            model = nnx.merge(graphdef, p)
+            positions = jnp.broadcast_to(jnp.arange(m["seq"].shape[1]), m["seq"].shape)
+            logits, _ = model(m["seq"][:, :-1], positions[:, :-1])
+            mask = targets_mask(m)
+            return losses.next_token_loss(logits, m["seq"][:, 1:], mask) * mask.sum() / total
 
         def accumulate(grads, m):
-            (s, n), g = jax.value_and_grad(loss_sum, has_aux=True)(params, m)
-            return jax.tree.map(lambda a, b: a + b / total, grads, g), s / total
+            loss, g = jax.value_and_grad(loss_fn)(params, m)
+            return jax.tree.map(jnp.add, grads, g), loss
 
         grads, loss = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), micro)
-        loss = loss.sum()
-        grad_norm = optax.tree.norm(grads)
-        ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)) | (not cfg.skip_nonfinite)
-        changes, new_opt = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, changes)
-        new_ema = losses.ema_update(ema_params, new_params, cfg.ema_decay)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        return (keep(new_params, params), keep(new_ema, ema_params), keep(new_opt, opt_state),
-                skipped + (~ok).astype(jnp.int32)), {"loss": loss, "grad_norm": grad_norm}
+        return grads, {"loss": loss.sum()}
 
-    (params, ema_params, opt_state, skipped), aux = jax.lax.scan(
-        update, (state.params, state.ema_params, state.opt_state, jnp.zeros((), jnp.int32)),
-        jnp.arange(updates_per_step))
+    inputs = {"seq": seq_BxS, "len": len_B}
+    (params, ema_params, opt_state, skipped), aux = _optimizer_steps(
+        state, _split(inputs, cfg.num_minibatches), gradient, optimizer, cfg)
     metrics = {"loss": aux["loss"].mean(), "grad_norm": aux["grad_norm"].mean(),
-               "nonfinite_skipped": skipped,
-               "tokens": jnp.maximum(total_len_B - 1, 0).sum()}
+               "nonfinite_skipped": skipped, "tokens": jnp.maximum(len_B - 1, 0).sum()}
     new_state = dataclasses.replace(state, params=params, ema_params=ema_params, opt_state=opt_state,
                                     step=state.step + 1)
     return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
@@ -358,9 +370,10 @@ def state_shardings(abstract_state: TrainState, optimizer: optax.GradientTransfo
                       ref_params=None if abstract_state.ref_params is None else params_sharding)
 
 
-def batch_shardings(batch_example: dict[str, Any], mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES):
+def batch_shardings(batch_example: Batch, mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES) -> Batch:
+    """Every field of the batch split over `batch` on its leading (row) axis."""
     spec = sharding.logical_to_mesh(("batch",), rules)
-    return {k: jax.sharding.NamedSharding(mesh, spec) for k in batch_example}
+    return jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, spec), batch_example)
 
 
 def create_sharded_state(params, optimizer, seed: int, mesh, rules=sharding.DEFAULT_RULES,

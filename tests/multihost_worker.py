@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from rlp_jax import train_step as ts  # noqa: E402
+from rlp_jax.batch import prompt_batch  # noqa: E402
 from rlp_jax.models import preset  # noqa: E402
 from rlp_jax.rollouts import RolloutConfig  # noqa: E402
 
@@ -35,16 +36,14 @@ mesh = sharding.make_mesh((2, 2, 2))
 graphdef, state, shardings = ts.create_state_from_scratch(model_config, optimizer, 0, mesh)
 rng = np.random.RandomState(0)
 B = 8
-full = {"context_BxT": rng.randint(3, 32, (B, 9)).astype(np.int32),
-        "context_len_B": rng.randint(2, 10, B).astype(np.int32),
-        "target_BxK": rng.randint(3, 32, (B, 1)).astype(np.int32),
-        "target_mask_BxK": np.ones((B, 1), bool)}
+full = prompt_batch(rng.randint(3, 32, (B, 9)).astype(np.int32), rng.randint(2, 10, B).astype(np.int32),
+                    rng.randint(3, 32, (B, 1)).astype(np.int32))
 rows = slice(process_id * B // num_processes, (process_id + 1) * B // num_processes)
 batch_sharding = ts.batch_shardings(full, mesh)
 step = ts.compile_train_step(graphdef, optimizer, cfg, mesh, shardings, batch_sharding)
 history = []
 for _ in range(2):
-    batch = sharding.global_batch({k: v[rows] for k, v in full.items()}, batch_sharding)
+    batch = sharding.global_batch(jax.tree.map(lambda v: v[rows], full), batch_sharding)
     state, metrics = step(state, batch)
     history.append({k: float(v) for k, v in metrics.items()})
 replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rlp_jax import ablate
-from rlp_jax.demo import demo_rlp_config
+from rlp_jax.configs.demo import get_config as demo_rlp_config
 
 
 def test_t_flop_and_compute_matched_ntp_steps_by_hand():

@@ -15,7 +15,7 @@ from rlp_jax import config as config_lib
 from rlp_jax import plan
 
 ROOT = Path(__file__).parent.parent
-CONFIG_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py"))
+CONFIG_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
 MAX_DEVICES = 64  # the largest mesh among the configs (TPU v5p-128 = 64 chips)
 DEVICES_PER_HOST = {"tpu-v5p": 4, "tpu-v5e": 4, "tpu-v6e": 8, "h100": 8, "h200": 8, "cpu": 4}
 
@@ -36,8 +36,9 @@ WORKER = r"""
 import dataclasses, functools, json, math, sys, types
 import jax, jax.numpy as jnp
 from flax import nnx
-from rlp_jax import config as config_lib, plan, sharding, trainer
+from rlp_jax import build, config as config_lib, plan, sharding
 from rlp_jax import train_step as ts
+from rlp_jax.batch import PromptBatch
 
 results = {}
 for item in json.loads(sys.argv[1]):
@@ -51,19 +52,18 @@ for item in json.loads(sys.argv[1]):
     if tokenizer is None:  # an HF tokenizer.json that is only on the cluster
         tokenizer = types.SimpleNamespace(think_open_id=1, think_close_id=2, pad_id=0,
                                           encode=lambda text: [3] * len(text))
-    optimizer = trainer.build_optimizer(config)
+    optimizer = build.optimizer(config)
     graphdef, abstract, shardings, _ = ts.abstract_state_from_scratch(
-        model_config, optimizer, config.seed, mesh, with_reference=config.rlp.kl_coef > 0)
+        model_config, optimizer, config.seed, mesh, build.rules(config), with_reference=config.rlp.kl_coef > 0)
     per_device = lambda tree, sh: sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
                                       for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(sh)))
     B, C, K = config.train.batch_size, config.data.max_context, config.data.target_len
-    batch = {"context_BxT": jax.ShapeDtypeStruct((B, C), jnp.int32),
-             "context_len_B": jax.ShapeDtypeStruct((B,), jnp.int32),
-             "target_BxK": jax.ShapeDtypeStruct((B, K), jnp.int32),
-             "target_mask_BxK": jax.ShapeDtypeStruct((B, K), jnp.bool_)}
+    batch = PromptBatch(jax.ShapeDtypeStruct((B, C), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32),
+                        jax.ShapeDtypeStruct((B, K), jnp.int32), jax.ShapeDtypeStruct((B, K), jnp.bool_),
+                        jax.ShapeDtypeStruct((B,), jnp.bool_))
     step = functools.partial(ts.train_step, graphdef=graphdef, optimizer=optimizer,
-                             cfg=trainer.build_step_config(config, tokenizer))
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+                             cfg=build.step_config(config, tokenizer))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(build.rules(config)):
         new_state, metrics = jax.eval_shape(step, abstract, batch)
     same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, abstract, new_state)
     results[path] = {"mesh": list(shape), "model_params": model_config.num_params(),

@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer as RawHFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from rlp_jax.batch import DocumentBatch, PromptBatch, as_dict
 from rlp_jax.data import (
     Corpus,
     DocumentBatchConfig,
@@ -62,7 +63,8 @@ def _iterate(config, corpus=CORPUS, tokenizer=TOKENIZER, index=0, count=1, limit
                               process_count=count)
     batches = []
     for batch in iterator:
-        batches.append(batch)
+        assert isinstance(batch, PromptBatch)
+        batches.append(as_dict(batch))
         if limit is not None and len(batches) == limit:
             break
     return batches, iterator
@@ -70,6 +72,7 @@ def _iterate(config, corpus=CORPUS, tokenizer=TOKENIZER, index=0, count=1, limit
 
 def _rows(batches):
     for batch in batches:
+        batch = batch if isinstance(batch, dict) else as_dict(batch)
         for r in np.flatnonzero(batch["example_mask_B"]):
             yield {name: value[r] for name, value in batch.items()}
 
@@ -77,6 +80,7 @@ def _rows(batches):
 def _assert_same(batches_a, batches_b):
     assert len(batches_a) == len(batches_b)
     for a, b in zip(batches_a, batches_b):
+        a, b = (x if isinstance(x, dict) else as_dict(x) for x in (a, b))
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -94,9 +98,8 @@ def test_rows_are_exact_slices_of_their_documents():
         context = tokens[max(0, t - 8):t]
         n = len(context)
         assert row["context_len_B"] == n
-        np.testing.assert_array_equal(row["context_BxC"][8 - n:], context)
-        assert np.all(row["context_BxC"][:8 - n] == TOKENIZER.pad_id)
-        np.testing.assert_array_equal(row["context_mask_BxC"], np.arange(8) >= 8 - n)
+        np.testing.assert_array_equal(row["context_BxT"][:n], context)  # right-padded
+        assert np.all(row["context_BxT"][n:] == TOKENIZER.pad_id)
         target = tokens[t:t + 2]
         np.testing.assert_array_equal(row["target_BxK"][:len(target)], target)
         np.testing.assert_array_equal(row["target_mask_BxK"], np.arange(2) < len(target))
@@ -243,7 +246,9 @@ def test_document_windows_cover_every_target_exactly_once():
     iterator = document_batches(CORPUS, "train", TOKENIZER, config, process_index=0,
                                 process_count=1)
     targets = collections.defaultdict(list)
-    for row in _rows(list(iterator)):
+    windows = list(iterator)
+    assert all(isinstance(b, DocumentBatch) for b in windows)
+    for row in _rows(windows):
         doc, window = int(row["doc_id_B"]), int(row["window_B"])
         length = int(row["token_mask_BxT"].sum())
         assert np.all(row["token_mask_BxT"][:length]) and not row["token_mask_BxT"][length:].any()
@@ -273,16 +278,17 @@ def test_demo_corpus_prompts_sit_at_answers(tmp_path):
                                   process_count=1))
     assert len(batches) == 1
     for r in range(16):
-        question = tok.decode(batches[0]["context_BxC"][r])
+        n = batches[0].context_len_B[r]
+        question = tok.decode(batches[0].context_BxT[r, :n])
         a, b = question.rstrip("=").split("+")
-        assert tok.decode(batches[0]["target_BxK"][r]) == f"{int(a) + int(b):03d}"
-    assert set(batches[0]["position_kind_B"].tolist()) == {
+        assert tok.decode(batches[0].target_BxK[r]) == f"{int(a) + int(b):03d}"
+    assert set(batches[0].position_kind_B.tolist()) == {
         corpus.position_kind_names.index("answer_start")}
     every = prompt_batches(corpus, "validation", tok, PromptBatchConfig(
         batch_size=12, max_context=16, num_epochs=1, shuffle_window=0, shuffle_documents=False,
         read_threads=0, positions=PositionConfig("all")), process_index=0, process_count=1)
     first = next(every)  # one document "abc+def=ghi" + EOS: positions 1..11
-    names = [corpus.position_kind_names[k] for k in first["position_kind_B"][:11]]
+    names = [corpus.position_kind_names[k] for k in first.position_kind_B[:11]]
     assert names == ["operand"] * 2 + ["unmarked"] + ["operand"] * 3 + ["unmarked"] + [
         "answer_start", "answer_rest", "answer_rest", "unmarked"]
 
@@ -307,7 +313,7 @@ def test_marked_offsets_map_to_the_bpe_token_holding_them(tmp_path):
     ids, spans = tok.encode_with_offsets(text)
     holder = next(i for i, (start, end) in enumerate(spans) if start <= offset < end)
     assert int(row["position_B"]) == holder + 1  # BOS comes first
-    context = row["context_BxC"][row["context_mask_BxC"]]
+    context = row["context_BxT"][:row["context_len_B"]]
     assert context[0] == tok.bos_id
     assert tok.decode(context[1:]) == text[:spans[holder][0]]
     assert row["target_BxK"][0] == ids[holder]

@@ -286,7 +286,7 @@ class _Concatenated:
 
     def __next__(self):
         parts = [next(it) for it in self.iterators]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return jax.tree.map(lambda *rows: np.concatenate(rows), *parts)
 
     @property
     def stats(self):
@@ -301,6 +301,7 @@ class _Concatenated:
 
 
 def test_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
+    from rlp_jax import build as build_lib
     from rlp_jax import config as config_lib
     from rlp_jax import trainer
 
@@ -308,7 +309,7 @@ def test_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
     overrides = [f"data.data_dir={tmp_path / 'data'}", "train.steps=3", "checkpoint.every_steps=100",
                  "eval.num_positions=24", "eval.batch_size=16"]
     config = config_lib.load_config(TINY, overrides)
-    trainer.build_corpus(config, tmp_path)  # built once, before either run reads it
+    build_lib.corpus(config, tmp_path)  # built once, before either run reads it
     # 2 processes × 4 devices through the launcher and the real CLI, in the background ...
     console = open(tmp_path / "launcher.txt", "w")
     launcher = subprocess.Popen(
@@ -317,7 +318,7 @@ def test_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
         stdout=console, stderr=subprocess.STDOUT, env={**os.environ, "RLP_JAX_BIN": f"{sys.executable} -m rlp_jax.cli"})
     try:
         # ... while 1 process × 8 devices here is fed what the 2 processes read: each one's shard.
-        build = trainer.build_batches
+        build = build_lib.batches
 
         def as_two_processes(config, corpus, tokenizer, split, batch_size, **kwargs):
             if kwargs.get("whole_split"):
@@ -331,7 +332,7 @@ def test_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
             return _Concatenated(iterators)
 
         with monkeypatch.context() as m:
-            m.setattr(trainer, "build_batches", as_two_processes)
+            m.setattr(build_lib, "batches", as_two_processes)
             trainer.train(config, tmp_path / "one", echo=lambda _: None)
         launcher.wait(timeout=320)
     finally:

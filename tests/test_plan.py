@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from rlp_jax import plan, sharding, trainer
+from rlp_jax import build, plan, sharding
 from rlp_jax import train_step as ts
 from rlp_jax.config import base_config
 
@@ -72,7 +72,7 @@ def test_state_bytes_equal_a_real_sharded_state_on_8_devices():
     config.model.param_dtype = "bfloat16"
     est, model_config = tiny_estimate(config)
     mesh = sharding.make_mesh((2, 2, 2))
-    _, state, _ = ts.create_state_from_scratch(model_config, trainer.build_optimizer(config), 0, mesh)
+    _, state, _ = ts.create_state_from_scratch(model_config, build.optimizer(config), 0, mesh)
     device = jax.devices()[3]
 
     def on_device(tree):

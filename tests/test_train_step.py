@@ -1,5 +1,6 @@
-"""The sharded RLP train step: meshes agree, gradients come only from thought tokens, scoring on
-the cache equals a fresh forward, the EMA teacher behaves, the objectives, and multi-host."""
+"""The sharded RLP train step: meshes agree, gradients come only from thought tokens (padding rows
+count nowhere), the EMA teacher behaves, the objectives, and multi-host. (Scoring on the rollout
+cache: tests/test_rollouts.py.)"""
 
 import dataclasses
 import json
@@ -16,6 +17,7 @@ from flax import nnx
 
 from rlp_jax import losses, rollouts, sharding
 from rlp_jax import train_step as ts
+from rlp_jax.batch import prompt_batch, step_fields
 from rlp_jax.models import preset
 from rlp_jax.rollouts import RolloutConfig
 
@@ -25,12 +27,12 @@ ROLLOUT = RolloutConfig(think_open_id=1, think_close_id=2, num_rollouts=G, max_t
                         temperature=1.0)
 
 
-def make_batch(seed=0, K=1):
+def make_batch(seed=0, K=1, example_mask=None):
     rng = np.random.RandomState(seed)
-    return {"context_BxT": jnp.asarray(rng.randint(3, VOCAB, (B, T)), jnp.int32),
-            "context_len_B": jnp.asarray(rng.randint(2, T + 1, B), jnp.int32),
-            "target_BxK": jnp.asarray(rng.randint(3, VOCAB, (B, K)), jnp.int32),
-            "target_mask_BxK": jnp.asarray(np.arange(K) < rng.randint(1, K + 1, (B, 1)))}
+    return jax.tree.map(jnp.asarray, prompt_batch(
+        rng.randint(3, VOCAB, (B, T)).astype(np.int32), rng.randint(2, T + 1, B).astype(np.int32),
+        rng.randint(3, VOCAB, (B, K)).astype(np.int32), np.arange(K) < rng.randint(1, K + 1, (B, 1)),
+        example_mask))
 
 
 def single_device_mesh():
@@ -75,28 +77,31 @@ def test_single_device_and_two_meshes_agree_after_two_steps():
     assert want[1]["ratio_mean"] != 1.0  # the second PPO epoch saw moved ratios
 
 
-def test_update_is_the_policy_gradient_of_thought_tokens_only():
+@pytest.mark.parametrize("real_rows", [B, B // 2])
+def test_update_is_the_policy_gradient_of_thought_tokens_only(real_rows):
     """With SGD(lr=1) the update is −∇L, and ∇L equals −Σ (A/|c|)/N ∇log π(thought tokens) built
-    from the step's own rollouts — nothing else (targets, S_pred, S_ema) contributes."""
+    from the step's own rollouts — nothing else (targets, S_pred, S_ema) contributes. Padding rows
+    of a short final batch (`real_rows` < B) train nothing and count in no normaliser: N counts
+    the real prompts' thoughts only."""
     cfg = ts.StepConfig(rollout=ROLLOUT)
     optimizer = optax.sgd(1.0)
     mesh = single_device_mesh()
     graphdef, state0, _ = ts.create_state_from_scratch(MODEL, optimizer, 0, mesh)
     params0 = jax.tree.map(jnp.copy, state0.params)
-    batch = make_batch()
+    batch = make_batch(example_mask=np.arange(B) < real_rows)
     key = jax.random.fold_in(jax.random.wrap_key_data(state0.rng), 0)
     roll = rollouts.sample_and_score(graphdef, params0, batch, key, ROLLOUT)
     s_ema, _ = rollouts.no_think_logprobs(graphdef, params0, batch, ROLLOUT)
     rewards = losses.information_gain_reward(roll.s_pred_NxK.reshape(B, G, 1), s_ema[:, None],
-                                             batch["target_mask_BxK"][:, None])
+                                             batch.target_mask_BxK[:, None])
     adv = losses.group_relative_advantages(rewards)
     seq, predict_at = rollouts.thought_sequences(roll, G)
-    mask = roll.thought_mask_NxL.reshape(B, G, L)
+    mask = roll.thought_mask_NxL.reshape(B, G, L) & (np.arange(B) < real_rows)[:, None, None]
     num_thoughts = float((mask.sum(-1) > 0).sum())
 
     def manual(p):
         logp, _ = rollouts.thought_logprobs(graphdef, p, seq, predict_at, roll.thoughts_NxL, 1.0)
-        per_thought = jnp.where(mask, logp.reshape(B, G, L), 0).sum(-1) / mask.sum(-1)
+        per_thought = jnp.where(mask, logp.reshape(B, G, L), 0).sum(-1) / jnp.maximum(mask.sum(-1), 1)
         return -(adv * per_thought).sum() / num_thoughts
 
     want = jax.grad(manual)(params0)
@@ -106,6 +111,7 @@ def test_update_is_the_policy_gradient_of_thought_tokens_only():
     for g, w in zip(leaves(got), leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
     assert float(metrics["grad_norm"]) > 0
+    assert float(metrics["num_prompts"]) == real_rows
 
 
 @pytest.mark.parametrize("chunk", [2, 3])  # L = 5: padded last chunk either way
@@ -183,29 +189,6 @@ def test_update_ignores_the_baseline_and_targets_enter_only_through_advantages()
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_scoring_on_the_rollout_cache_equals_a_fresh_full_forward():
-    optimizer = optax.adam(1e-3)
-    graphdef, state, _ = ts.create_state_from_scratch(MODEL, optimizer, 0, single_device_mesh())
-    batch = make_batch(seed=1, K=3)
-    # A hot temperature makes </think> likely enough that closed and truncated rows both occur.
-    roll = rollouts.sample_and_score(graphdef, state.params, batch, jax.random.key(5),
-                                     dataclasses.replace(ROLLOUT, max_thought_len=8, temperature=3.0))
-    model = nnx.merge(graphdef, state.params)
-    truncated = 0
-    for n in range(B * G):
-        b = n // G
-        thought = np.asarray(roll.thoughts_NxL[n])[np.asarray(roll.thought_mask_NxL[n])]
-        closed = thought if thought[-1] == ROLLOUT.think_close_id else np.append(thought, ROLLOUT.think_close_id)
-        truncated += int(thought[-1] != ROLLOUT.think_close_id)
-        targets = np.asarray(batch["target_BxK"][b])
-        seq = np.concatenate([np.asarray(roll.prompt_BxP[b, :roll.prompt_len_B[b]]), closed, targets])
-        logits, _ = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
-        want = losses.token_logprobs(logits[0, -4:-1], jnp.asarray(targets))
-        np.testing.assert_allclose(roll.s_pred_NxK[n], want, atol=2e-5)
-    assert 0 < truncated < B * G  # both kinds of rows were checked
-    assert int(roll.truncated_N.sum()) == truncated
-
-
 def test_ema_lazy_init_exact_update_and_float32_under_bf16_params():
     bf16_model = MODEL.replace(param_dtype="bfloat16", dtype="bfloat16")
     optimizer = optax.adam(1e-2)
@@ -263,7 +246,7 @@ def test_grad_accumulation_and_minibatches_give_the_unsplit_update():
 def test_rollout_microbatches_chunk_the_ema_baseline_without_changing_it():
     graphdef, state, _ = ts.create_state_from_scratch(MODEL, optax.sgd(0.1), 0, sharding.make_mesh((2, 2, 2)))
     batch = make_batch(K=3)
-    baseline = {n: jax.jit(lambda s, b, n=n: ts._ema_baseline(s, b, graphdef, ts.StepConfig(
+    baseline = {n: jax.jit(lambda s, b, n=n: ts.ema_baseline(s, b, graphdef, ts.StepConfig(
         rollout=ROLLOUT, rollout_microbatches=n)))(state, batch) for n in (1, 2, 4)}
     # The same rows in the same order: chunking only bounds how many prompts one forward holds.
     expected, _ = jax.jit(lambda p, b: rollouts.no_think_logprobs(graphdef, p, b, ROLLOUT))(state.ema_params, batch)
@@ -289,8 +272,8 @@ def test_rpt_rewards_are_binary_and_ntp_matches_hand_cross_entropy():
     model = nnx.merge(graphdef, state.params)
     nll, count = 0.0, 0
     for b in range(B):
-        n = int(batch["context_len_B"][b])
-        seq = np.concatenate([np.asarray(batch["context_BxT"][b, :n]), np.asarray(batch["target_BxK"][b])])
+        n = int(batch.context_len_B[b])
+        seq = np.concatenate([np.asarray(batch.context_BxT[b, :n]), np.asarray(batch.target_BxK[b])])
         logits, _ = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
         nll += -float(losses.token_logprobs(logits[0, :-1], jnp.asarray(seq[1:])).sum())
         count += len(seq) - 1
@@ -366,17 +349,8 @@ def test_two_processes_with_four_devices_each_match_one_process_with_eight(tmp_p
             np.testing.assert_allclose(sb[name], sa[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_from_prompt_batch_right_aligns_left_padded_contexts():
-    batch = {"context_BxC": jnp.array([[0, 0, 7, 8], [5, 6, 7, 8], [0, 0, 0, 0]]),
-             "context_mask_BxC": jnp.array([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], bool),
-             "context_len_B": jnp.array([2, 4, 0]), "target_BxK": jnp.array([[9], [9], [0]])}
-    out = rollouts.from_prompt_batch(batch)
-    np.testing.assert_array_equal(out["context_BxT"], [[7, 8, 0, 0], [5, 6, 7, 8], [0, 0, 0, 0]])
-    assert "context_BxC" not in out and "context_mask_BxC" not in out
-
-
 def test_a_padded_final_pipeline_batch_trains_on_its_real_rows_only(tmp_path):
-    """The data pipeline's demo prompts (left-padded, with padding rows) through one RLP step."""
+    """The data pipeline's demo prompts (with padding rows) through one RLP step."""
     from rlp_jax import data
 
     tokenizer = data.demo_tokenizer()
@@ -387,12 +361,13 @@ def test_a_padded_final_pipeline_batch_trains_on_its_real_rows_only(tmp_path):
     pipeline_batches = list(data.prompt_batches(corpus, "train", tokenizer, config,
                                                 process_index=0, process_count=1))
     last = pipeline_batches[-1]
-    real_rows = int(last["example_mask_B"].sum())
+    real_rows = int(last.example_mask_B.sum())
     assert 0 < real_rows < B
-    batch = {k: jnp.asarray(v) for k, v in rollouts.from_prompt_batch(last).items()}
-    for b in range(real_rows):  # right-aligned context ends right before the answer
-        n = int(batch["context_len_B"][b])
-        assert tokenizer.decode(np.asarray(batch["context_BxT"][b, :n])).endswith("=")
+    batch = jax.tree.map(jnp.asarray, step_fields(last))
+    for b in range(real_rows):  # the right-padded context ends right before the answer
+        n = int(batch.context_len_B[b])
+        assert tokenizer.decode(np.asarray(batch.context_BxT[b, :n])).endswith("=")
+        assert (np.asarray(batch.context_BxT[b, n:]) == tokenizer.pad_id).all()
     rollout = dataclasses.replace(ROLLOUT, think_open_id=tokenizer.think_open_id,
                                   think_close_id=tokenizer.think_close_id, pad_id=tokenizer.pad_id)
     model = MODEL.replace(vocab_size=tokenizer.vocab_size)

@@ -18,9 +18,10 @@ from flax import nnx
 
 from rlp_jax import losses, rollouts, sampling, sharding
 from rlp_jax import train_step as ts
+from rlp_jax.batch import PromptBatch, prompt_batch
 from rlp_jax.bench import measure
 from rlp_jax.models.config import ModelConfig
-from rlp_jax.models.transformer import KVCache, Transformer
+from rlp_jax.models.transformer import Transformer
 
 THINK_OPEN, THINK_CLOSE = 1, 2
 
@@ -60,13 +61,12 @@ def rollout_config(shapes: Shapes) -> rollouts.RolloutConfig:
                                   min_thought_len=shapes.thought, temperature=shapes.temperature)
 
 
-def make_batch(config: ModelConfig, shapes: Shapes, seed: int = 0) -> dict[str, jax.Array]:
+def make_batch(config: ModelConfig, shapes: Shapes, seed: int = 0) -> PromptBatch:
     rng = np.random.RandomState(seed)
     B, T, K = shapes.batch, shapes.context, shapes.targets
-    return {"context_BxT": jnp.asarray(rng.randint(3, config.vocab_size, (B, T)), jnp.int32),
-            "context_len_B": jnp.full((B,), T, jnp.int32),
-            "target_BxK": jnp.asarray(rng.randint(3, config.vocab_size, (B, K)), jnp.int32),
-            "target_mask_BxK": jnp.ones((B, K), bool)}
+    return jax.tree.map(jnp.asarray, prompt_batch(rng.randint(3, config.vocab_size, (B, T)).astype(np.int32),
+                                                  np.full((B,), T, np.int32),
+                                                  rng.randint(3, config.vocab_size, (B, K)).astype(np.int32)))
 
 
 def optimizer() -> optax.GradientTransformation:
@@ -102,10 +102,10 @@ class Prepared:
     shapes: Shapes
     graphdef: Any
     params: Any
-    batch: dict[str, jax.Array]
+    batch: PromptBatch
     rcfg: rollouts.RolloutConfig
     step_cfg: ts.StepConfig
-    per_prompt: dict[str, jax.Array]  # the update's inputs, from real rollouts of `params`
+    rows: ts.UpdateBatch  # the update's inputs, from real rollouts of `params`
     sample_and_score: Any  # jitted (params, batch, key) -> Rollouts
     state: Any  # a TrainState with the same params, for the whole compiled step (donated there)
     state_sharding: Any
@@ -120,13 +120,10 @@ def prepare(config: ModelConfig, shapes: Shapes, seed: int = 0) -> Prepared:
     step_cfg = ts.StepConfig(rollout=rcfg)
     sample_and_score = jax.jit(functools.partial(rollouts.sample_and_score, graphdef, cfg=rcfg))
     roll = sample_and_score(params, batch, jax.random.key(seed))
-    seq_NxS, predict_at_NxL = rollouts.thought_sequences(roll, shapes.rollouts)
-    B, G, L = shapes.batch, shapes.rollouts, shapes.thought
+    B, G = shapes.batch, shapes.rollouts
     advantages = jax.random.normal(jax.random.key(seed + 1), (B, G))
-    per_prompt = {"seq": seq_NxS.reshape(B, G, -1), "predict_at": predict_at_NxL.reshape(B, G, L),
-                  "thoughts": roll.thoughts_NxL.reshape(B, G, L),
-                  "mask": roll.thought_mask_NxL.reshape(B, G, L), "advantages": advantages}
-    return Prepared(config, shapes, graphdef, params, batch, rcfg, step_cfg, per_prompt,
+    rows = ts.update_batch(roll, advantages, jnp.ones((B, G), bool))
+    return Prepared(config, shapes, graphdef, params, batch, rcfg, step_cfg, rows,
                     sample_and_score, state, state_sharding)
 
 
@@ -144,12 +141,12 @@ def update(p: Prepared) -> dict[str, Any]:
 
     @jax.jit
     def fwd_bwd(params, mb):
-        grads, aux = ts._accumulated_grads(p.graphdef, params, mb, cfg, True)
+        grads, aux = ts.policy_gradient(p.graphdef, params, mb, cfg)
         return grads, aux["loss"]
 
     @jax.jit
     def full_update(params, opt_state, ema, mb):
-        grads, aux = ts._accumulated_grads(p.graphdef, params, mb, cfg, True)
+        grads, aux = ts.policy_gradient(p.graphdef, params, mb, cfg)
         changes, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, changes)
         return params, opt_state, losses.ema_update(ema, params, cfg.ema_decay), aux["loss"]
@@ -157,8 +154,8 @@ def update(p: Prepared) -> dict[str, Any]:
     opt_state = opt.init(p.params)
     ema = jax.tree.map(lambda x: x.astype(jnp.float32), p.params)
     s = p.shapes
-    t_fb = measure.timeit(lambda: fwd_bwd(p.params, p.per_prompt), s.repeats)
-    t_up = measure.timeit(lambda: full_update(p.params, opt_state, ema, p.per_prompt), s.repeats)
+    t_fb = measure.timeit(lambda: fwd_bwd(p.params, p.rows), s.repeats)
+    t_up = measure.timeit(lambda: full_update(p.params, opt_state, ema, p.rows), s.repeats)
     flops = measure.train_flops(p.config, s.rows, s.seq_len, s.thought)
     tokens = s.rows * s.seq_len
     return {"rows": s.rows, "seq_len": s.seq_len, "tokens": tokens, "model_flops": flops,
@@ -185,10 +182,10 @@ def decode(model: Transformer, shapes: Shapes, batch_size: int, seed: int = 0) -
 
     t_n = measure.timeit(run(n), shapes.repeats)
     t_1 = measure.timeit(run(1), shapes.repeats)
-    return _decode_result(model.config, batch_size, P, n, t_n, t_1)
+    return decode_result(model.config, batch_size, P, n, t_n, t_1)
 
 
-def _decode_result(config, batch_size, P, n, t_n, t_1) -> dict[str, Any]:
+def decode_result(config, batch_size, P, n, t_n, t_1) -> dict[str, Any]:
     """Decode throughput from t(n) − t(1); None where timing noise swamps the difference (tiny
     models), rather than a meaningless number."""
     decode_s = t_n.median_s - t_1.median_s
@@ -206,20 +203,6 @@ def _decode_result(config, batch_size, P, n, t_n, t_1) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- (4) the step, piece by piece
 
-def _score_on_cache(graphdef, params, cache: KVCache, next_positions_N, finished_N, target_BxK, rcfg):
-    """The scoring half of `rollouts.sample_and_score`, on a finished rollout: `[</think>, x_t…]`
-    fed into the rollout cache, log-probs of the targets (and the cache, so that a donated one is
-    written in place)."""
-    model = nnx.merge(graphdef, params)
-    G = rcfg.num_rollouts
-    N, K = next_positions_N.shape[0], target_BxK.shape[1]
-    close_pos_N = next_positions_N - finished_N.astype(jnp.int32)
-    target_NxK = jnp.repeat(target_BxK, G, axis=0)
-    feed = jnp.concatenate([jnp.full((N, 1), rcfg.think_close_id, jnp.int32), target_NxK], axis=1)
-    hidden, cache = model.hidden_states(feed, close_pos_N[:, None] + jnp.arange(K + 1), cache=cache)
-    return losses.token_logprobs(model.logits(hidden[:, :K]).astype(jnp.float32), target_NxK), cache
-
-
 def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]:
     """Each piece of an RLP step jitted alone, then the whole compiled train step.
 
@@ -235,7 +218,7 @@ def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]
     """
     s, rcfg, gd = p.shapes, p.rcfg, p.graphdef
     key = jax.random.key(1)
-    prompt_BxP, prompt_len_B = rollouts.build_prompts(p.batch["context_BxT"], p.batch["context_len_B"], rcfg)
+    prompt_BxP, prompt_len_B = rollouts.build_prompts(p.batch.context_BxT, p.batch.context_len_B, rcfg)
     cache_len = prompt_BxP.shape[1] + s.thought + 1 + s.targets
 
     sample = jax.jit(lambda params, k: sampling.sample(gd, params, prompt_BxP, prompt_len_B, k,
@@ -244,9 +227,12 @@ def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]
     t_both = measure.timeit(lambda: p.sample_and_score(p.params, p.batch, key).s_pred_NxK, s.repeats)
 
     out = sample(p.params, key)
-    score = jax.jit(functools.partial(_score_on_cache, gd, rcfg=rcfg), donate_argnums=(1,))
-    fresh = lambda: (p.params, KVCache(jnp.copy(out.cache.k), jnp.copy(out.cache.v)),
-                     out.next_positions_N, out.finished_N, p.batch["target_BxK"])
+    # The scoring half of sample_and_score on a finished rollout; its cache donated (written in
+    # place), a fresh copy made outside the timed call.
+    score = jax.jit(lambda params, cache, o, t: rollouts.score_after_thoughts(
+        gd, params, dataclasses.replace(o, cache=cache), t, rcfg)[::2], donate_argnums=(1,))
+    rest = dataclasses.replace(out, cache=None)
+    fresh = lambda: (p.params, jax.tree.map(jnp.copy, out.cache), rest, p.batch.target_BxK)
     t_score_alone = measure.timeit(score, s.repeats, setup=fresh)
 
     ema = jax.tree.map(lambda x: x.astype(jnp.float32), p.params)
@@ -289,9 +275,9 @@ def profile_update(p: Prepared, folder: str) -> dict[str, Any]:
     """Where one forward + backward of the update spends its time (see bench/profile.py)."""
     from rlp_jax.bench import profile
 
-    fwd_bwd = jax.jit(lambda params, mb: ts._accumulated_grads(p.graphdef, params, mb, p.step_cfg, True)[0])
-    out = profile.top_ops(lambda: fwd_bwd(p.params, p.per_prompt), folder)
-    hlo = fwd_bwd.lower(p.params, p.per_prompt).compile().as_text()
+    fwd_bwd = jax.jit(lambda params, mb: ts.policy_gradient(p.graphdef, params, mb, p.step_cfg)[0])
+    out = profile.top_ops(lambda: fwd_bwd(p.params, p.rows), folder)
+    hlo = fwd_bwd.lower(p.params, p.rows).compile().as_text()
     return out | {"what": profile.describe(hlo, [op["name"] for op in out["ops"]])}
 
 
@@ -305,6 +291,6 @@ def profile_decode(model: Transformer, shapes: Shapes, batch_size: int, folder: 
     lengths = jnp.full((batch_size,), P, jnp.int32)
     cfg = sampling.SamplingConfig(max_new_tokens=shapes.decode_new, temperature=shapes.temperature)
     args = (graphdef, params, prompts, lengths, jax.random.key(0), cfg, 1, None)
-    out = profile.top_ops(lambda: sampling._sample_jit(*args).tokens_NxL, folder)
-    hlo = sampling._sample_jit.lower(*args).compile().as_text()
+    out = profile.top_ops(lambda: sampling.sample_jit(*args).tokens_NxL, folder)
+    hlo = sampling.sample_jit.lower(*args).compile().as_text()
     return out | {"what": profile.describe(hlo, [op["name"] for op in out["ops"]])}

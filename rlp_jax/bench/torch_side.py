@@ -81,13 +81,13 @@ class Peer:
         forward over `[context, <think>, thought]`, LM head only where thought tokens are scored
         (`logits_to_keep`), backward."""
         torch = self.torch
-        s, mb = prepared.shapes, prepared.per_prompt
+        s, mb = prepared.shapes, prepared.rows
         N, L = s.rows, s.thought
         as_tensor = lambda x, shape, dtype: torch.tensor(np.asarray(x).reshape(shape), dtype=dtype, device=self.device)
-        seq = as_tensor(mb["seq"], (N, -1), torch.long)
-        thoughts = as_tensor(mb["thoughts"], (N, L), torch.long)
-        mask = as_tensor(mb["mask"], (N, L), torch.float32)
-        adv = as_tensor(mb["advantages"], (N,), torch.float32)
+        seq = as_tensor(mb.seq_NxS, (N, -1), torch.long)
+        thoughts = as_tensor(mb.thoughts_NxL, (N, L), torch.long)
+        mask = as_tensor(mb.mask_NxL, (N, L), torch.float32)
+        adv = as_tensor(mb.advantages_N, (N,), torch.float32)
         temperature = s.temperature
         model = self.model
         model.train()
@@ -145,5 +145,5 @@ class Peer:
 
         t_n = measure.timeit(run(n), shapes.repeats, block=self.block)
         t_1 = measure.timeit(run(1), shapes.repeats, block=self.block)
-        return jax_side._decode_result(self.config, batch_size, P, n, t_n, t_1)
+        return jax_side.decode_result(self.config, batch_size, P, n, t_n, t_1)
 

@@ -6,7 +6,7 @@
                                positions=PositionConfig("marked", None,
                                                         marked_kinds=("answer_start",)))
     batches = prompt_batches(corpus, "train", tokenizer, config)
-    batch = next(batches)                                    # context_BxC, target_BxK, ...
+    batch = next(batches)                                    # a PromptBatch: context_BxT, ...
     state = batches.get_state()                              # JSON-serialisable; set_state()
 
 See docs/data.md.

@@ -1,31 +1,31 @@
 """Fixed-shape batches and the checkpointable iterator that makes them.
 
-Two batch layouts (all arrays numpy; B = per-process batch size):
+The iterator yields the step's own batch types (`rlp_jax.batch`), numpy on the host, B = the
+per-process batch size:
 
-Prompt batches (RLP): C = `max_context`, K = `target_len`
+Prompt batches (`PromptBatch`, RLP): T = `max_context`, K = `target_len`
 | field | shape, dtype | meaning |
 |---|---|---|
-| `context_BxC` | int32 | the last ≤ C tokens before the position, LEFT-padded with `pad_id` |
-| `context_mask_BxC` | bool | True on real context tokens (a suffix of each row) |
+| `context_BxT` | int32 | the last ≤ T tokens before the position, RIGHT-padded with `pad_id` |
 | `context_len_B` | int32 | number of real context tokens |
 | `target_BxK` | int32 | the true next tokens `x_t … x_{t+K−1}`, right-padded |
 | `target_mask_BxK` | bool | True on real target tokens (fewer near a document's end) |
+| `example_mask_B` | bool | False only on padding rows of a padded final batch |
 | `position_B` | int32 | t, the token index of the first target token in its document |
 | `position_kind_B` | int32 | kind id of the position (names: `iterator.position_kind_names`) |
 | `doc_id_B` | int32 | the document's id |
 | `doc_len_B` | int32 | the document's length in tokens (BOS/EOS included when added) |
-| `example_mask_B` | bool | False only on padding rows of a padded final batch |
 
-Left padding puts every row's last context token in column C−1, so a sampler appends the
-open-thought token at the same column for all rows; position ids are `cumsum(mask) − 1`.
+Right padding is what the model consumes: row b's context is at positions `0 … n_b − 1` and the
+sampler appends the open-thought token at position `n_b`.
 
-Document batches (next-token warm-up, CPT baseline): T = `seq_len`
+Document batches (`DocumentBatch`, next-token warm-up, CPT baseline): T = `seq_len`
 | field | shape, dtype | meaning |
 |---|---|---|
-| `tokens_BxT` | int32 | a document (or one window of a long one), RIGHT-padded |
+| `tokens_BxT` | int32 | a document (or one window of a long one), right-padded |
 | `token_mask_BxT` | bool | True on real tokens |
-| `doc_id_B`, `window_B` | int32 | the document and which of its windows |
 | `example_mask_B` | bool | False only on padding rows of a padded final batch |
+| `doc_id_B`, `window_B` | int32 | the document and which of its windows |
 
 The iterator counts what it consumes and skips; `iterator.stats` is part of its checkpoint state.
 """
@@ -38,6 +38,8 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
+from rlp_jax.batch import Batch, DocumentBatch, PromptBatch
+
 __all__ = ["prompt_batch_spec", "document_batch_spec", "collate_prompts", "collate_documents",
            "BatchIterator", "BatchingDataset"]
 
@@ -45,41 +47,38 @@ STATE_FORMAT = "rlp_jax.data.batches/1"
 
 Row = Mapping[str, Any]
 Element = tuple  # (row or None, stats or None): a row to batch and/or counts to add
-Collate = Callable[[Sequence[Row], int], tuple[dict[str, np.ndarray], Mapping[str, int]]]
+Collate = Callable[[Sequence[Row], int], tuple[Batch, Mapping[str, int]]]
+Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
-def prompt_batch_spec(batch_size: int, max_context: int, target_len: int
-                      ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def prompt_batch_spec(batch_size: int, max_context: int, target_len: int) -> Spec:
     """Shape and dtype of every prompt-batch field."""
-    b, c, k = batch_size, max_context, target_len
+    b, t, k = batch_size, max_context, target_len
     i32, boolean = np.dtype(np.int32), np.dtype(bool)
-    return {"context_BxC": ((b, c), i32), "context_mask_BxC": ((b, c), boolean),
-            "context_len_B": ((b,), i32), "target_BxK": ((b, k), i32),
-            "target_mask_BxK": ((b, k), boolean), "position_B": ((b,), i32),
-            "position_kind_B": ((b,), i32), "doc_id_B": ((b,), i32), "doc_len_B": ((b,), i32),
-            "example_mask_B": ((b,), boolean)}
+    return {"context_BxT": ((b, t), i32), "context_len_B": ((b,), i32),
+            "target_BxK": ((b, k), i32), "target_mask_BxK": ((b, k), boolean),
+            "example_mask_B": ((b,), boolean), "position_B": ((b,), i32),
+            "position_kind_B": ((b,), i32), "doc_id_B": ((b,), i32), "doc_len_B": ((b,), i32)}
 
 
-def document_batch_spec(batch_size: int, seq_len: int
-                        ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def document_batch_spec(batch_size: int, seq_len: int) -> Spec:
     """Shape and dtype of every document-batch field."""
     i32, boolean = np.dtype(np.int32), np.dtype(bool)
     return {"tokens_BxT": ((batch_size, seq_len), i32),
             "token_mask_BxT": ((batch_size, seq_len), boolean),
-            "doc_id_B": ((batch_size,), i32), "window_B": ((batch_size,), i32),
-            "example_mask_B": ((batch_size,), boolean)}
+            "example_mask_B": ((batch_size,), boolean),
+            "doc_id_B": ((batch_size,), i32), "window_B": ((batch_size,), i32)}
 
 
-def _empty(spec: Mapping[str, tuple[tuple[int, ...], np.dtype]], pad_id: int
-           ) -> dict[str, np.ndarray]:
-    return {name: (np.full(shape, pad_id, dtype) if name in ("context_BxC", "target_BxK",
+def _empty(spec: Spec, pad_id: int) -> dict[str, np.ndarray]:
+    return {name: (np.full(shape, pad_id, dtype) if name in ("context_BxT", "target_BxK",
                                                              "tokens_BxT")
                    else np.zeros(shape, dtype)) for name, (shape, dtype) in spec.items()}
 
 
 def collate_prompts(rows: Sequence[Row], batch_size: int, *, max_context: int, target_len: int,
-                    pad_id: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Packs prompt rows (`tokens`, `position`, `kind`, `doc_id`) into a prompt batch.
+                    pad_id: int) -> tuple[PromptBatch, dict[str, int]]:
+    """Packs prompt rows (`tokens`, `position`, `kind`, `doc_id`) into a `PromptBatch`.
 
     Rows beyond `len(rows)` up to `batch_size` are padding (`example_mask_B` False).
 
@@ -87,7 +86,7 @@ def collate_prompts(rows: Sequence[Row], batch_size: int, *, max_context: int, t
       `(batch, counts)`: counts of prompts, contexts cut to `max_context`, and targets shorter
       than `target_len` because the document ended.
     """
-    batch = _empty(prompt_batch_spec(batch_size, max_context, target_len), pad_id)
+    arrays = _empty(prompt_batch_spec(batch_size, max_context, target_len), pad_id)
     truncated = short = 0
     for r, row in enumerate(rows):
         tokens_N, t = row["tokens"], int(row["position"])
@@ -95,31 +94,31 @@ def collate_prompts(rows: Sequence[Row], batch_size: int, *, max_context: int, t
         target_N = tokens_N[t:t + target_len]
         truncated += t > max_context
         short += len(target_N) < target_len
-        batch["context_BxC"][r, max_context - len(context_N):] = context_N
-        batch["context_mask_BxC"][r, max_context - len(context_N):] = True
-        batch["context_len_B"][r] = len(context_N)
-        batch["target_BxK"][r, :len(target_N)] = target_N
-        batch["target_mask_BxK"][r, :len(target_N)] = True
-        batch["position_B"][r] = t
-        batch["position_kind_B"][r] = row["kind"]
-        batch["doc_id_B"][r] = row["doc_id"]
-        batch["doc_len_B"][r] = len(tokens_N)
-        batch["example_mask_B"][r] = True
-    return batch, {"prompts": len(rows), "contexts_truncated": truncated, "targets_short": short}
+        arrays["context_BxT"][r, :len(context_N)] = context_N
+        arrays["context_len_B"][r] = len(context_N)
+        arrays["target_BxK"][r, :len(target_N)] = target_N
+        arrays["target_mask_BxK"][r, :len(target_N)] = True
+        arrays["example_mask_B"][r] = True
+        arrays["position_B"][r] = t
+        arrays["position_kind_B"][r] = row["kind"]
+        arrays["doc_id_B"][r] = row["doc_id"]
+        arrays["doc_len_B"][r] = len(tokens_N)
+    return PromptBatch(**arrays), {"prompts": len(rows), "contexts_truncated": truncated,
+                                   "targets_short": short}
 
 
 def collate_documents(rows: Sequence[Row], batch_size: int, *, seq_len: int, pad_id: int
-                      ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Packs document windows (`tokens`, `doc_id`, `window`) into a document batch."""
-    batch = _empty(document_batch_spec(batch_size, seq_len), pad_id)
+                      ) -> tuple[DocumentBatch, dict[str, int]]:
+    """Packs document windows (`tokens`, `doc_id`, `window`) into a `DocumentBatch`."""
+    arrays = _empty(document_batch_spec(batch_size, seq_len), pad_id)
     for r, row in enumerate(rows):
         tokens_N = row["tokens"]
-        batch["tokens_BxT"][r, :len(tokens_N)] = tokens_N
-        batch["token_mask_BxT"][r, :len(tokens_N)] = True
-        batch["doc_id_B"][r] = row["doc_id"]
-        batch["window_B"][r] = row["window"]
-        batch["example_mask_B"][r] = True
-    return batch, {"windows": len(rows)}
+        arrays["tokens_BxT"][r, :len(tokens_N)] = tokens_N
+        arrays["token_mask_BxT"][r, :len(tokens_N)] = True
+        arrays["doc_id_B"][r] = row["doc_id"]
+        arrays["window_B"][r] = row["window"]
+        arrays["example_mask_B"][r] = True
+    return DocumentBatch(**arrays), {"windows": len(rows)}
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -154,7 +153,7 @@ class BatchIterator(grain.DatasetIterator):
     def stats(self) -> dict[str, int]:
         return dict(sorted(self._stats.items()))
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         rows = []
         while len(rows) < self._batch_size:
             try:

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlp_jax.data import corpus as corpus_lib
-from rlp_jax.data.tokenizer import THINK_CLOSE, THINK_OPEN, CharTokenizer
+from rlp_jax.data.tokenizer import DEMO_ALPHABET, THINK_CLOSE, THINK_OPEN, demo_tokenizer
 
 __all__ = [
     "DEMO_ALPHABET",
@@ -50,7 +50,6 @@ __all__ = [
     "build_demo_corpus",
 ]
 
-DEMO_ALPHABET = "0123456789+=?.,: abcdefghijklmnopqrstuvwxyz\n"
 DEMO_POSITION_KINDS = ("unmarked", "answer_start", "answer_rest", "operand", "thought")
 _KIND = {name: i for i, name in enumerate(DEMO_POSITION_KINDS)}
 # Bump when the generated text changes, so that stale built corpora are detected.
@@ -106,11 +105,6 @@ DEMO_VARIANTS: dict[str, DemoCorpusSpec] = {
     "mixed_plain": DemoCorpusSpec(word_problem_fraction=0.5),
     "mixed_worked": DemoCorpusSpec(worked_fraction=0.9, word_problem_fraction=0.5),
 }
-
-
-def demo_tokenizer(**marker_kwargs) -> CharTokenizer:
-    """The char-level tokenizer of the demo corpus: 4 special ids + 44 characters (48 tokens)."""
-    return CharTokenizer(DEMO_ALPHABET, **marker_kwargs)
 
 
 def addition_pair_split(seed: int, held_out_fraction: float = 0.1

@@ -89,7 +89,7 @@ class PromptBatchConfig(StreamConfig):
     """Prompt batches for RLP: see `StreamConfig`, and
 
     Attributes:
-      max_context: C, the context is the last C tokens before the position (left-padded).
+      max_context: T, the context is the last T tokens before the position (right-padded).
       target_len: K, the number of true next tokens scored after a thought (1 in the paper).
       positions: where prompts are placed (`PositionConfig`).
     """
@@ -340,7 +340,7 @@ def prompt_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
                    config: PromptBatchConfig = PromptBatchConfig(), *,
                    process_index: int | None = None, process_count: int | None = None
                    ) -> batching.BatchIterator:
-    """An iterator of RLP prompt batches (fields: see `rlp_jax.data.batching`).
+    """An iterator of RLP `PromptBatch`es (fields: see `rlp_jax.data.batching`).
 
     Args:
       corpus: a built corpus (`open_corpus`, `build_local_corpus`, `build_demo_corpus`).
@@ -380,7 +380,7 @@ def document_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
                      config: DocumentBatchConfig = DocumentBatchConfig(), *,
                      process_index: int | None = None, process_count: int | None = None
                      ) -> batching.BatchIterator:
-    """An iterator of next-token document batches (`tokens_BxT`, `token_mask_BxT`, ...).
+    """An iterator of next-token `DocumentBatch`es (`tokens_BxT`, `token_mask_BxT`, ...).
 
     Same arguments and guarantees as `prompt_batches`; each row is one document, or one window
     of a long one (`config.long_documents`).

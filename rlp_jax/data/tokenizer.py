@@ -30,6 +30,8 @@ __all__ = [
     "tokenizer_fingerprint",
     "THINK_OPEN",
     "THINK_CLOSE",
+    "DEMO_ALPHABET",
+    "demo_tokenizer",
 ]
 
 THINK_OPEN = "<think>"
@@ -321,10 +323,18 @@ def load_tokenizer(spec: str, **kwargs) -> Tokenizer:
     tokenizer.json (or its directory) for `HFTokenizer`, which receives `kwargs`.
     """
     if spec == "demo":
-        from rlp_jax.data.demo_corpus import demo_tokenizer
         return demo_tokenizer(**kwargs)
     if spec == "bytes":
         return ByteTokenizer(**kwargs)
     if spec.startswith("char:"):
         return CharTokenizer(spec[len("char:"):], **kwargs)
     return HFTokenizer(spec, **kwargs)
+
+
+# The demo corpus's alphabet (rlp_jax.data.demo_corpus writes text in it).
+DEMO_ALPHABET = "0123456789+=?.,: abcdefghijklmnopqrstuvwxyz\n"
+
+
+def demo_tokenizer(**marker_kwargs) -> CharTokenizer:
+    """The char-level tokenizer of the demo corpus: 4 special ids + 44 characters (48 tokens)."""
+    return CharTokenizer(DEMO_ALPHABET, **marker_kwargs)

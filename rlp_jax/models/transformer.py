@@ -68,13 +68,13 @@ _LAYER_AXES = {
 
 
 def _layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    L, D, H, K, hd, F = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                         c.intermediate_size)
-    shapes = {"attn_norm": (L, D), "q": (L, D, H, hd), "k": (L, D, K, hd), "v": (L, D, K, hd),
-              "o": (L, H, hd, D), "mlp_norm": (L, D), "gate": (L, D, F), "up": (L, D, F),
-              "down": (L, F, D)}
+    Z, D, Q, J, H, F = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                        c.intermediate_size)
+    shapes = {"attn_norm": (Z, D), "q": (Z, D, Q, H), "k": (Z, D, J, H), "v": (Z, D, J, H),
+              "o": (Z, Q, H, D), "mlp_norm": (Z, D), "gate": (Z, D, F), "up": (Z, D, F),
+              "down": (Z, F, D)}
     if c.qk_norm:
-        shapes |= {"q_norm": (L, hd), "k_norm": (L, hd)}
+        shapes |= {"q_norm": (Z, H), "k_norm": (Z, H)}
     return shapes
 
 
@@ -198,16 +198,16 @@ def rope_tables(positions_BxT: Array, c: ModelConfig) -> tuple[Array, Array]:
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
-def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
+def apply_rope(x_BxTxQxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
     """Rotary embedding in the half-split layout (HF `rotate_half`)."""
-    half = x_BxTxNxH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
-    return x_BxTxNxH * cos_BxTxH[:, :, None] + rotated * sin_BxTxH[:, :, None]
+    half = x_BxTxQxH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxQxH[..., half:], x_BxTxQxH[..., :half]], axis=-1)
+    return x_BxTxQxH * cos_BxTxH[:, :, None] + rotated * sin_BxTxH[:, :, None]
 
 
-def _write_cache(cache_LxBxSxKxH: Array, layer: Array, new_BxTxKxH: Array, positions_BxT: Array) -> Array:
-    rows_Bx1 = jnp.arange(cache_LxBxSxKxH.shape[1])[:, None]
-    return cache_LxBxSxKxH.at[layer, rows_Bx1, positions_BxT].set(new_BxTxKxH.astype(cache_LxBxSxKxH.dtype))
+def _write_cache(cache_ZxBxSxJxH: Array, layer: Array, new_BxTxJxH: Array, positions_BxT: Array) -> Array:
+    rows_Bx1 = jnp.arange(cache_ZxBxSxJxH.shape[1])[:, None]
+    return cache_ZxBxSxJxH.at[layer, rows_Bx1, positions_BxT].set(new_BxTxJxH.astype(cache_ZxBxSxJxH.dtype))
 
 
 # Query blocks up to this many tokens against a cache (decode steps, RLP scoring) use
@@ -233,8 +233,8 @@ def _decoder_layer(x_BxTxD, w: dict[str, Any], c: ModelConfig, cos, sin, mask_Bx
         v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
         if q.shape[1] <= FEW_QUERIES and not _kv_heads_split(c.num_kv_heads):
             attend = attention_few_queries
-    attn_BxTxNxH = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
-    x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn_BxTxNxH, w["o"])
+    attn_BxTxQxH = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
+    x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn_BxTxQxH, w["o"])
     h = rms_norm(x_BxTxD, w["mlp_norm"], c.rms_norm_eps)
     gate = constrain(_project(h, w["gate"]), ("batch", "length", "mlp"))
     up = constrain(_project(h, w["up"]), ("batch", "length", "mlp"))
@@ -261,16 +261,16 @@ def _kv_heads_split(num_kv_heads: int) -> bool:
     return spec[0] is not None
 
 
-def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
+def attention(q_BxTxQxH: Array, k_BxSxJxH: Array, v_BxSxJxH: Array, mask_BxTxS: Array) -> Array:
     """Grouped-query attention with the softmax in float32."""
-    B, T, N, H = q_BxTxNxH.shape
-    K = k_BxSxKxH.shape[2]
-    q = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH).astype(jnp.float32) / math.sqrt(H)
+    B, T, Q, H = q_BxTxQxH.shape
+    J = k_BxSxJxH.shape[2]
+    q = q_BxTxQxH.reshape(B, T, J, Q // J, H)
+    scores = jnp.einsum("btjgh,bsjh->bjgts", q, k_BxSxJxH).astype(jnp.float32) / math.sqrt(H)
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-    return out.reshape(B, T, N, H)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxJxH.dtype)
+    out = jnp.einsum("bjgts,bsjh->btjgh", probs, v_BxSxJxH)
+    return out.reshape(B, T, Q, H)
 
 
 def attention_few_queries(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:

@@ -1,0 +1,243 @@
+"""From a config (rlp_jax.config) to the objects a run is made of: tokenizer, model shapes,
+optimizer, step config, corpus, batch iterators and the initial train state.
+
+The trainer, `rlp-jax plan`, `rlp-jax eval` and the ablations all build through here, so that a
+config means the same thing to each of them. Every config error ends in a `ConfigError` (one
+sentence: what is wrong and how to fix it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from rlp_jax import checkpoint as ckpt_lib
+from rlp_jax import sharding
+from rlp_jax import train_step as ts
+from rlp_jax.batch import PromptBatch
+from rlp_jax.config import ConfigError
+from rlp_jax.models.config import ModelConfig, preset
+from rlp_jax.rollouts import RolloutConfig
+
+
+def rules(config: ml_collections.ConfigDict) -> sharding.LogicalRules:
+    """The logical-axis rules of `mesh.rules` (checked against `mesh.axes` by config.validate)."""
+    return sharding.rules_from_config(config.mesh.rules)
+
+
+def tokenizer(config):
+    from rlp_jax import data
+
+    try:
+        return data.load_tokenizer(config.tokenizer)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"tokenizer {config.tokenizer!r} cannot be loaded ({error}); set --config.tokenizer "
+                          "to 'demo', 'bytes' or a tokenizer.json (or the folder holding it).") from None
+
+
+def model_config(config, tok) -> ModelConfig:
+    """The model's shapes: from the HF folder, params folder or run of `init.path`, or the
+    `model.preset`; dtypes and remat from `model`."""
+    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+    from rlp_jax.models import convert
+
+    try:
+        if config.init.kind == "hf":
+            from rlp_jax.models import hf
+
+            hf_json = json.loads((Path(config.init.path) / "config.json").read_text())
+            result = hf.config_from_hf(hf_json, **overrides)
+        elif config.init.kind == "params":
+            result = convert.config_from_json((Path(config.init.path) / convert.CONFIG_FILE).read_text()
+                                              ).replace(**overrides)
+        elif config.init.kind == "checkpoint":
+            result = convert.config_from_json(ckpt_lib.RunDir(config.init.path).model_config.read_text()
+                                              ).replace(**overrides)
+        else:
+            result = preset(config.model.preset, vocab_size=config.model.vocab_size or tok.vocab_size,
+                            **overrides)
+    except FileNotFoundError as error:
+        raise ConfigError(f"init.path {config.init.path!r} has no {Path(error.filename).name}; point "
+                          f"--config.init.path at a {config.init.kind} folder.") from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if result.vocab_size < tok.vocab_size:
+        raise ConfigError(f"the model's vocabulary ({result.vocab_size}) is smaller than the tokenizer's "
+                          f"({tok.vocab_size}); use the model's own tokenizer.")
+    return result
+
+
+def optimizer(config) -> optax.GradientTransformation:
+    t = config.train
+    schedule = optax.constant_schedule(t.learning_rate)
+    if t.warmup_steps:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps), schedule], [t.warmup_steps])
+    chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
+    chain.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+    return optax.chain(*chain)
+
+
+def rollout_config(config, tok, num_rollouts: int | None = None) -> RolloutConfig:
+    """How thoughts are sampled; `num_rollouts` (default `rlp.num_rollouts`) for evaluation."""
+    r = config.rlp
+    template = tuple(tok.encode(r.prompt_template)) if r.prompt_template else ()
+    try:
+        return RolloutConfig(
+            think_open_id=tok.think_open_id, think_close_id=tok.think_close_id,
+            num_rollouts=r.num_rollouts if num_rollouts is None else num_rollouts,
+            max_thought_len=r.max_thought_len, min_thought_len=r.min_thought_len, temperature=r.temperature,
+            top_k=r.top_k, top_p=r.top_p, prompt_suffix_ids=template, pad_id=tok.pad_id,
+            mask_markers_in_scoring=r.mask_markers_in_scoring)
+    except ValueError as error:
+        raise ConfigError(f"rlp: {error}") from None
+
+
+def step_config(config, tok) -> ts.StepConfig:
+    r = config.rlp
+    try:
+        return ts.StepConfig(
+            rollout=rollout_config(config, tok), objective=r.objective, eps_low=r.eps_low,
+            eps_high=r.eps_high, kl_coef=r.kl_coef, kl_estimator=r.kl_estimator, ema_decay=r.ema_decay,
+            ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, grad_accum_steps=r.grad_accum_steps,
+            rollout_microbatches=r.rollout_microbatches, head_chunk_len=r.head_chunk_len)
+    except ValueError as error:
+        raise ConfigError(f"rlp: {error}") from None
+
+
+def corpus(config, workdir: Path):
+    """The configured corpus; in a multi-host run process 0 builds it while the others wait."""
+    if jax.process_count() == 1:
+        return _corpus(config, workdir)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        built = _corpus(config, workdir)
+    multihost_utils.sync_global_devices("rlp_jax corpus built")
+    return built if jax.process_index() == 0 else _corpus(config, workdir)
+
+
+def _corpus(config, workdir: Path):
+    from rlp_jax import data
+
+    d = config.data
+    data_dir = Path(d.data_dir) if d.data_dir else Path(workdir) / "data"
+    if d.corpus == "demo":
+        return data.build_demo_corpus(str(data_dir), d.demo_variant, seed=config.seed)
+    if Path(d.corpus).is_dir() and (Path(d.corpus) / "dataset_info.json").exists():
+        return data.open_corpus(d.corpus)
+    paths = [p.strip() for p in d.corpus.split(",") if p.strip()]
+    return data.build_local_corpus(paths, str(data_dir), name="corpus", text_field=d.text_field)
+
+
+def batches(config, corpus_, tok, split: str, batch_size: int, *, num_epochs=None, pad_final_batch=False,
+            shuffle=True, seed_offset=0, whole_split=False):
+    """Batches of this process's shard of `split`, or of the whole split (`whole_split`: every
+    process reads the same batches, as held-out evaluation needs)."""
+    from rlp_jax import data
+
+    d = config.data
+    common = dict(batch_size=batch_size, seed=config.seed + seed_offset, num_epochs=num_epochs,
+                  shuffle_documents=shuffle, shuffle_window=d.shuffle_window if shuffle else 0,
+                  pad_final_batch=pad_final_batch)
+    layout = dict(process_index=0, process_count=1) if whole_split else {}
+    try:
+        if d.kind == "documents":
+            return data.document_batches(corpus_, split, tok, data.DocumentBatchConfig(seq_len=d.seq_len, **common),
+                                         **layout)
+        return data.prompt_batches(corpus_, split, tok, data.PromptBatchConfig(
+            max_context=d.max_context, target_len=d.target_len, positions=position_config(config), **common),
+            **layout)
+    except ValueError as error:
+        raise ConfigError(f"data: {error}") from None
+
+
+def position_config(config):
+    """Where prompts are placed in documents (`data.strategy` and its settings)."""
+    from rlp_jax import data
+
+    d = config.data
+    try:
+        return data.PositionConfig(d.strategy, d.positions_per_document or None, stride=d.stride,
+                                   min_context=d.min_context, marked_kinds=tuple(d.marked_kinds) or None)
+    except ValueError as error:
+        raise ConfigError(f"data: {error}") from None
+
+
+def eval_batches(config, corpus_, tok) -> list[PromptBatch]:
+    """The fixed held-out prompt batches (validation split, in order, the same at every
+    evaluation and on every process), on the host."""
+    if config.data.kind == "documents":
+        return []
+    out, count = [], 0
+    for batch in batches(config, corpus_, tok, "validation", config.eval.batch_size, num_epochs=1,
+                         pad_final_batch=True, shuffle=False, seed_offset=1, whole_split=True):
+        out.append(batch)
+        count += int(batch.example_mask_B.sum())
+        if count >= config.eval.num_positions:
+            break
+    return out
+
+
+def initial_state(config, model_config_: ModelConfig, optimizer_, mesh):
+    """(graphdef, abstract state, shardings, make_state) for `init.kind`: `make_state()` builds
+    the state (random, or from the weights at `init.path`) directly in its shardings."""
+    with_reference = config.rlp.kl_coef > 0
+    logical_rules = rules(config)
+    graphdef, abstract, shardings, init = ts.abstract_state_from_scratch(
+        model_config_, optimizer_, config.seed, mesh, logical_rules, with_reference=with_reference)
+    kind, path = config.init.kind, config.init.path
+    if kind == "scratch":
+        return graphdef, abstract, shardings, init
+
+    def from_params():
+        if kind == "hf":
+            from rlp_jax.models import hf
+
+            params = nnx.state(hf.load_hf(path, mesh=mesh, rules=logical_rules, dtype=model_config_.dtype,
+                                          param_dtype=model_config_.param_dtype, remat=model_config_.remat),
+                               nnx.Param)
+        else:
+            if kind == "params":
+                from rlp_jax.models import convert
+
+                pure = nnx.to_pure_dict(nnx.state(convert.load_params(path), nnx.Param))
+            else:
+                pure = ckpt_lib.RunDir(path).latest_params()
+            params = jax.tree.map(lambda x: x, abstract.params)  # a State to fill
+            nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
+            host = jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype), params, abstract.params)
+            params = jax.device_put(host, shardings.params)
+        init_fn = lambda p: ts.init_state(p, optimizer_, jax.random.key(config.seed), with_reference)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules):
+            return jax.jit(init_fn, out_shardings=shardings)(params)
+
+    return graphdef, abstract, shardings, from_params
+
+
+def model_from_run(workdir: str | Path):
+    """The Transformer with the params of the newest checkpoint of a run (host, unsharded)."""
+    from rlp_jax.models import convert
+    from rlp_jax.models.transformer import Transformer
+
+    run = ckpt_lib.RunDir(workdir)
+    if not run.is_run():
+        raise ConfigError(f"{run.path} is not an rlp-jax run directory (no {run.model_config.name}); "
+                          "pass the --workdir of a training run.")
+    config = convert.config_from_json(run.model_config.read_text())
+    try:
+        pure = run.latest_params()
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
+    nnx.update(model, state)
+    return model
