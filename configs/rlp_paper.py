@@ -61,8 +61,11 @@ def get_config():
     c.eval.num_positions = 0
 
     c.mesh.shape = (1, -1, 1)  # ('data', 'fsdp', 'tensor'): every device on fsdp
-    c.rlp.rollout_microbatches = 16
-    c.rlp.grad_accum_steps = 64
+    c.rlp.rollout_microbatches = 8
+    c.rlp.grad_accum_steps = 32
+    # Thoughts end when the policy says so: each update micro-batch runs at the shortest of 4
+    # widths that holds its rows (rows sorted by length first; the same update, docs/train_step.md).
+    c.rlp.update_length_buckets = 4
     # The update's LM head + softmax over 256 thought positions at a time: a thought's full
     # [2048, 151936] logits would take ~4 GiB of the update's memory (docs/train_step.md).
     c.rlp.head_chunk_len = 256

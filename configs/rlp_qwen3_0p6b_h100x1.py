@@ -8,8 +8,8 @@ What makes it fit: the update's LM head runs over 256 thought positions at a tim
   (rlp.head_chunk_len, from rlp_paper.py); whole, one prompt's 16 thoughts of 2048 tokens would
   need ~70 GiB of logits on one device.
 Mesh (1, 1, 1); logical-axis rules rlp_jax.sharding.DEFAULT_RULES (everything on one device).
-Micro-batching: rollouts and S_ema in 4 chunks of 4 prompts (64 thoughts); the update accumulated
-  over 16 micro-batches of one prompt's 16 thoughts.
+Micro-batching: rollouts and S_ema in 2 chunks of 8 prompts (128 thoughts; each prompt's cache
+  once, not 16 times); the update accumulated over 8 micro-batches of two prompts' 32 thoughts.
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_0p6b_h100x1.py` (docs/launch.md).
 """
@@ -26,6 +26,6 @@ def get_config():
     c.rlp.num_rollouts = 16
     c.rlp.max_thought_len = 2048
     c.mesh.shape = (1, 1, 1)
-    c.rlp.rollout_microbatches = 4
-    c.rlp.grad_accum_steps = 16
+    c.rlp.rollout_microbatches = 2
+    c.rlp.grad_accum_steps = 8
     return c

@@ -9,8 +9,9 @@ Mesh (4, 8, 1) over ('data', 'fsdp', 'tensor'): hybrid sharded data parallelism.
   orders devices by process, so the last axes are the ones inside a host.
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (32 ways); embed →
   fsdp (8 ways); heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
-Micro-batching: rollouts in 4 chunks of 128 prompts (2048 thoughts, 64 per GPU); one update per
-  step accumulated over 16 micro-batches of 32 prompts (512 thoughts, 16 per GPU).
+Micro-batching: rollouts in 2 chunks of 256 prompts (4096 thoughts, 128 per GPU; each prompt's
+  cache once); one update per step accumulated over 8 micro-batches of 64 prompts (1024 thoughts,
+  32 per GPU; fused attention keeps no S×S scores).
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_h100x32.py` (docs/launch.md).
 """
@@ -23,6 +24,6 @@ PLATFORM = "h100"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
 def get_config():
     c = rlp_paper.get_config()
     c.mesh.shape = (4, 8, 1)
-    c.rlp.rollout_microbatches = 4
-    c.rlp.grad_accum_steps = 16
+    c.rlp.rollout_microbatches = 2
+    c.rlp.grad_accum_steps = 8
     return c

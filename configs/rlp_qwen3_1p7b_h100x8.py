@@ -7,10 +7,11 @@ Mesh (1, 8, 1) over ('data', 'fsdp', 'tensor'): pure FSDP. Parameters, EMA and A
   sharded 8 ways over NVLink; every batch dimension (prompts, thoughts) is split 8 ways.
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp'); embed → fsdp;
   heads, kv_heads, mlp, vocab → tensor (size 1 here); layers, length, head_dim, norm replicated.
-Micro-batching: rollouts in 16 chunks of 32 prompts (512 thoughts, 64 per GPU: the KV cache of
-  P + L + 1 + K = 4099 slots is ~30 GiB per GPU); one update per step accumulated over 64
-  micro-batches of 8 prompts (128 thoughts, 16 per GPU; the LM head over 256 thought positions at
-  a time keeps their 2048 × 151936 thought logits from dominating the update's memory).
+Micro-batching: rollouts in 8 chunks of 64 prompts (1024 thoughts, 128 per GPU: each prompt's
+  2049 cache slots once, each thought's 2050, ~17 GiB per GPU); one update per step accumulated
+  over 32 micro-batches of 16 prompts (256 thoughts, 32 per GPU; the LM head over 256 thought
+  positions at a time keeps their 2048 × 151936 thought logits from dominating the update's
+  memory, and fused attention keeps no S×S scores).
 Remat and dtypes: remat 'full' (one layer's activations at a time in the backward pass); bf16
   compute, float32 parameters, AdamW moments, gradients and EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_h100x8.py` (docs/launch.md).
@@ -24,6 +25,6 @@ PLATFORM = "h100"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
 def get_config():
     c = rlp_paper.get_config()
     c.mesh.shape = (1, 8, 1)
-    c.rlp.rollout_microbatches = 16
-    c.rlp.grad_accum_steps = 64
+    c.rlp.rollout_microbatches = 8
+    c.rlp.grad_accum_steps = 32
     return c

@@ -9,8 +9,8 @@ Mesh (4, 8, 1) over ('data', 'fsdp', 'tensor'): hybrid sharded data parallelism 
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (32 ways); embed →
   fsdp (8 ways); heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
 Micro-batching: rollouts in 4 chunks of 128 prompts (64 thoughts per GPU; the 36-layer cache is
-  ~0.6 GiB per thought); one update per step accumulated over 64 micro-batches of 8 prompts
-  (4 thoughts per GPU).
+  ~0.3 GiB per thought, each prompt's part once); one update per step accumulated over 32
+  micro-batches of 16 prompts (8 thoughts per GPU).
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_8b_h100x32.py` (docs/launch.md).
 """
@@ -25,5 +25,5 @@ def get_config():
     c.model.preset = "qwen3-8b"  # shapes for `rlp-jax plan`; the run reads them from init.path
     c.mesh.shape = (4, 8, 1)
     c.rlp.rollout_microbatches = 4
-    c.rlp.grad_accum_steps = 64
+    c.rlp.grad_accum_steps = 32
     return c

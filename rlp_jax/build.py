@@ -44,7 +44,8 @@ def tokenizer(config):
 def model_config(config, tok) -> ModelConfig:
     """The model's shapes: from the HF folder, params folder or run of `init.path`, or the
     `model.preset`; dtypes and remat from `model`."""
-    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+                     attention=config.model.attention)
     from rlp_jax.models import convert
 
     try:
@@ -94,7 +95,7 @@ def rollout_config(config, tok, num_rollouts: int | None = None) -> RolloutConfi
             num_rollouts=r.num_rollouts if num_rollouts is None else num_rollouts,
             max_thought_len=r.max_thought_len, min_thought_len=r.min_thought_len, temperature=r.temperature,
             top_k=r.top_k, top_p=r.top_p, prompt_suffix_ids=template, pad_id=tok.pad_id,
-            mask_markers_in_scoring=r.mask_markers_in_scoring)
+            mask_markers_in_scoring=r.mask_markers_in_scoring, cache_block_len=r.cache_block_len)
     except ValueError as error:
         raise ConfigError(f"rlp: {error}") from None
 
@@ -106,7 +107,8 @@ def step_config(config, tok) -> ts.StepConfig:
             rollout=rollout_config(config, tok), objective=r.objective, eps_low=r.eps_low,
             eps_high=r.eps_high, kl_coef=r.kl_coef, kl_estimator=r.kl_estimator, ema_decay=r.ema_decay,
             ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, grad_accum_steps=r.grad_accum_steps,
-            rollout_microbatches=r.rollout_microbatches, head_chunk_len=r.head_chunk_len)
+            rollout_microbatches=r.rollout_microbatches, head_chunk_len=r.head_chunk_len,
+            update_length_buckets=r.update_length_buckets)
     except ValueError as error:
         raise ConfigError(f"rlp: {error}") from None
 
@@ -201,7 +203,8 @@ def initial_state(config, model_config_: ModelConfig, optimizer_, mesh):
             from rlp_jax.models import hf
 
             params = nnx.state(hf.load_hf(path, mesh=mesh, rules=logical_rules, dtype=model_config_.dtype,
-                                          param_dtype=model_config_.param_dtype, remat=model_config_.remat),
+                                          param_dtype=model_config_.param_dtype, remat=model_config_.remat,
+                                          attention=model_config_.attention),
                                nnx.Param)
         else:
             if kind == "params":

@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # none | full | dots_saveable
+    c.model.attention = "auto"  # auto (fused kernel by platform) | xla | cudnn | splash
 
     c.init = ml_collections.ConfigDict()
     c.init.kind = "scratch"  # scratch | hf (HF folder) | params (rlp-jax convert output) | checkpoint (another run's workdir)
@@ -81,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rlp.grad_accum_steps = 1
     c.rlp.rollout_microbatches = 1
     c.rlp.head_chunk_len = 0  # > 0: the update's LM head + softmax over this many thought positions at a time
+    c.rlp.update_length_buckets = 1  # > 1: update rows sorted by length and cut to the shortest of this many lengths
+    c.rlp.cache_block_len = 256  # rollout-cache slots per block: what a decode step reads, to a block
     c.rlp.prompt_template = ""  # text inserted between the context and <think>
     c.rlp.mask_markers_in_scoring = False
 

@@ -87,7 +87,7 @@ def model_config_for(config, notes: list[str]):
     elif tokenizer is None:
         notes.append(f"tokenizer {config.tokenizer!r} is not here: vocabulary from model.preset ({vocab})")
     model_config = base.replace(vocab_size=vocab, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                                remat=config.model.remat)
+                                remat=config.model.remat, attention=config.model.attention)
     return model_config, tokenizer
 
 
@@ -143,29 +143,53 @@ class _Ways:
         return math.prod(self.mesh.shape[n] for n in names)
 
 
-def _layer_bytes(rows, S, m, w, b):
+def _scores_bytes(rows, S, m, w, b, fused: bool) -> float:
+    """A layer's attention probabilities for `rows` sequences of S tokens: float32 scores and
+    compute-dtype probabilities (Q·S·S·(4 + b)), or with a fused kernel only its float32
+    log-sum-exp per query (Q·S·4)."""
+    Q = m.num_heads // w.heads
+    return rows * Q * S * (4 if fused else S * (4 + b))
+
+
+def _layer_bytes(rows, S, m, w, b, fused: bool = False):
     """Per-device bytes of one decoder layer's tensors for `rows` sequences of `S` tokens:
     `(all of them, the part remat='dots_saveable' keeps)`. All: per token the residual stream,
     two norms and the residual after attention (4·D), q/k/v raw, normed and rotated, and the
     attention output (≈ 4·(Q + J)·hd for Q query and J kv heads), gate, up, silu(gate) and their
-    product (4·F), all in the compute dtype; per row the attention scores in float32 and the
-    probabilities in the compute dtype (Q·S·S·(4 + b)). Dots: the matmul outputs q, k, v, o, gate,
-    up, down."""
+    product (4·F), all in the compute dtype; per row the attention probabilities
+    (`_scores_bytes`). Dots: the matmul outputs q, k, v, o, gate, up, down."""
     D, hd = m.hidden_size, m.head_dim
     Q, J, F = m.num_heads // w.heads, m.num_kv_heads // w.kv, m.intermediate_size // w.mlp
     token = b * (4 * D + 4 * (Q + J) * hd + 4 * F)
-    full = rows * S * token + rows * Q * S * S * (4 + b)
+    full = rows * S * token + _scores_bytes(rows, S, m, w, b, fused)
     dots = rows * S * b * ((Q + 2 * J) * hd + 2 * D + 2 * F)
     return full, dots
 
 
-def _forward_layer_bytes(rows, S, m, w, b):
+def _forward_layer_bytes(rows, S, m, w, b, fused: bool = False):
     """Per-device peak of one decoder layer in a forward pass without gradients (earlier layers'
-    tensors are freed): residual and normed input, q/k/v, and the larger of the attention scores
-    (float32 in, probabilities out: Q·S·S·(4 + b)) and the MLP's gate, up and product (3·F)."""
+    tensors are freed): residual and normed input, q/k/v, and the larger of the attention
+    probabilities (`_scores_bytes`) and the MLP's gate, up and product (3·F)."""
     D, hd = m.hidden_size, m.head_dim
     Q, J, F = m.num_heads // w.heads, m.num_kv_heads // w.kv, m.intermediate_size // w.mlp
-    return rows * S * b * (2 * D + (Q + 2 * J) * hd) + rows * max(Q * S * S * (4 + b), 3 * S * F * b)
+    return rows * S * b * (2 * D + (Q + 2 * J) * hd) + max(_scores_bytes(rows, S, m, w, b, fused),
+                                                            rows * 3 * S * F * b)
+
+
+def _decode_weight_bytes(m, w, b) -> float:
+    """The rollout's own copy of the weights (rlp_jax.models.decode.decode_weights): per layer,
+    in the compute dtype, split over the tensor axes only (not over fsdp, so that it is gathered
+    once per rollout rather than at every decode step)."""
+    D, hd, F = m.hidden_size, m.head_dim, m.intermediate_size
+    layer = D * hd * (2 * m.num_heads // w.heads + 2 * m.num_kv_heads // w.kv) + 3 * D * F // w.mlp + 2 * D
+    return b * (m.num_layers * layer + D * m.vocab_size // w.vocab + D)
+
+
+def fused_attention(platform: str | None, dtype: str) -> bool:
+    """Whether `ModelConfig.attention='auto'` runs a fused kernel there (no S×S scores kept)."""
+    if platform is None or platform == "cpu":
+        return False
+    return platform.startswith("tpu") or dtype in ("bfloat16", "float16")
 
 
 def _rows(total: int, ways: int, warnings: list[str], what: str) -> int:
@@ -188,9 +212,11 @@ class Estimate:
     state: dict[str, int]  # exact per-device bytes of the train state (state_bytes)
 
 
-def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict | None = None) -> Estimate:
+def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict | None = None,
+             platform: str | None = None) -> Estimate:
     """Per-device memory (bytes) and per-step FLOPs of `config` on a mesh of `mesh_shape`
-    (`state`: `state_bytes` already computed for this model, optimizer and mesh)."""
+    (`state`: `state_bytes` already computed for this model, optimizer and mesh) on `platform`
+    (a key of PLATFORMS; it decides whether attention runs fused)."""
     import jax.numpy as jnp
 
     from rlp_jax import build
@@ -212,6 +238,7 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
     memory = {k: float(v) for k, v in state.items()}
     memory["gradients"] = 2.0 * state["params"]  # accumulator + one micro-batch's gradient (param dtype)
     Vd = V // w.vocab
+    fused = fused_attention(platform, m.dtype) and m.attention in ("auto", "cudnn", "splash")
     micro = r.num_minibatches * r.grad_accum_steps
     fresh_old = r.ppo_epochs == 1 and r.num_minibatches == 1
 
@@ -220,7 +247,7 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
         return min(positions, chunk) if chunk > 0 else positions
 
     def update_activations(rows, S, logit_positions):
-        full, dots = _layer_bytes(rows, S, m, w, b)
+        full, dots = _layer_bytes(rows, S, m, w, b, fused)
         carry = rows * S * D * b
         saved, transient = {"none": (full, 0), "full": (carry, full),
                             "dots_saveable": (carry + dots, full - dots)}[m.remat]
@@ -244,22 +271,25 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
         tokens = {"trained": float(B * (S - 1))}
         buffers = 0.0
     else:
-        S_cache, S = P + L + 1 + K, P + L
+        block = r.get("cache_block_len", 256)
+        S_suffix, S = -(-(L + 1 + K) // block) * block, P + L
         chunk = B // r.rollout_microbatches
         prow = _rows(chunk, w.batch, warnings, "rollout prefill (prompts per chunk)")
         crow = _rows(chunk * G, w.batch, warnings, "rollout chunk")
-        slot = layers * S_cache * (m.num_kv_heads // w.kv) * m.head_dim * 2 * b  # keys + values, one row
-        kv, prompt_cache = crow * slot, prow * slot
-        # prefill: the prompts' cache + one layer; then that cache copied G-fold; then each decode
-        # step's logits (compute dtype, 3 float32 copies for sampling) and attention over the cache.
-        prefill = prompt_cache + _forward_layer_bytes(prow, P, m, w, b)
-        decode = crow * (Vd * (b + 12) + (m.num_heads // w.heads) * S_cache * (8 + b))
-        phases["rollouts"] = {"kv_cache": kv, "prefill_or_decode": max(prefill - kv, prompt_cache, decode)}
+        kv_token = layers * (m.num_kv_heads // w.kv) * m.head_dim * 2 * b  # keys + values, one token
+        # The rollout cache: each prompt's keys and values once, each row's own suffix blocks;
+        # the rollout's own weights; then the larger of a prefill layer and one decode step's
+        # logits (compute dtype, 3 float32 copies for sampling) and attention scores.
+        prefill = _forward_layer_bytes(prow, P, m, w, b, fused)
+        decode = crow * (Vd * (b + 12) + (m.num_heads // w.heads) * (P + S_suffix) * (8 + b))
+        phases["rollouts"] = {"kv_prefix": prow * P * kv_token, "kv_suffix": crow * S_suffix * kv_token,
+                              "decode_weights": _decode_weight_bytes(m, w, b),
+                              "prefill_or_decode": max(prefill, decode)}
         erow = _rows(chunk, w.batch, warnings, "EMA baseline chunk")
-        phases["ema_baseline"] = {"forward": _forward_layer_bytes(erow, C + K, m, w, b)}
+        phases["ema_baseline"] = {"forward": _forward_layer_bytes(erow, C + K, m, w, b, fused)}
         urow = _rows(B // micro * G, w.batch, warnings, "update micro-batch")
         if not fresh_old or r.kl_coef > 0:
-            phases["old_logprobs"] = {"forward": _forward_layer_bytes(urow, S, m, w, b)
+            phases["old_logprobs"] = {"forward": _forward_layer_bytes(urow, S, m, w, b, fused)
                                                  + urow * head_positions(L) * Vd * (b + 8)}
         phases["update"] = {"gradients": memory["gradients"], **update_activations(urow, S, L)}
         extra = (0 if fresh_old else 4 * L) + (4 * L if r.kl_coef > 0 else 0)
@@ -291,7 +321,8 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
 
 # ---------------------------------------------------------------- verdict and knobs
 
-def suggest(config, model_config, mesh_shape, usable: float, est: Estimate, suffix_len: int) -> str:
+def suggest(config, model_config, mesh_shape, usable: float, est: Estimate, suffix_len: int,
+            platform: str | None = None) -> str:
     """The knob settings with which the plan fits: for each phase over the limit, the smallest
     change of the knob behind it (batch size first, as the other knobs must divide it)."""
     from rlp_jax import config as config_lib
@@ -308,7 +339,8 @@ def suggest(config, model_config, mesh_shape, usable: float, est: Estimate, suff
             _validate_without_paths(trial, devices)
         except config_lib.ConfigError:
             return None
-        return estimate(trial, model_config.replace(remat=trial.model.remat), mesh_shape, suffix_len, est.state)
+        return estimate(trial, model_config.replace(remat=trial.model.remat), mesh_shape, suffix_len, est.state,
+                        platform)
 
     def phase_fits(phase, **extra) -> bool:
         e = trial_estimate({k.replace("__", "."): v for k, v in extra.items()})
@@ -401,7 +433,7 @@ def plan(config, config_path: str | None = None, devices: int | None = None, hbm
             notes.append(f"CPU devices share this machine's RAM: {hbm_gib:.2f} GiB per device")
     model_config, tokenizer = model_config_for(config, notes)
     suffix_len = _suffix_len(config, tokenizer)
-    est = estimate(config, model_config, mesh_shape, suffix_len)
+    est = estimate(config, model_config, mesh_shape, suffix_len, platform=platform)
     out = {"config": config_path, "platform": spec.name if spec else None, "devices": devices,
            "mesh_shape": list(mesh_shape), "mesh_axes": list(config.mesh.axes),
            "model": {"preset": config.model.preset, "num_params": model_config.num_params(),
@@ -419,7 +451,7 @@ def plan(config, config_path: str | None = None, devices: int | None = None, hbm
         out["usable_gib"] = usable
         out["fits"] = out["peak_gib"] <= usable
         if not out["fits"]:
-            out["knob"] = suggest(config, model_config, mesh_shape, usable * GiB, est, suffix_len)
+            out["knob"] = suggest(config, model_config, mesh_shape, usable * GiB, est, suffix_len, platform)
     return out
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 
 from rlp_jax import losses, sampling
 from rlp_jax.batch import PromptBatch
+from rlp_jax.models import decode
 from rlp_jax.models.transformer import head_logits
 
 Array = jax.Array
@@ -39,6 +40,7 @@ class RolloutConfig:
     top_p: float = 1.0
     prompt_suffix_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    cache_block_len: int = 256  # rollout-cache slots per block: what a decode step reads, to a block
     # Mask the think markers out of the distributions that score the true next token (both the
     # reasoned and the no-think score): a baseline that learned to expect "<think>" there would
     # otherwise hand the thought a free gain (docs/train_step.md).
@@ -51,6 +53,8 @@ class RolloutConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature}; RLP samples thoughts and needs "
                              "temperature > 0 (the paper uses 0.7).")
+        if self.cache_block_len < 1:
+            raise ValueError(f"cache_block_len={self.cache_block_len}; use at least 1 slot per block.")
         if not 1 <= self.min_thought_len <= self.max_thought_len:
             raise ValueError(f"need 1 <= min_thought_len ({self.min_thought_len}) <= max_thought_len "
                              f"({self.max_thought_len}).")
@@ -59,7 +63,7 @@ class RolloutConfig:
         return sampling.SamplingConfig(
             max_new_tokens=self.max_thought_len, temperature=self.temperature, top_k=self.top_k,
             top_p=self.top_p, stop_tokens=(self.think_close_id,),
-            min_new_tokens=self.min_thought_len, pad_id=self.pad_id)
+            min_new_tokens=self.min_thought_len, pad_id=self.pad_id, block_len=self.cache_block_len)
 
 
 @jax.tree_util.register_dataclass
@@ -87,8 +91,8 @@ def build_prompts(context_BxT: Array, context_len_B: Array, cfg: RolloutConfig) 
     return prompt_BxP, context_len_B + len(added)
 
 
-def _scoring_logits(model, hidden_NxKxD: Array, cfg: RolloutConfig) -> Array:
-    logits = model.logits(hidden_NxKxD).astype(jnp.float32)
+def _scoring_logits(logits_NxKxV: Array, cfg: RolloutConfig) -> Array:
+    logits = logits_NxKxV.astype(jnp.float32)
     if cfg.mask_markers_in_scoring:
         markers = jnp.asarray([cfg.think_open_id, cfg.think_close_id])
         logits = logits.at[..., markers].set(jnp.finfo(jnp.float32).min)
@@ -101,34 +105,35 @@ def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBat
     next token(s) after each thought on the rollout's own KV cache (`score_after_thoughts`).
     `greedy` decodes the thought by argmax instead (evaluation); behaviour log-probs are then
     taken at temperature 1."""
+    weights = decode.decode_weights(nnx.merge(graphdef, params))  # cast once for the whole rollout
     L, K = cfg.max_thought_len, batch.target_BxK.shape[1]
     prompt_BxP, prompt_len_B = build_prompts(batch.context_BxT, batch.context_len_B, cfg)
     sampling_cfg = cfg.sampling_config()
     if greedy:
         sampling_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
-    out = sampling.sample(graphdef, params, prompt_BxP, prompt_len_B, key, sampling_cfg,
-                          num_samples=cfg.num_rollouts, cache_len=prompt_BxP.shape[1] + L + 1 + K)
-    s_pred_NxK, predicted_NxK, _ = score_after_thoughts(graphdef, params, out, batch.target_BxK, cfg)
+    out = sampling.sample(weights, prompt_BxP, prompt_len_B, key, sampling_cfg, num_samples=cfg.num_rollouts,
+                          extra_slots=1 + K)
+    s_pred_NxK, predicted_NxK, _ = score_after_thoughts(weights, out, batch.target_BxK, cfg)
     thought_mask_NxL = jnp.arange(L)[None, :] < out.lengths_N[:, None]
     return Rollouts(prompt_BxP, prompt_len_B, out.tokens_NxL, thought_mask_NxL, ~out.finished_N,
                     out.logprobs_NxL, s_pred_NxK, predicted_NxK)
 
 
-def score_after_thoughts(graphdef: nnx.GraphDef, params: nnx.State, out: sampling.SampleOutput,
-                         target_BxK: Array, cfg: RolloutConfig):
+def score_after_thoughts(weights: decode.DecodeWeights, out: sampling.SampleOutput, target_BxK: Array,
+                         cfg: RolloutConfig):
     """Eq. 3, `S_pred = log p_θ(x_t | x_<t, c)`: `[</think>, x_t, …]` fed into the finished
     rollout's cache right after each thought (no second forward over context + thought).
     Returns the log-probs and argmax predictions of the K targets, and the extended cache. A
     sampled `</think>` is rewritten in its own slot (same token, same prefix: the same keys and
     values)."""
-    model = nnx.merge(graphdef, params)
     N, K = out.tokens_NxL.shape[0], target_BxK.shape[1]
-    close_pos_N = out.next_positions_N - out.finished_N.astype(jnp.int32)
+    close_slot_N = out.lengths_N - out.finished_N.astype(jnp.int32)
     target_NxK = jnp.repeat(target_BxK, N // target_BxK.shape[0], axis=0)
     feed_Nx1K = jnp.concatenate([jnp.full((N, 1), cfg.think_close_id, jnp.int32), target_NxK], axis=1)
-    positions_Nx1K = close_pos_N[:, None] + jnp.arange(K + 1)
-    hidden, cache = model.hidden_states(feed_Nx1K, positions_Nx1K, cache=out.cache)
-    logits_NxKxV = _scoring_logits(model, hidden[:, :K], cfg)
+    blocks = out.cache.num_blocks
+    hidden, cache = decode.extend(weights, out.cache, feed_Nx1K, close_slot_N[:, None] + jnp.arange(K + 1),
+                                  attend_blocks=blocks, write_blocks=tuple(range(blocks)))
+    logits_NxKxV = _scoring_logits(decode.logits(weights, hidden[:, :K]), cfg)
     return (losses.token_logprobs(logits_NxKxV, target_NxK),
             jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32), cache)
 
@@ -149,9 +154,9 @@ def no_think_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBa
     model = nnx.merge(graphdef, params)
     seq_BxS, predict_at_BxK = context_then_targets(batch)
     positions = jnp.broadcast_to(jnp.arange(seq_BxS.shape[1]), seq_BxS.shape)
-    hidden_BxSxD, _ = model.hidden_states(seq_BxS, positions)
+    hidden_BxSxD = model.hidden_states(seq_BxS, positions)
     hidden_BxKxD = jnp.take_along_axis(hidden_BxSxD, predict_at_BxK[..., None], axis=1)
-    logits = _scoring_logits(model, hidden_BxKxD, cfg)
+    logits = _scoring_logits(model.logits(hidden_BxKxD), cfg)
     return losses.token_logprobs(logits, batch.target_BxK), jnp.argmax(logits, -1).astype(jnp.int32)
 
 
@@ -178,7 +183,7 @@ def thought_logprobs(graphdef: nnx.GraphDef, params: nnx.State, seq_NxS: Array, 
     chunk's. Same numbers either way."""
     model = nnx.merge(graphdef, params)
     positions = jnp.broadcast_to(jnp.arange(seq_NxS.shape[1]), seq_NxS.shape)
-    hidden_NxSxD, _ = model.hidden_states(seq_NxS, positions)
+    hidden_NxSxD = model.hidden_states(seq_NxS, positions)
     hidden_NxLxD = jnp.take_along_axis(hidden_NxSxD, predict_at_NxL[..., None], axis=1)
     head_DxV = model.head_weights()
 

@@ -1,32 +1,36 @@
-"""Jitted prefill + decode over a fixed-size KV cache.
+"""Jitted prefill + decode over the rollout cache (rlp_jax.models.decode).
 
-`sample(graphdef, params, prompts, ...)` is a pure function (call it inside your own jit, e.g. a
-train step); `generate(model, ...)` is the jitted convenience for a live NNX model.
+`sample(weights, prompts, ...)` is a pure function (call it inside your own jit, e.g. a train
+step); `generate(model, ...)` is the jitted convenience for a live NNX model.
 
 Conventions
-- Prompts are right-padded `[B, P]` with lengths `[B]`; each prompt is prefilled ONCE and its
-  cache row tiled for its G samples (rows `b·G … b·G+G−1` belong to prompt b).
+- Prompts are right-padded `[B, P]` with lengths `[B]`; each prompt is prefilled ONCE and its keys
+  and values stored once for its G samples (rows `b·G … b·G+G−1` belong to prompt b).
+- The decode runs in segments of `block_len` steps; segment i reads cache blocks `0 … i` only, so a
+  step reads the filled part of the cache (to a block), not its full length. The loop ends as soon
+  as every row has finished.
 - Behaviour log-probs are `log softmax(logits / temperature)` at the sampled token — the
   temperature-scaled distribution BEFORE top-k / top-p truncation, i.e. exactly what
   `losses.token_logprobs(logits, tokens, temperature)` of a teacher-forced forward gives, so that
   importance ratios start at 1. (With top-k/top-p they are not the truncated sampling
   probabilities.) With temperature 0 (greedy) they are taken at temperature 1.
 - `lengths` count generated tokens including a sampled stop token; `finished` says a stop token was
-  sampled. Every generated token, the stop token included, is in the returned cache, and
-  `next_positions = prompt_lengths + lengths` is where a caller continues feeding tokens (RLP appends
-  `</think>` where a thought was truncated and then scores the true next token on this cache).
+  sampled. Every generated token, the stop token included, is in the returned cache (suffix slot
+  u holds generated token u), and `next_positions = prompt_lengths + lengths` is where a caller
+  continues (RLP appends `</think>` and the true next token(s) with `decode.extend`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlp_jax.models.transformer import KVCache
-from rlp_jax.sharding import constrain
+from rlp_jax.models import decode
+from rlp_jax.models.decode import DecodeWeights, RolloutCache
 
 Array = jax.Array
 
@@ -40,6 +44,7 @@ class SamplingConfig:
     stop_tokens: tuple[int, ...] = ()
     min_new_tokens: int = 0  # stop tokens are masked before this many tokens
     pad_id: int = 0
+    block_len: int = 256  # cache slots per suffix block: the granularity of what a step reads
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -50,6 +55,8 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]; use 1.0 to turn it off.")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0; use 0 to turn it off.")
+        if self.block_len < 1:
+            raise ValueError(f"block_len={self.block_len} must be >= 1 cache slots.")
 
 
 @jax.tree_util.register_dataclass
@@ -59,8 +66,8 @@ class SampleOutput:
     logprobs_NxL: Array  # behaviour log-probs (see module docstring); 0 beyond `lengths`
     lengths_N: Array
     finished_N: Array  # a stop token was sampled
-    cache: KVCache  # holds prompt + every generated token of each row
-    next_positions_N: Array  # prompt length + generated length: the next free cache slot
+    cache: RolloutCache  # prompts once each + every generated token of each row
+    next_positions_N: Array  # prompt length + generated length: the next free position
 
 
 def filter_logits(logits_NxV: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
@@ -109,73 +116,85 @@ def _next_token(logits_NxV: Array, key: Array, step: Array, cfg: SamplingConfig)
     return token.astype(jnp.int32), logprob
 
 
-def _last_logits(model, hidden_BxPxD: Array, lengths_B: Array) -> Array:
-    last_BxD = jnp.take_along_axis(hidden_BxPxD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    return model.logits(last_BxD)
-
-
-def _constrain_cache(cache: KVCache) -> KVCache:
-    axes = ("layers", "batch", "length", "kv_heads", None)
-    return KVCache(constrain(cache.k, axes), constrain(cache.v, axes))
-
-
-def sample(graphdef: nnx.GraphDef, params: nnx.State, prompts_BxP: Array, prompt_lengths_B: Array,
-           key: Array, cfg: SamplingConfig, num_samples: int = 1,
-           cache_len: int | None = None) -> SampleOutput:
+def sample(weights: DecodeWeights, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
+           cfg: SamplingConfig, num_samples: int = 1, extra_slots: int = 0) -> SampleOutput:
     """Samples `num_samples` continuations of each prompt. Pure; jit it (cfg static).
 
-    `cache_len` (default `P + max_new_tokens`) is the cache size; give room for tokens a caller
-    will append afterwards (e.g. `+ 1 + target_len` for RLP scoring).
+    `weights`: `decode.decode_weights(model)`, made once outside any loop. `extra_slots`: room in
+    the cache for tokens a caller appends afterwards (`1 + target_len` for RLP scoring).
     """
-    model = nnx.merge(graphdef, params)
+    c = weights.config
     B, P = prompts_BxP.shape
-    G, L = num_samples, cfg.max_new_tokens
-    cache_len = P + L if cache_len is None else cache_len
-    if cache_len < P + L:
-        raise ValueError(f"cache_len={cache_len} cannot hold {P} prompt + {L} new tokens; "
-                         f"use cache_len >= {P + L}.")
-    prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
-    positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    cache = _constrain_cache(KVCache.zeros(model.config, B, cache_len))
-    hidden_BxPxD, cache = model.hidden_states(prompts_BxP, positions_BxP, cache=cache)
-    logits_NxV = jnp.repeat(_last_logits(model, hidden_BxPxD, prompt_lengths_B), G, axis=0)
-    cache = _constrain_cache(cache.repeat(G))
-    start_N = jnp.repeat(prompt_lengths_B, G)
+    # Blocks no longer than the suffix needs: a short thought must not read a long block.
+    G, L, block_len = num_samples, cfg.max_new_tokens, min(cfg.block_len, cfg.max_new_tokens + extra_slots)
     N = B * G
+    prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
+    hidden_BxPxD, prefix_k, prefix_v = decode.prefill(weights, prompts_BxP, prompt_lengths_B)
+    last_BxD = jnp.take_along_axis(hidden_BxPxD, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    logits_NxV = jnp.repeat(decode.logits(weights, last_BxD), G, axis=0)
+    blocks = [decode.empty_block(c, N, block_len) for _ in range(decode.num_blocks(L + extra_slots, block_len))]
+    cache = RolloutCache(prefix_k, prefix_v, prompt_lengths_B, tuple(k for k, _ in blocks), tuple(v for _, v in blocks))
     stop_ids = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
+    state = (jnp.int32(0), logits_NxV, jnp.full((N, L), cfg.pad_id, jnp.int32), jnp.zeros((N, L), jnp.float32),
+             jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32))
+    # Segment i: steps i·block_len … while no row writes past block i, reading blocks 0 … i.
+    for i in range(decode.num_blocks(L, block_len)):
+        state, cache = _decode_segment(weights, cache, state, key, cfg, i, min((i + 1) * block_len, L), stop_ids)
+    _, _, tokens_NxL, logprobs_NxL, finished_N, lengths_N = state
+    return SampleOutput(tokens_NxL, logprobs_NxL, lengths_N, finished_N, cache,
+                        jnp.repeat(prompt_lengths_B, G) + lengths_N)
+
+
+def _decode_segment(weights, cache: RolloutCache, state, key, cfg: SamplingConfig, block: int, end: int, stop_ids):
+    """Decode steps up to `end` (or until every row has finished) that write cache block `block`;
+    the block is the only part of the cache the loop carries, the rest it only reads."""
+    written_k, written_v = cache.block_k[block], cache.block_v[block]
 
     def cond(carry):
-        step, finished_N = carry[0], carry[5]
-        return (step < L) & ~jnp.all(finished_N)
+        step, finished_N = carry[0][0], carry[0][4]
+        return (step < end) & ~jnp.all(finished_N)
 
     def body(carry):
-        step, cache, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N = carry
+        (step, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N), block_k, block_v = carry
         token_N, logprob_N = _next_token(logits_NxV, jax.random.fold_in(key, step), step, cfg)
         active_N = ~finished_N
         token_N = jnp.where(active_N, token_N, cfg.pad_id)
         tokens_NxL = tokens_NxL.at[:, step].set(token_N)
         logprobs_NxL = logprobs_NxL.at[:, step].set(jnp.where(active_N, logprob_N, 0.0))
-        # Finished rows rewrite their next free slot with padding; it is overwritten later.
-        feed_positions_N = start_N + lengths_N
+        # Active rows write generated token `step` into slot `step`; finished rows nothing.
+        slots_N = jnp.where(active_N, lengths_N, -1)
         lengths_N = lengths_N + active_N
         finished_N = finished_N | (active_N & jnp.isin(token_N, stop_ids))
-        hidden, cache = model.hidden_states(token_N[:, None], feed_positions_N[:, None], cache=cache)
-        logits_NxV = model.logits(hidden[:, 0])
-        return step + 1, cache, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N
+        current = dataclasses.replace(cache, block_k=_with(cache.block_k, block, block_k),
+                                      block_v=_with(cache.block_v, block, block_v))
+        hidden, current = decode.extend(weights, current, token_N[:, None], slots_N[:, None],
+                                        attend_blocks=block + 1, write_blocks=(block,))
+        logits_NxV = decode.logits(weights, hidden[:, 0])
+        state = (step + 1, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N)
+        return state, current.block_k[block], current.block_v[block]
 
-    init = (jnp.int32(0), cache, logits_NxV, jnp.full((N, L), cfg.pad_id, jnp.int32),
-            jnp.zeros((N, L), jnp.float32), jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32))
-    _, cache, _, tokens_NxL, logprobs_NxL, finished_N, lengths_N = jax.lax.while_loop(cond, body, init)
-    return SampleOutput(tokens_NxL, logprobs_NxL, lengths_N, finished_N, cache, start_N + lengths_N)
+    state, written_k, written_v = jax.lax.while_loop(cond, body, (state, written_k, written_v))
+    return state, dataclasses.replace(cache, block_k=_with(cache.block_k, block, written_k),
+                                      block_v=_with(cache.block_v, block, written_v))
 
 
-# `sample`, jitted on its own (graphdef, cfg, num_samples and cache_len static).
-sample_jit = jax.jit(sample, static_argnames=("graphdef", "cfg", "num_samples", "cache_len"))
+def _with(blocks: tuple, index: int, block) -> tuple:
+    return blocks[:index] + (block,) + blocks[index + 1:]
+
+
+# `sample` jitted on its own (cfg, num_samples and extra_slots static).
+sample_jit = jax.jit(sample, static_argnames=("cfg", "num_samples", "extra_slots"))
 
 
 def generate(model: nnx.Module, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
-             cfg: SamplingConfig, num_samples: int = 1, cache_len: int | None = None) -> SampleOutput:
+             cfg: SamplingConfig, num_samples: int = 1, extra_slots: int = 0) -> SampleOutput:
     """Jitted `sample` for a live NNX model (compiled once per shape and config)."""
     graphdef, params = nnx.split(model)
-    return sample_jit(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B),
-                      key, cfg, num_samples, cache_len)
+    return _generate(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B), key, cfg,
+                     num_samples, extra_slots)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "num_samples", "extra_slots"))
+def _generate(graphdef, params, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots):
+    weights = decode.decode_weights(nnx.merge(graphdef, params))
+    return sample(weights, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots)

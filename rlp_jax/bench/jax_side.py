@@ -1,4 +1,5 @@
-"""The rlp-jax half of the bench: matmul roofline, policy update, sampler decode, RLP step pieces.
+"""The rlp-jax half of the bench: matmul roofline, memory bandwidth, policy update, sampler
+decode, RLP step pieces.
 
 Every function here jits what it times, runs it once untimed (compilation) and then `repeats`
 times, blocking on the results (`measure.timeit`).
@@ -20,6 +21,7 @@ from rlp_jax import losses, rollouts, sampling, sharding
 from rlp_jax import train_step as ts
 from rlp_jax.batch import PromptBatch, prompt_batch
 from rlp_jax.bench import measure
+from rlp_jax.models import decode as decode_lib
 from rlp_jax.models.config import ModelConfig
 from rlp_jax.models.transformer import Transformer
 
@@ -41,6 +43,8 @@ class Shapes:
     roofline_sizes: tuple[int, ...]
     repeats: int
     temperature: float = 0.7
+    block_len: int = 256  # rollout-cache block (RolloutConfig.cache_block_len)
+    bandwidth_mib: int = 256  # the array the memory bandwidth is measured on
 
     @property
     def rows(self) -> int:
@@ -58,7 +62,8 @@ class Shapes:
 def rollout_config(shapes: Shapes) -> rollouts.RolloutConfig:
     return rollouts.RolloutConfig(think_open_id=THINK_OPEN, think_close_id=THINK_CLOSE,
                                   num_rollouts=shapes.rollouts, max_thought_len=shapes.thought,
-                                  min_thought_len=shapes.thought, temperature=shapes.temperature)
+                                  min_thought_len=shapes.thought, temperature=shapes.temperature,
+                                  cache_block_len=shapes.block_len)
 
 
 def make_batch(config: ModelConfig, shapes: Shapes, seed: int = 0) -> PromptBatch:
@@ -92,6 +97,18 @@ def roofline(sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
             per_size[str(n)] = 2.0 * n ** 3 / t.median_s / 1e9
         out[name] = {"gflops_by_size": per_size, "peak_gflops": max(per_size.values())}
     return out
+
+
+def bandwidth(size_mib: int, repeats: int) -> dict[str, float]:
+    """The device's memory bandwidth, measured: a jitted float32 sum over a `size_mib` array (bytes
+    read per second) and a jitted `x + 1` (bytes read + written per second)."""
+    x = jnp.ones((size_mib * 2**20 // 4,), jnp.float32)
+    read = jax.jit(jnp.sum)
+    copy = jax.jit(lambda a: a + 1.0)
+    t_read = measure.timeit(lambda: read(x), repeats)
+    t_copy = measure.timeit(lambda: copy(x), repeats)
+    return {"bytes": x.nbytes, "read_bytes_per_s": x.nbytes / t_read.median_s,
+            "copy_bytes_per_s": 2 * x.nbytes / t_copy.median_s}
 
 
 # ---------------------------------------------------------------- setup shared by (2) and (4)
@@ -168,37 +185,48 @@ def update(p: Prepared) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- (3) decode
 
-def decode(model: Transformer, shapes: Shapes, batch_size: int, seed: int = 0) -> dict[str, Any]:
-    """`sampling.generate` with a `decode_prompt`-token prompt per row, `decode_new` tokens and
-    with 1 token; decode tokens/s = B·(n−1) / (t(n) − t(1)) (both include the same prefill)."""
+def decode(model: Transformer, shapes: Shapes, batch_size: int, seed: int = 0,
+           read_bytes_per_s: float | None = None) -> dict[str, Any]:
+    """`sampling.generate` with a `decode_prompt`-token prompt per row (one prompt per row, as HF
+    `generate` is given them), `decode_new` tokens and with 1 token; decode tokens/s =
+    B·(n−1) / (t(n) − t(1)) (both include the same prefill)."""
     rng = np.random.RandomState(seed)
     P, n = shapes.decode_prompt, shapes.decode_new
     prompts = jnp.asarray(rng.randint(3, model.config.vocab_size, (batch_size, P)), jnp.int32)
     lengths = jnp.full((batch_size,), P, jnp.int32)
 
     def run(new_tokens):
-        cfg = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=shapes.temperature)
+        cfg = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=shapes.temperature,
+                                      block_len=shapes.block_len)
         return lambda: sampling.generate(model, prompts, lengths, jax.random.key(seed), cfg).tokens_NxL
 
     t_n = measure.timeit(run(n), shapes.repeats)
     t_1 = measure.timeit(run(1), shapes.repeats)
-    return decode_result(model.config, batch_size, P, n, t_n, t_1)
+    return decode_result(model.config, batch_size, P, n, t_n, t_1, read_bytes_per_s)
 
 
-def decode_result(config, batch_size, P, n, t_n, t_1) -> dict[str, Any]:
+def decode_result(config, batch_size, P, n, t_n, t_1, read_bytes_per_s: float | None = None) -> dict[str, Any]:
     """Decode throughput from t(n) − t(1); None where timing noise swamps the difference (tiny
-    models), rather than a meaningless number."""
+    models), rather than a meaningless number. With the measured read bandwidth: the bytes a
+    step must read (weights once + every row's filled cache) and the fraction of the bandwidth
+    that achieves."""
     decode_s = t_n.median_s - t_1.median_s
     ok = decode_s > 0.05 * t_n.median_s
     tokens_per_s = batch_size * (n - 1) / decode_s if ok else None
     # Mean context of the decode steps: P + 1 … P + n − 1 cached keys.
     flops_per_token = measure.decode_flops_per_token(config, P + n / 2)
+    step_bytes = measure.decode_step_bytes(config, prompts=batch_size, prompt_tokens=P, rows=batch_size,
+                                           suffix_tokens=n / 2)
+    step_s = decode_s / (n - 1) if ok else None
     return {"batch": batch_size, "prompt": P, "new_tokens": n,
             "generate": t_n.as_dict(), "prefill_plus_one": t_1.as_dict(),
             "decode_tokens_per_s": tokens_per_s,
             "generate_tokens_per_s": batch_size * n / t_n.median_s,
-            "decode_ms_per_step": 1e3 * decode_s / (n - 1) if ok else None,
-            "decode_gflops": tokens_per_s * flops_per_token / 1e9 if ok else None}
+            "decode_ms_per_step": 1e3 * step_s if ok else None,
+            "decode_gflops": tokens_per_s * flops_per_token / 1e9 if ok else None,
+            "step_bytes": step_bytes,
+            "bandwidth_fraction": (step_bytes / step_s / read_bytes_per_s
+                                   if ok and read_bytes_per_s else None)}
 
 
 # ---------------------------------------------------------------- (4) the step, piece by piece
@@ -219,20 +247,21 @@ def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]
     s, rcfg, gd = p.shapes, p.rcfg, p.graphdef
     key = jax.random.key(1)
     prompt_BxP, prompt_len_B = rollouts.build_prompts(p.batch.context_BxT, p.batch.context_len_B, rcfg)
-    cache_len = prompt_BxP.shape[1] + s.thought + 1 + s.targets
+    weights_of = lambda params: decode_lib.decode_weights(nnx.merge(gd, params))
 
-    sample = jax.jit(lambda params, k: sampling.sample(gd, params, prompt_BxP, prompt_len_B, k,
-                                                        rcfg.sampling_config(), s.rollouts, cache_len))
+    sample = jax.jit(lambda params, k: sampling.sample(weights_of(params), prompt_BxP, prompt_len_B, k,
+                                                        rcfg.sampling_config(), s.rollouts, 1 + s.targets))
     t_rollout = measure.timeit(lambda: sample(p.params, key).tokens_NxL, s.repeats)
     t_both = measure.timeit(lambda: p.sample_and_score(p.params, p.batch, key).s_pred_NxK, s.repeats)
 
     out = sample(p.params, key)
+    weights = jax.jit(weights_of)(p.params)
     # The scoring half of sample_and_score on a finished rollout; its cache donated (written in
     # place), a fresh copy made outside the timed call.
-    score = jax.jit(lambda params, cache, o, t: rollouts.score_after_thoughts(
-        gd, params, dataclasses.replace(o, cache=cache), t, rcfg)[::2], donate_argnums=(1,))
+    score = jax.jit(lambda w, cache, o, t: rollouts.score_after_thoughts(
+        w, dataclasses.replace(o, cache=cache), t, rcfg)[::2], donate_argnums=(1,))
     rest = dataclasses.replace(out, cache=None)
-    fresh = lambda: (p.params, jax.tree.map(jnp.copy, out.cache), rest, p.batch.target_BxK)
+    fresh = lambda: (weights, jax.tree.map(jnp.copy, out.cache), rest, p.batch.target_BxK)
     t_score_alone = measure.timeit(score, s.repeats, setup=fresh)
 
     ema = jax.tree.map(lambda x: x.astype(jnp.float32), p.params)
@@ -285,12 +314,13 @@ def profile_decode(model: Transformer, shapes: Shapes, batch_size: int, folder: 
     """Where `decode_new` sampler steps at one batch size spend their time."""
     from rlp_jax.bench import profile
 
-    graphdef, params = nnx.split(model)
+    weights = jax.jit(decode_lib.decode_weights)(model)
     P = shapes.decode_prompt
     prompts = jnp.asarray(np.random.RandomState(0).randint(3, model.config.vocab_size, (batch_size, P)), jnp.int32)
     lengths = jnp.full((batch_size,), P, jnp.int32)
-    cfg = sampling.SamplingConfig(max_new_tokens=shapes.decode_new, temperature=shapes.temperature)
-    args = (graphdef, params, prompts, lengths, jax.random.key(0), cfg, 1, None)
+    cfg = sampling.SamplingConfig(max_new_tokens=shapes.decode_new, temperature=shapes.temperature,
+                                  block_len=shapes.block_len)
+    args = (weights, prompts, lengths, jax.random.key(0), cfg, 1, 0)
     out = profile.top_ops(lambda: sampling.sample_jit(*args).tokens_NxL, folder)
     hlo = sampling.sample_jit.lower(*args).compile().as_text()
     return out | {"what": profile.describe(hlo, [op["name"] for op in out["ops"]])}

@@ -78,6 +78,17 @@ def decode_flops_per_token(c: ModelConfig, context: int) -> float:
             + 2.0 * c.hidden_size * c.vocab_size)
 
 
+def decode_step_bytes(c: ModelConfig, *, prompts: int, prompt_tokens: float, rows: int,
+                      suffix_tokens: float) -> float:
+    """What one decode step must read from memory, in the compute dtype: every body weight and the
+    LM head once, each prompt's keys and values once (shared by its rows), and each row's own
+    filled keys and values."""
+    itemsize = 2 if c.dtype == "bfloat16" else 4
+    weights = (matmul_params(c) + c.hidden_size * c.vocab_size) * itemsize
+    kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * itemsize
+    return weights + kv_per_token * (prompts * prompt_tokens + rows * suffix_tokens)
+
+
 # ---------------------------------------------------------------- the machine
 
 def cores_used() -> int:

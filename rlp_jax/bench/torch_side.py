@@ -57,7 +57,7 @@ class Peer:
         import jax.numpy as jnp
 
         tokens = np.random.RandomState(0).randint(3, model.config.vocab_size, (2, 16))
-        ours, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(16), (2, 16)))
+        ours = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(16), (2, 16)))
         with self.torch.no_grad():
             theirs = self.model(input_ids=self.torch.tensor(tokens, device=self.device)).logits.float().cpu().numpy()
         return float(np.abs(np.asarray(ours, np.float32) - theirs).max())

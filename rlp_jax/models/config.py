@@ -10,6 +10,7 @@ from typing import Literal
 
 Family = Literal["qwen3", "llama"]
 RematPolicy = Literal["none", "full", "dots_saveable"]
+AttentionKernel = Literal["auto", "xla", "cudnn", "splash"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: RematPolicy = "none"
+    # Self-attention of the teacher-forced forward and the prefill: "auto" picks the platform's
+    # fused kernel (cuDNN flash attention on NVIDIA GPUs, Pallas splash attention on TPUs) and
+    # the XLA path on CPU; or force one (rlp_jax.models.transformer.attention_backend).
+    attention: AttentionKernel = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -53,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
         if self.remat not in ("none", "full", "dots_saveable"):
             raise ValueError(f"remat={self.remat!r} is unknown; use 'none', 'full' or 'dots_saveable'.")
+        if self.attention not in ("auto", "xla", "cudnn", "splash"):
+            raise ValueError(f"attention={self.attention!r} is unknown; use 'auto', 'xla', 'cudnn' or 'splash'.")
 
     @property
     def qk_norm(self) -> bool:

@@ -1,19 +1,20 @@
 """Decoder-only LM for the Qwen3 and Llama-3 families, in Flax NNX.
 
-Layer weights are stacked on a leading `layers` axis and the forward pass scans over them, so
-compile time does not grow with depth. Every parameter carries logical axis names (rlp_jax.sharding).
+Layer weights are stacked on a leading `layers` axis and the teacher-forced forward pass scans
+over them, so compile time does not grow with depth. Every parameter carries logical axis names
+(rlp_jax.sharding). `model(tokens_BxT, positions_BxT, valid_BxT)` attends causally (by index)
+within the T tokens, ignoring tokens with `valid == False` as keys; incremental decoding over a KV
+cache lives in `rlp_jax.models.decode`, built from the same layer pieces (`attention_inputs`,
+`layer_output`).
 
-Two calling modes share one code path:
-- no cache: `model(tokens_BxT, positions_BxT, valid_BxT)` attends causally (by index) within the T
-  tokens, ignoring tokens with `valid == False` as keys;
-- with a `KVCache`: the T new tokens are written into cache slot `positions_BxT` of their row and
-  attend to every slot `<= their position`. A row's slots `0 … n−1` must hold its first n tokens,
-  so prompts are right-padded with positions `0 … T−1` (pad slots are overwritten later).
+Self-attention runs fused where the platform has a kernel (`ModelConfig.attention`): cuDNN flash
+attention on NVIDIA GPUs (`jax.nn.dot_product_attention`), Pallas splash attention on TPUs, the
+XLA einsum path (float32 softmax) on CPU and whenever a mask other than causal is given.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -21,38 +22,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec as P
 
 from rlp_jax.models.config import ModelConfig
 from rlp_jax.sharding import constrain, fit_spec, logical_to_mesh
 
 Array = jax.Array
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Keys and values of every layer, slot = token position: `[layers, B, S, kv_heads, head_dim]`."""
-
-    k: Array
-    v: Array
-
-    @classmethod
-    def zeros(cls, config: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
-        shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
-        dtype = jnp.dtype(config.dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
-    def repeat(self, n: int) -> "KVCache":
-        """Each row repeated n times in place (row b → rows b·n … b·n+n−1): G samples, one prefill."""
-        return KVCache(jnp.repeat(self.k, n, axis=1), jnp.repeat(self.v, n, axis=1))
-
-
 # Logical axes of the stacked layer weights.
-_LAYER_AXES = {
+LAYER_AXES = {
     "attn_norm": ("layers", "norm"),
     "q": ("layers", "embed", "heads", "head_dim"),
     "k": ("layers", "embed", "kv_heads", "head_dim"),
@@ -88,14 +66,14 @@ class DecoderLayers(nnx.Module):
                 value = jnp.ones(shape, dtype)
             else:
                 value = init_std * jax.random.normal(rngs.params(), shape, dtype)
-            setattr(self, name, nnx.Param(value, out_sharding=_LAYER_AXES[name]))
+            setattr(self, name, nnx.Param(value, out_sharding=LAYER_AXES[name]))
 
     def weights(self) -> dict[str, Array]:
-        return {name: getattr(self, name)[...] for name in _LAYER_AXES if hasattr(self, name)}
+        return {name: getattr(self, name)[...] for name in LAYER_AXES if hasattr(self, name)}
 
 
 class Transformer(nnx.Module):
-    """`(tokens, positions, valid, cache) -> (logits_BxTxV, cache)`."""
+    """`(tokens, positions, valid) -> logits_BxTxV`."""
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs, init_std: float = 0.02):
         self.config = config
@@ -109,49 +87,27 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Param(init_std * jax.random.normal(rngs.params(), (D, V), dtype),
                                      out_sharding=("embed", "vocab"))
 
-    def __call__(self, tokens_BxT: Array, positions_BxT: Array, valid_BxT: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
-        hidden_BxTxD, cache = self.hidden_states(tokens_BxT, positions_BxT, valid_BxT, cache)
-        return self.logits(hidden_BxTxD), cache
+    def __call__(self, tokens_BxT: Array, positions_BxT: Array, valid_BxT: Array | None = None) -> Array:
+        return self.logits(self.hidden_states(tokens_BxT, positions_BxT, valid_BxT))
 
-    def hidden_states(self, tokens_BxT, positions_BxT, valid_BxT=None, cache=None):
-        """Final-norm hidden states `[B, T, D]` (before the LM head) and the updated cache."""
+    def hidden_states(self, tokens_BxT: Array, positions_BxT: Array, valid_BxT: Array | None = None) -> Array:
+        """Final-norm hidden states `[B, T, D]` (before the LM head)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        # Look rows up in a table sharded on the vocabulary only: GSPMD then masks each shard's
-        # rows and sums over `tensor`; a table also sharded on `embed` (the FSDP axis, which
-        # the batch uses too) forces a full rematerialisation of the lookup.
-        table_VxD = constrain(self.embed[...], ("vocab", None))
-        x_BxTxD = constrain(jnp.take(table_VxD, tokens_BxT, axis=0).astype(dtype),
-                            ("batch", "length", None))
+        x_BxTxD = embed_tokens(self.embed[...], tokens_BxT, dtype)
         cos_BxTxH, sin_BxTxH = rope_tables(positions_BxT, c)
-        if cache is None:
-            T = tokens_BxT.shape[1]
-            valid = jnp.ones(tokens_BxT.shape, bool) if valid_BxT is None else valid_BxT.astype(bool)
-            mask_BxTxS = (jnp.arange(T)[None, :, None] >= jnp.arange(T)[None, None, :]) & valid[:, None, :]
-        else:
-            slots_S = jnp.arange(cache.max_len)
-            mask_BxTxS = slots_S[None, None, :] <= positions_BxT[:, :, None]
 
-        # The whole cache rides in the scan carry and each layer writes its new keys and values
-        # in place (cache[layer, row, position]). Scanning over per-layer cache slices as xs/ys
-        # instead makes XLA copy every layer's slice in and out at each decode step.
-        def layer(carry, w):
-            x, k_all, v_all, index = carry
+        def layer(x, w):
             w = jax.tree.map(lambda a: a.astype(dtype), w)
-            x, k_all, v_all = _decoder_layer(x, w, c, cos_BxTxH, sin_BxTxH, mask_BxTxS,
-                                             positions_BxT, k_all, v_all, index)
-            return (x, k_all, v_all, index + 1), None
+            q, k, v = attention_inputs(x, w, c, cos_BxTxH, sin_BxTxH)
+            return layer_output(x, self_attention(q, k, v, valid_BxT, c.attention), w, c), None
 
         if c.remat != "none":
             policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                       if c.remat == "dots_saveable" else None)
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-        caches = (None, None) if cache is None else (cache.k, cache.v)
-        (x_BxTxD, k, v, _), _ = jax.lax.scan(layer, (x_BxTxD, *caches, jnp.int32(0)),
-                                             self.layers.weights())
-        new_cache = None if cache is None else KVCache(k, v)
-        return rms_norm(x_BxTxD, self.final_norm[...].astype(dtype), c.rms_norm_eps), new_cache
+        x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, self.layers.weights())
+        return rms_norm(x_BxTxD, self.final_norm[...].astype(dtype), c.rms_norm_eps)
 
     def head_weights(self) -> Array:
         """The LM head `[D, V]` (the transposed embedding when tied)."""
@@ -159,6 +115,14 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden_BxTxD: Array) -> Array:
         return head_logits(hidden_BxTxD, self.head_weights())
+
+
+def embed_tokens(table_VxD: Array, tokens_BxT: Array, dtype) -> Array:
+    # Look rows up in a table sharded on the vocabulary only: GSPMD then masks each shard's rows
+    # and sums over `tensor`; a table also sharded on `embed` (the FSDP axis, which the batch
+    # uses too) forces a full rematerialisation of the lookup.
+    table_VxD = constrain(table_VxD, ("vocab", None))
+    return constrain(jnp.take(table_VxD, tokens_BxT, axis=0).astype(dtype), ("batch", "length", None))
 
 
 def head_logits(hidden_BxTxD: Array, head_DxV: Array) -> Array:
@@ -205,18 +169,11 @@ def apply_rope(x_BxTxQxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
     return x_BxTxQxH * cos_BxTxH[:, :, None] + rotated * sin_BxTxH[:, :, None]
 
 
-def _write_cache(cache_ZxBxSxJxH: Array, layer: Array, new_BxTxJxH: Array, positions_BxT: Array) -> Array:
-    rows_Bx1 = jnp.arange(cache_ZxBxSxJxH.shape[1])[:, None]
-    return cache_ZxBxSxJxH.at[layer, rows_Bx1, positions_BxT].set(new_BxTxJxH.astype(cache_ZxBxSxJxH.dtype))
+# ---------------------------------------------------------------- one decoder layer, in two halves
 
-
-# Query blocks up to this many tokens against a cache (decode steps, RLP scoring) use
-# `attention_few_queries`; longer ones (prefill) the plain grouped einsum.
-FEW_QUERIES = 16
-
-
-def _decoder_layer(x_BxTxD, w: dict[str, Any], c: ModelConfig, cos, sin, mask_BxTxS, positions_BxT,
-                   k_all, v_all, layer):
+def attention_inputs(x_BxTxD: Array, w: dict[str, Any], c: ModelConfig, cos_BxTxH: Array,
+                     sin_BxTxH: Array) -> tuple[Array, Array, Array]:
+    """The layer's queries, keys and values (normed and rotated): `[B, T, Q|J, H]`."""
     h = rms_norm(x_BxTxD, w["attn_norm"], c.rms_norm_eps)
     q = constrain(jnp.einsum("btd,dnh->btnh", h, w["q"]), ("batch", "length", "heads", None))
     k = constrain(jnp.einsum("btd,dnh->btnh", h, w["k"]), ("batch", "length", "kv_heads", None))
@@ -224,22 +181,21 @@ def _decoder_layer(x_BxTxD, w: dict[str, Any], c: ModelConfig, cos, sin, mask_Bx
     if c.qk_norm:
         q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attend = attention
-    if k_all is not None:
-        k_all = _write_cache(k_all, layer, k, positions_BxT)
-        v_all = _write_cache(v_all, layer, v, positions_BxT)
-        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-        if q.shape[1] <= FEW_QUERIES and not _kv_heads_split(c.num_kv_heads):
-            attend = attention_few_queries
-    attn_BxTxQxH = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
-    x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn_BxTxQxH, w["o"])
+    return apply_rope(q, cos_BxTxH, sin_BxTxH), apply_rope(k, cos_BxTxH, sin_BxTxH), v
+
+
+def layer_output(x_BxTxD: Array, attn_BxTxQxH: Array, w: dict[str, Any], c: ModelConfig) -> Array:
+    """The residual stream after the attention output projection and the MLP."""
+    B, T, Q, H = attn_BxTxQxH.shape
+    # Over the flat (heads · head_dim) axis: as a "btnh,nhd" einsum XLA:CPU transposes the whole
+    # output weight at every call (every decode step).
+    x_BxTxD = x_BxTxD + _project(attn_BxTxQxH.astype(x_BxTxD.dtype).reshape(B, T, Q * H),
+                                 w["o"].reshape(Q * H, -1))
     h = rms_norm(x_BxTxD, w["mlp_norm"], c.rms_norm_eps)
     gate = constrain(_project(h, w["gate"]), ("batch", "length", "mlp"))
     up = constrain(_project(h, w["up"]), ("batch", "length", "mlp"))
     x_BxTxD = x_BxTxD + _project(jax.nn.silu(gate) * up, w["down"])
-    return constrain(x_BxTxD, ("batch", "length", None)), k_all, v_all
+    return constrain(x_BxTxD, ("batch", "length", None))
 
 
 def _project(x_BxTxI: Array, w_IxO: Array) -> Array:
@@ -251,18 +207,45 @@ def _project(x_BxTxI: Array, w_IxO: Array) -> Array:
     return (x_BxTxI.reshape(B * T, I) @ w_IxO).reshape(B, T, w_IxO.shape[-1])
 
 
-def _kv_heads_split(num_kv_heads: int) -> bool:
-    """Whether the logical-axis rules in context shard the kv heads over a mesh axis of size > 1."""
-    rules = flax_spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
-        return False
-    spec = fit_spec((num_kv_heads,), logical_to_mesh(("kv_heads",), rules), mesh)
-    return spec[0] is not None
+# ---------------------------------------------------------------- self-attention
+
+def attention_backend(setting: str, dtype, head_dim: int, masked: bool) -> str:
+    """`xla`, `cudnn` or `splash` for `ModelConfig.attention = setting` on the platform in use.
+
+    `auto` takes the platform's fused kernel where it applies (a causal mask only; cuDNN: bf16 or
+    f16, head_dim a multiple of 8 up to 128) and the XLA path otherwise."""
+    if setting != "auto":
+        return setting
+    platform = jax.default_backend()
+    if masked:
+        return "xla"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
+            and head_dim <= 128:
+        return "cudnn"
+    if platform == "tpu":
+        return "splash"
+    return "xla"
+
+
+def self_attention(q_BxTxQxH: Array, k_BxTxJxH: Array, v_BxTxJxH: Array, valid_BxT: Array | None = None,
+                   setting: str = "auto") -> Array:
+    """Causal grouped-query attention within T tokens (query t sees keys 0 … t), keys with
+    `valid_BxT == False` left out."""
+    backend = attention_backend(setting, q_BxTxQxH.dtype, q_BxTxQxH.shape[-1], valid_BxT is not None)
+    if backend == "cudnn":
+        return jax.nn.dot_product_attention(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH, is_causal=True,
+                                            implementation="cudnn")
+    if backend == "splash":
+        return splash_attention(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH)
+    T = q_BxTxQxH.shape[1]
+    mask_BxTxS = jnp.tril(jnp.ones((T, T), bool))[None]
+    if valid_BxT is not None:
+        mask_BxTxS = mask_BxTxS & valid_BxT.astype(bool)[:, None, :]
+    return attention(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH, mask_BxTxS)
 
 
 def attention(q_BxTxQxH: Array, k_BxSxJxH: Array, v_BxSxJxH: Array, mask_BxTxS: Array) -> Array:
-    """Grouped-query attention with the softmax in float32."""
+    """Grouped-query attention with the softmax in float32 (the XLA path)."""
     B, T, Q, H = q_BxTxQxH.shape
     J = k_BxSxJxH.shape[2]
     q = q_BxTxQxH.reshape(B, T, J, Q // J, H)
@@ -273,28 +256,44 @@ def attention(q_BxTxQxH: Array, k_BxSxJxH: Array, v_BxSxJxH: Array, mask_BxTxS: 
     return out.reshape(B, T, Q, H)
 
 
-def attention_few_queries(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
-    """The same grouped-query attention for a few queries against a long cache (decode, scoring).
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    `attention` makes (batch, kv head) the batch dimensions of its matmuls; a cache laid out
-    `[B, S, K, H]` must then be transposed to `[B, K, S, H]` — a copy of the whole layer cache at
-    every decode step, which costs more than the attention itself. Here each row's cache is read
-    in its memory order, as one `[S, K·H]` matrix, against block-diagonal queries
-    (`q_bd[(j, h), (k, g)] = q[k, g, h]·[j = k]`); the off-diagonal blocks are multiplications by
-    zero, K-fold extra arithmetic that is cheap while decode is bound by memory traffic.
-    """
-    B, T, N, H = q_BxTxNxH.shape
-    S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
-    eye_KxK = jnp.eye(K, dtype=q_BxTxNxH.dtype)
-    q_bd = jnp.einsum("btkgh,kj->bjhtkg", q_BxTxNxH.reshape(B, T, K, N // K, H), eye_KxK)
-    scores_BxSxTxN = jnp.einsum("bsc,bctn->bstn", k_BxSxKxH.reshape(B, S, K * H),
-                                q_bd.reshape(B, K * H, T, N)).astype(jnp.float32) / math.sqrt(H)
-    mask_BxSxTx1 = jnp.swapaxes(mask_BxTxS, 1, 2)[..., None]
-    scores_BxSxTxN = jnp.where(mask_BxSxTx1, scores_BxSxTxN, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores_BxSxTxN, axis=1).astype(v_BxSxKxH.dtype)
-    all_pairs = jnp.einsum("bstn,bsc->btnc", probs, v_BxSxKxH.reshape(B, S, K * H))
-    out = jnp.einsum("btkgjh,kj->btkgh", all_pairs.reshape(B, T, K, N // K, K, H), eye_KxK)
-    return out.reshape(B, T, N, H)
+    block = min(512, seq_len)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len))] * num_heads)
+    return splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q_BxTxQxH: Array, k_BxTxJxH: Array, v_BxTxJxH: Array, interpret: bool = False) -> Array:
+    """Causal attention by the Pallas TPU splash kernel (grouped heads natively). A kernel is
+    opaque to GSPMD, so under a mesh it runs in `shard_map` on each device's rows and heads
+    (split as the logical-axis rules say); `interpret=True` runs it on any backend (tests)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = flax_spmd.get_logical_axis_rules()
+    local = functools.partial(_splash_local, interpret=interpret)
+    if mesh.empty or not rules:
+        return local(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH)
+    q_spec = fit_spec(q_BxTxQxH.shape, logical_to_mesh(("batch", None, "heads", None), rules), mesh)
+    kv_spec = fit_spec(k_BxTxJxH.shape, logical_to_mesh(("batch", None, "kv_heads", None), rules), mesh)
+    if q_spec[2] != kv_spec[2]:  # a group's query heads must sit with its kv head: split neither
+        q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH)
+
+
+def _splash_local(q_BxTxQxH: Array, k_BxTxJxH: Array, v_BxTxJxH: Array, interpret: bool) -> Array:
+    """The kernel vmapped over the batch; the sequence padded to a multiple of 128 (padded keys
+    come after every real query, so the causal mask hides them)."""
+    B, T, Q, H = q_BxTxQxH.shape
+    padded = -(-T // 128) * 128
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - T), (0, 0), (0, 0)))
+    heads_first = lambda x: jnp.swapaxes(pad(x), 1, 2)  # [B, heads, T, H]
+    kernel = _splash_kernel(Q, padded, interpret)
+    out = jax.vmap(kernel)(heads_first(q_BxTxQxH) / math.sqrt(H), heads_first(k_BxTxJxH), heads_first(v_BxTxJxH))
+    return jnp.swapaxes(out, 1, 2)[:, :T]
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
