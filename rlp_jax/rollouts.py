@@ -59,6 +59,11 @@ class RolloutConfig:
             raise ValueError(f"need 1 <= min_thought_len ({self.min_thought_len}) <= max_thought_len "
                              f"({self.max_thought_len}).")
 
+    @property
+    def banned_close(self) -> tuple[int, int]:
+        """`(</think>, positions)`: the thought positions where the policy may not close."""
+        return self.think_close_id, self.min_thought_len
+
     def sampling_config(self) -> sampling.SamplingConfig:
         return sampling.SamplingConfig(
             max_new_tokens=self.max_thought_len, temperature=self.temperature, top_k=self.top_k,
@@ -173,9 +178,14 @@ def thought_sequences(rollouts: Rollouts, num_rollouts: int) -> tuple[Array, Arr
 
 
 def thought_logprobs(graphdef: nnx.GraphDef, params: nnx.State, seq_NxS: Array, predict_at_NxL: Array,
-                     thoughts_NxL: Array, temperature: float, head_chunk_len: int = 0) -> tuple[Array, Array]:
+                     thoughts_NxL: Array, temperature: float, head_chunk_len: int = 0,
+                     banned_token: int | None = None, banned_before: int = 0) -> tuple[Array, Array]:
     """Teacher-forced `log π(ℓ_u | prefix_u)` of every thought token at the sampling temperature
     (the only place the policy gradient enters), and the per-token policy entropy.
+
+    The policy is the distribution the sampler draws from: with `banned_token` (`</think>`) the
+    first `banned_before` (`min_thought_len`) thought positions exclude it, exactly as the sampler
+    masks it there, so that behaviour and trained log-probs are of the same distribution.
 
     `head_chunk_len > 0` runs the LM head and its softmax over that many thought positions at a
     time, each chunk rematerialised in the backward pass: the `[N, L, V]` logits (with their
@@ -187,21 +197,24 @@ def thought_logprobs(graphdef: nnx.GraphDef, params: nnx.State, seq_NxS: Array, 
     hidden_NxLxD = jnp.take_along_axis(hidden_NxSxD, predict_at_NxL[..., None], axis=1)
     head_DxV = model.head_weights()
 
-    def scored(h_NxCxD, t_NxC):
-        logits_NxCxV = head_logits(h_NxCxD, head_DxV)
+    def scored(h_NxCxD, t_NxC, u_C):
+        logits_NxCxV = head_logits(h_NxCxD, head_DxV).astype(jnp.float32)
+        if banned_token is not None and banned_before > 0:
+            banned_CxV = (u_C < banned_before)[:, None] & (jnp.arange(logits_NxCxV.shape[-1]) == banned_token)
+            logits_NxCxV = jnp.where(banned_CxV, jnp.finfo(jnp.float32).min, logits_NxCxV)
         logp_NxC = losses.token_logprobs(logits_NxCxV, t_NxC, temperature)
-        scaled = jax.lax.stop_gradient(logits_NxCxV.astype(jnp.float32) / temperature)
-        log_probs = jax.nn.log_softmax(scaled, axis=-1)
+        log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(logits_NxCxV) / temperature, axis=-1)
         return logp_NxC, -(jnp.exp(log_probs) * log_probs).sum(-1)
 
     N, L = thoughts_NxL.shape
     if not 0 < head_chunk_len < L:
-        return scored(hidden_NxLxD, thoughts_NxL)
+        return scored(hidden_NxLxD, thoughts_NxL, jnp.arange(L))
     chunks = -(-L // head_chunk_len)
     pad = chunks * head_chunk_len - L
     h_nxNxCxD = jnp.pad(hidden_NxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
         N, chunks, head_chunk_len, -1).swapaxes(0, 1)
     t_nxNxC = jnp.pad(thoughts_NxL, ((0, 0), (0, pad))).reshape(N, chunks, head_chunk_len).swapaxes(0, 1)
-    logp_nxNxC, entropy_nxNxC = jax.lax.map(lambda xs: jax.checkpoint(scored)(*xs), (h_nxNxCxD, t_nxNxC))
+    u_nxC = jnp.arange(chunks * head_chunk_len).reshape(chunks, head_chunk_len)
+    logp_nxNxC, entropy_nxNxC = jax.lax.map(lambda xs: jax.checkpoint(scored)(*xs), (h_nxNxCxD, t_nxNxC, u_nxC))
     unchunk = lambda x_nxNxC: x_nxNxC.swapaxes(0, 1).reshape(N, chunks * head_chunk_len)[:, :L]
     return unchunk(logp_nxNxC), unchunk(entropy_nxNxC)

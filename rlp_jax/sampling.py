@@ -9,11 +9,12 @@ Conventions
 - The decode runs in segments of `block_len` steps; segment i reads cache blocks `0 … i` only, so a
   step reads the filled part of the cache (to a block), not its full length. The loop ends as soon
   as every row has finished.
-- Behaviour log-probs are `log softmax(logits / temperature)` at the sampled token — the
-  temperature-scaled distribution BEFORE top-k / top-p truncation, i.e. exactly what
-  `losses.token_logprobs(logits, tokens, temperature)` of a teacher-forced forward gives, so that
-  importance ratios start at 1. (With top-k/top-p they are not the truncated sampling
-  probabilities.) With temperature 0 (greedy) they are taken at temperature 1.
+- Behaviour log-probs are `log softmax(logits / temperature)` at the sampled token, with the stop
+  tokens masked out before `min_new_tokens` as the draw masks them — the distribution sampled
+  from BEFORE top-k / top-p truncation, i.e. exactly what `rollouts.thought_logprobs` of a
+  teacher-forced forward gives, so that importance ratios start at 1. (With top-k/top-p they are
+  not the truncated sampling probabilities.) With temperature 0 (greedy) they are taken at
+  temperature 1.
 - `lengths` count generated tokens including a sampled stop token; `finished` says a stop token was
   sampled. Every generated token, the stop token included, is in the returned cache (suffix slot
   u holds generated token u), and `next_positions = prompt_lengths + lengths` is where a caller
@@ -111,7 +112,8 @@ def _next_token(logits_NxV: Array, key: Array, step: Array, cfg: SamplingConfig)
         # jax.random.categorical(key, truncated) draws exactly this (the same Gumbel noise, the
         # same first maximum); only the argmax is cheaper.
         token = _argmax(truncated + jax.random.gumbel(key, truncated.shape, truncated.dtype))
-    scaled = logits / temperature
+    # The distribution drawn from (stop tokens masked before `min_new_tokens`), before top-k/top-p.
+    scaled = logits_for_choice / temperature
     logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logprob
 

@@ -289,7 +289,7 @@ def bucket_lengths(seq_len: int, buckets: int) -> tuple[int, ...]:
 def _thought_logprobs_chunked(graphdef, params, rows: UpdateBatch, chunks: int, cfg: StepConfig) -> Array:
     def one(mb: UpdateBatch):
         logp, _ = rollouts.thought_logprobs(graphdef, params, mb.seq_NxS, mb.predict_at_NxL, mb.thoughts_NxL,
-                                            cfg.rollout.temperature, cfg.head_chunk_len)
+                                            cfg.rollout.temperature, cfg.head_chunk_len, *cfg.rollout.banned_close)
         return jax.lax.stop_gradient(logp)
 
     return _chunked(one, rows, chunks)
@@ -314,7 +314,8 @@ def policy_gradient(graphdef: nnx.GraphDef, params: Any, minibatch: UpdateBatch,
         # makes the cut exact); predictions for masked positions past them are clamped, unused.
         logp, entropy = rollouts.thought_logprobs(graphdef, p, m.seq_NxS[:, :width],
                                                   jnp.minimum(m.predict_at_NxL, width - 1), m.thoughts_NxL,
-                                                  cfg.rollout.temperature, cfg.head_chunk_len)
+                                                  cfg.rollout.temperature, cfg.head_chunk_len,
+                                                  *cfg.rollout.banned_close)
         old = jax.lax.stop_gradient(logp) if m.old_logp_NxL is None else m.old_logp_NxL
         loss, sm = losses.policy_loss(logp, old, m.advantages_N, m.mask_NxL, rollout_valid_BxG=m.valid_N,
                                       eps_low=cfg.eps_low, eps_high=cfg.eps_high, ref_logp_BxGxL=m.ref_logp_NxL,

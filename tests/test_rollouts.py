@@ -61,7 +61,7 @@ def test_thought_rows_and_behaviour_logprobs_equal_a_teacher_forced_forward(mode
     assert ((lengths == L) | closed).all()  # a thought ends at </think> or at L
     seq_NxS, predict_at_NxL = rollouts.thought_sequences(roll, G)
     logp, entropy = rollouts.thought_logprobs(graphdef, params, seq_NxS, predict_at_NxL, roll.thoughts_NxL,
-                                              CFG.temperature)
+                                              CFG.temperature, 0, *CFG.banned_close)
     mask = np.asarray(roll.thought_mask_NxL)
     np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(roll.behaviour_logprobs_NxL)[mask], atol=2e-5)
     for n in range(B * G):  # each row is [prompt, thought] and the log-probs are the forward's
@@ -69,11 +69,15 @@ def test_thought_rows_and_behaviour_logprobs_equal_a_teacher_forced_forward(mode
         thought = np.asarray(roll.thoughts_NxL[n, :lengths[n]])
         want_seq = np.concatenate([np.asarray(roll.prompt_BxP[b, :P]), thought])
         np.testing.assert_array_equal(np.asarray(seq_NxS[n, :len(want_seq)]), want_seq)
-        logits = _forward_logits(model, want_seq)
-        want = losses.token_logprobs(logits[P - 1:-1], jnp.asarray(thought), CFG.temperature)
+        logits = _forward_logits(model, want_seq)[P - 1:-1]
+        # The policy the thought was drawn from: </think> impossible as the first token
+        # (min_thought_len 1), so the first distribution is renormalised without it.
+        logits = logits.at[0, CLOSE].set(-jnp.inf)
+        want = jax.nn.log_softmax(logits / CFG.temperature)[jnp.arange(len(thought)), thought]
         np.testing.assert_allclose(logp[n, :lengths[n]], want, atol=2e-5)
-        probs = jax.nn.softmax(logits[P - 1:-1] / CFG.temperature)
-        np.testing.assert_allclose(entropy[n, :lengths[n]], -(probs * jnp.log(probs)).sum(-1), atol=2e-4)
+        probs = jax.nn.softmax(logits / CFG.temperature)
+        np.testing.assert_allclose(entropy[n, :lengths[n]], -jnp.where(probs > 0, probs * jnp.log(probs), 0).sum(-1),
+                                   atol=2e-4)
 
 
 @pytest.mark.parametrize("mask_markers", [False, True])

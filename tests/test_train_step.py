@@ -101,7 +101,8 @@ def test_update_is_the_policy_gradient_of_thought_tokens_only(real_rows):
     num_thoughts = float((mask.sum(-1) > 0).sum())
 
     def manual(p):
-        logp, _ = rollouts.thought_logprobs(graphdef, p, seq, predict_at, roll.thoughts_NxL, 1.0)
+        logp, _ = rollouts.thought_logprobs(graphdef, p, seq, predict_at, roll.thoughts_NxL, 1.0, 0,
+                                            *ROLLOUT.banned_close)
         per_thought = jnp.where(mask, logp.reshape(B, G, L), 0).sum(-1) / jnp.maximum(mask.sum(-1), 1)
         return -(adv * per_thought).sum() / num_thoughts
 
@@ -124,8 +125,9 @@ def test_chunked_lm_head_gives_the_same_logprobs_gradients_and_update(chunk):
     weights = jax.random.normal(jax.random.key(4), roll.thoughts_NxL.shape)
 
     def objective(p, head_chunk_len):
+        # </think> banned at the first 3 positions: the ban crosses a chunk boundary.
         logp, entropy = rollouts.thought_logprobs(graphdef, p, seq, predict_at, roll.thoughts_NxL, 0.7,
-                                                  head_chunk_len)
+                                                  head_chunk_len, ROLLOUT.think_close_id, 3)
         return (weights * logp).sum(), (logp, entropy)
 
     (_, (logp, entropy)), grads = jax.value_and_grad(objective, has_aux=True)(state.params, 0)
