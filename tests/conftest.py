@@ -1,11 +1,19 @@
-"""Every test sees 8 simulated CPU devices; this must run before JAX initialises its backend."""
+"""Every test sees 8 simulated CPU devices; this must run before JAX initialises its backend.
+
+XLA's compiled programs are cached on disk for the session (JAX's persistent compilation cache,
+in a fresh temporary folder): the many CLI runs and subprocesses of the suite compile the same
+small programs again and again, and the cache lets each compile once. It changes no result.
+"""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     + ["--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="rlp-jax-test-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 
