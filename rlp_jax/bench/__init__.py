@@ -100,7 +100,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="DIR", default=None,
                    help="also trace one update and the decode at batch 16 (or the largest batch "
                         "below) with jax.profiler into DIR, and print their costliest XLA operations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model and batches (default 0)")
     p.set_defaults(run=run)
     return p
 
@@ -170,7 +170,7 @@ def measure_all(config, args: argparse.Namespace) -> dict[str, Any]:
     result["roofline"] = {"jax": jax_side.roofline(shapes.roofline_sizes, shapes.repeats)}
     _progress("memory bandwidth")
     result["bandwidth"] = jax_side.bandwidth(shapes.bandwidth_mib, shapes.repeats)
-    read_bw = result["bandwidth"]["read_bytes_per_s"]
+    read_bw = result["bandwidth"]["bytes_per_s"]
     peak_key = "bf16" if config.dtype == "bfloat16" else "f32"
     peak = result["roofline"]["jax"][peak_key]["peak_gflops"]
 
@@ -287,7 +287,7 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"identical weights: max |logit rlp-jax − HF| = {torch['max_abs_logit_diff']:.2e}")
     rows: list[tuple[str, str, str, str]] = []
     bw = r["bandwidth"]
-    rows.append((f"memory bandwidth read / copy (GB/s, {bw['bytes'] / 2**20:.0f} MiB)",
+    rows.append((f"memory bandwidth: read / in-place copy (GB/s, {bw['bytes'] / 2**20:.0f} MiB)",
                  f"{bw['read_bytes_per_s'] / 1e9:.1f} / {bw['copy_bytes_per_s'] / 1e9:.1f}", "", ""))
     roof = r["roofline"]
     for key, label in (("f32", "matmul peak f32 (GFLOP/s)"), ("bf16", "matmul peak bf16→f32 (GFLOP/s)")):

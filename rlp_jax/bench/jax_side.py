@@ -101,14 +101,24 @@ def roofline(sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
 
 def bandwidth(size_mib: int, repeats: int) -> dict[str, float]:
     """The device's memory bandwidth, measured: a jitted float32 sum over a `size_mib` array (bytes
-    read per second) and a jitted `x + 1` (bytes read + written per second)."""
+    read per second) and a jitted in-place `x + 1` (bytes read + written per second)."""
     x = jnp.ones((size_mib * 2**20 // 4,), jnp.float32)
+    nbytes = x.nbytes
     read = jax.jit(jnp.sum)
-    copy = jax.jit(lambda a: a + 1.0)
     t_read = measure.timeit(lambda: read(x), repeats)
-    t_copy = measure.timeit(lambda: copy(x), repeats)
-    return {"bytes": x.nbytes, "read_bytes_per_s": x.nbytes / t_read.median_s,
-            "copy_bytes_per_s": 2 * x.nbytes / t_copy.median_s}
+    # In place (the input donated): a fresh output buffer per call would time page faults too.
+    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    holder = [x]
+
+    def copy_once():
+        holder[0] = copy(holder[0])
+        return holder[0]
+
+    t_copy = measure.timeit(copy_once, repeats)
+    read_bps, copy_bps = nbytes / t_read.median_s, 2 * nbytes / t_copy.median_s
+    # The bandwidth decode is held against: the better of the two (a denominator never too low).
+    return {"bytes": nbytes, "read_bytes_per_s": read_bps, "copy_bytes_per_s": copy_bps,
+            "bytes_per_s": max(read_bps, copy_bps)}
 
 
 # ---------------------------------------------------------------- setup shared by (2) and (4)
