@@ -61,6 +61,9 @@ def _cpt_cell(base: ml_collections.ConfigDict, multiple: float, name: str) -> Ce
                        "eval.num_positions": 0, "checkpoint.every_steps": 10_000})
 
 
+GRID_NAMES = ("reward", "rollouts", "thought_len", "kl", "cpt")
+
+
 def grids(base: ml_collections.ConfigDict) -> dict[str, list[Cell]]:
     G, B = base.rlp.num_rollouts, base.train.batch_size
     thoughts = G * B  # rollouts grid keeps sampled thoughts per step fixed

@@ -129,13 +129,65 @@ def _corpus(config, workdir: Path):
     from rlp_jax import data
 
     d = config.data
-    data_dir = Path(d.data_dir) if d.data_dir else Path(workdir) / "data"
-    if d.corpus == "demo":
-        return data.build_demo_corpus(str(data_dir), d.demo_variant, seed=config.seed)
-    if Path(d.corpus).is_dir() and (Path(d.corpus) / "dataset_info.json").exists():
-        return data.open_corpus(d.corpus)
-    paths = [p.strip() for p in d.corpus.split(",") if p.strip()]
-    return data.build_local_corpus(paths, str(data_dir), name="corpus", text_field=d.text_field)
+    try:
+        built = _built_corpus_dir(d.corpus)
+        if built is not None:
+            return data.open_corpus(built)
+        if d.corpus == "demo":
+            return data.build_demo_corpus(str(_data_dir(config, workdir)), d.demo_variant, seed=config.seed)
+        return data.build_local_corpus(_paths(d.corpus), str(_data_dir(config, workdir)), name="corpus",
+                                       **_local_corpus_options(config))
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as error:  # unreadable, empty or malformed input: the user's to fix
+        raise ConfigError(f"data.corpus {d.corpus!r}: {error}") from None
+
+
+def corpus_fingerprint(config) -> str:
+    """What identifies the configured corpus's contents, computed without building it (a run is
+    bound to it: `checkpoint.RunDir.bind`)."""
+    from rlp_jax import data
+
+    d = config.data
+    try:
+        built = _built_corpus_dir(d.corpus)
+        if built is not None:
+            return "built:" + (data.open_corpus(built).fingerprint or built)
+        if d.corpus == "demo":
+            return f"demo:{d.demo_variant}:seed{config.seed}"
+        return "local:" + data.local_corpus_fingerprint(_paths(d.corpus), **_local_corpus_options(config))
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"data.corpus {d.corpus!r}: {error}") from None
+
+
+def _data_dir(config, workdir: Path) -> Path:
+    return Path(config.data.data_dir).absolute() if config.data.data_dir else Path(workdir) / "data"
+
+
+def _paths(spec: str) -> list[str]:
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def _local_corpus_options(config) -> dict:
+    d = config.data
+    validation = _paths(d.validation_corpus)
+    return dict(validation_paths=validation, validation_fraction=None if validation else d.validation_fraction,
+                text_field=d.text_field, txt_documents=d.txt_documents)
+
+
+def _built_corpus_dir(spec: str) -> str | None:
+    """The built dataset `spec` names: a dataset folder, or a TFDS data_dir holding exactly one."""
+    from rlp_jax import data
+
+    if spec == "demo" or "," in spec or not Path(spec).is_dir():
+        return None
+    found = data.find_built_corpora(spec)
+    if len(found) > 1:
+        raise ConfigError(f"{spec} holds {len(found)} built datasets ({', '.join(found[:3])}, ...); set "
+                          "--config.data.corpus to the one to train on.")
+    return found[0] if found else None
 
 
 def batches(config, corpus_, tok, split: str, batch_size: int, *, num_epochs=None, pad_final_batch=False,
@@ -173,18 +225,41 @@ def position_config(config):
 
 
 def eval_batches(config, corpus_, tok) -> list[PromptBatch]:
-    """The fixed held-out prompt batches (validation split, in order, the same at every
-    evaluation and on every process), on the host."""
-    if config.data.kind == "documents":
+    """The fixed held-out prompt batches: exactly `eval.num_positions` positions of the validation
+    split (fewer only when the split has no more; `eval_note` says so), in order, the same at every
+    evaluation and on every process, on the host.
+
+    With the `uniform` strategy the held-out documents give as many positions each as it takes to
+    reach the count (a small validation split of long documents still fills it)."""
+    import dataclasses
+    import math
+
+    if config.data.kind == "documents" or config.eval.num_positions <= 0:
         return []
+    wanted = config.eval.num_positions
+    config = config.copy_and_resolve_references()
+    if config.data.strategy == "uniform" and "validation" in corpus_.splits:
+        documents = max(corpus_.num_documents("validation"), 1)
+        config.data.positions_per_document = max(config.data.positions_per_document, math.ceil(wanted / documents))
     out, count = [], 0
     for batch in batches(config, corpus_, tok, "validation", config.eval.batch_size, num_epochs=1,
                          pad_final_batch=True, shuffle=False, seed_offset=1, whole_split=True):
-        out.append(batch)
-        count += int(batch.example_mask_B.sum())
-        if count >= config.eval.num_positions:
+        real = np.asarray(batch.example_mask_B)
+        keep = real & (np.cumsum(real) <= wanted - count)  # the rows past the count become padding
+        out.append(dataclasses.replace(batch, example_mask_B=keep))
+        count += int(keep.sum())
+        if count >= wanted:
             break
     return out
+
+
+def eval_note(config, held_out: list[PromptBatch]) -> str | None:
+    """A sentence when the held-out batches hold fewer positions than `eval.num_positions`."""
+    count = sum(int(np.asarray(b.example_mask_B).sum()) for b in held_out)
+    if count >= config.eval.num_positions:
+        return None
+    return (f"the validation split yields {count} positions, fewer than eval.num_positions="
+            f"{config.eval.num_positions}; evaluating those {count} (raise data.validation_fraction for more)")
 
 
 def initial_state(config, model_config_: ModelConfig, optimizer_, mesh):
@@ -229,10 +304,7 @@ def model_from_run(workdir: str | Path):
     from rlp_jax.models import convert
     from rlp_jax.models.transformer import Transformer
 
-    run = ckpt_lib.RunDir(workdir)
-    if not run.is_run():
-        raise ConfigError(f"{run.path} is not an rlp-jax run directory (no {run.model_config.name}); "
-                          "pass the --workdir of a training run.")
+    run = ckpt_lib.RunDir(workdir).require_run()
     config = convert.config_from_json(run.model_config.read_text())
     try:
         pure = run.latest_params()

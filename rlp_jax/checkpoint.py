@@ -19,11 +19,17 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rlp_jax.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
 class RunDir:
-    """Where a training run keeps what it writes (`rlp-jax train --workdir PATH`)."""
+    """Where a training run keeps what it writes (`rlp-jax train --workdir PATH`).
+
+    A workdir holds one run: `identity.json` records what makes it that run (config, model,
+    corpus, tokenizer), and `bind` refuses to continue it with anything else.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path).absolute()
@@ -31,9 +37,75 @@ class RunDir:
         self.start_params = self.path / "start_params"  # θ_0, for the gain against the start
         self.model_config = self.path / "model_config.json"
         self.config = self.path / "config.json"
+        self.identity = self.path / "identity.json"
+        self.archive = self.path / "archive"
 
     def is_run(self) -> bool:
         return self.model_config.exists()
+
+    def require_run(self) -> "RunDir":
+        """Itself if it is a run's workdir; else a one-sentence error naming the runs inside it
+        (`rlp-jax demo` writes two: WORKDIR/warmup and WORKDIR/rlp)."""
+        if self.is_run():
+            return self
+        if not self.path.exists():
+            raise ConfigError(f"{self.path} does not exist; pass the --workdir of a training run.")
+        inside = sorted(str(p.parent) for p in self.path.glob("*/model_config.json"))
+        if inside:
+            raise ConfigError(f"{self.path} is not a run but holds runs: {', '.join(inside)}; pass one of them as "
+                              "--workdir.")
+        raise ConfigError(f"{self.path} is not an rlp-jax run directory (no {self.model_config.name}); pass the "
+                          "--workdir of a training run.")
+
+    def has_history(self) -> bool:
+        """Whether a run has written anything here (its config, checkpoints or metrics)."""
+        return any((self.path / name).exists() for name in (self.config.name, self.checkpoints.name,
+                                                            "metrics.jsonl", "eval.jsonl"))
+
+    def bind(self, identity: dict, force_new: bool = False) -> str:
+        """Checks that this workdir may hold the run `identity` describes, writing nothing.
+
+        Returns "new" (nothing was here), "resume" (the same run), or "other" (another run is here
+        and `force_new` asks to move it aside: call `archive_run`). Another run without
+        `force_new` is a ConfigError. `write_identity` records the run once its inputs are good.
+        """
+        if not self.has_history():
+            return "new"
+        differences = identity_differences(self._stored_identity(), identity)
+        if not differences:
+            return "resume"
+        if not force_new:
+            raise ConfigError(
+                f"{self.path} holds another run (it differs in {'; '.join(differences[:3])}); pass another "
+                "--workdir, or --force-new to move that run to WORKDIR/archive/ and start afresh.")
+        return "other"
+
+    def archive_run(self) -> Path:
+        """Moves everything the run here wrote (checkpoints, metrics, evaluations, corpus) to
+        WORKDIR/archive/<UTC time>; only process 0 moves, every process waits for it."""
+        target = self.archive / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        if jax.process_index() == 0:
+            target.mkdir(parents=True)
+            for entry in sorted(self.path.iterdir()):
+                if entry != self.archive:
+                    shutil.move(str(entry), str(target / entry.name))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("rlp_jax run archived")
+        return target
+
+    def _stored_identity(self) -> dict:
+        if self.identity.exists():
+            return json.loads(self.identity.read_text())
+        if self.config.exists():  # a run from before identity.json: its config is all there is
+            return {"config": flat_config(json.loads(self.config.read_text()))}
+        return {}
+
+    def write_identity(self, identity: dict) -> None:
+        if jax.process_index() == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.identity.write_text(json.dumps(identity, indent=2, sort_keys=True))
 
     def latest_params(self) -> dict:
         """The newest checkpoint's params as a pure nested dict of host arrays."""
@@ -56,6 +128,49 @@ class RunDir:
         """θ_0 onto `abstract`'s shardings, or (no `abstract`) as a pure dict of host arrays."""
         restored = ocp.StandardCheckpointer().restore(self.start_params, abstract)
         return restored if abstract is not None else pure_params(restored)
+
+
+# Keys a run may change when it resumes: how long it runs and how often it logs, saves and
+# evaluates; how it is laid out on devices; memory knobs that leave the maths unchanged.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.on_nonfinite", "train.check_memory", "checkpoint.",
+                  "eval.", "mesh.", "model.remat", "model.attention", "rlp.rollout_microbatches",
+                  "rlp.grad_accum_steps", "rlp.head_chunk_len", "rlp.update_length_buckets",
+                  "rlp.cache_block_len", "data.data_dir", "data.shuffle_window")
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """`{"a.b": value}` for every leaf of a config dict, minus the RESUMABLE_KEYS."""
+    out = {}
+    for key, value in tree.items():
+        name = prefix + key
+        if isinstance(value, dict):
+            out |= flat_config(value, name + ".")
+        elif not any(name == k or (k.endswith(".") and name.startswith(k)) for k in RESUMABLE_KEYS):
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def run_identity(config_dict: dict, model_config: dict, corpus: str, tokenizer: str) -> dict:
+    """What makes a run the run it is (see `RunDir.bind`), as JSON-ready values."""
+    model = {k: v for k, v in model_config.items() if k not in ("remat", "attention")}
+    return json.loads(json.dumps({"config": flat_config(config_dict), "model": model, "corpus": corpus,
+                                  "tokenizer": tokenizer}))
+
+
+def identity_differences(stored: dict, new: dict) -> list[str]:
+    """`key: old → new` for each difference (parts `stored` lacks are not compared)."""
+    out = []
+    for part in ("corpus", "tokenizer"):
+        if part in stored and stored[part] != new.get(part):
+            out.append(f"the {part} ({'its contents' if part == 'corpus' else 'vocabulary'} changed)")
+    for part in ("config", "model"):
+        old, cur = stored.get(part), new.get(part, {})
+        if old is None:
+            continue
+        for key in sorted(set(old) | set(cur)):
+            if old.get(key) != cur.get(key):
+                out.append(f"{'model.' if part == 'model' else ''}{key}: {old.get(key)!r} → {cur.get(key)!r}")
+    return out
 
 
 def pure_params(tree: Any) -> Any:

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import traceback
 from pathlib import Path
+
+DESCRIPTION = """\
+rlp-jax: RLP (Reinforcement Learning Pre-training; "RLP: Reinforcement as a Pretraining Objective")
+in JAX. The model samples a thought before the next token of ordinary text and is rewarded by how
+much the thought raised the likelihood of that token.
+
+  rlp-jax demo                                      the bundled CPU demo (minutes)
+  rlp-jax train --corpus my.txt --workdir runs/a    RLP on your own text (rerun to resume)
+  rlp-jax train --corpus my.txt --init-from-hf DIR --workdir runs/b
+  rlp-jax export --workdir runs/a --out runs/a/hf   the latest weights as an HF folder
+
+Config keys (--config.a.b=value): docs/training.md, or configs/base.py for every key and its default.
+Bad input ends in one sentence and exit status 2; --debug (anywhere) also prints the traceback.
+"""
+
+EPILOG = "Config keys: docs/training.md (every key and its default: configs/base.py)."
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -43,9 +62,53 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEBUG = False  # set by --debug: user errors print their traceback too
+
+
 def _fail(command: str, error: Exception) -> int:
+    if _DEBUG:
+        traceback.print_exception(error)
     print(f"rlp-jax {command}: {error}", file=sys.stderr)
     return 2
+
+
+def _train_config(args: argparse.Namespace):
+    """The config `train` runs: the file (default: `text` with --corpus, else `demo`), then the
+    flags --corpus and --init-from-hf (shorthands for data.corpus, init.* and tokenizer), then
+    the --config.* overrides."""
+    from rlp_jax import config as config_lib
+
+    name = args.config or ("text" if args.corpus else "demo")
+    config = config_lib.load_config(name, [])
+    with config.unlocked():
+        if args.corpus:
+            config.data.corpus = ",".join(args.corpus)
+        if args.init_from_hf:
+            config.init.kind, config.init.path, config.tokenizer = "hf", args.init_from_hf, args.init_from_hf
+    for item in args.overrides:
+        config_lib.apply_override(config, item)
+    _absolute_paths(config)
+    return config
+
+
+def _absolute_paths(config) -> None:
+    """The config's paths made absolute, so that the run (and the workdir's record of it) means the
+    same files whatever the working directory of the command that resumes it."""
+    d = config.data
+    with config.unlocked():
+        for node, key in ((d, "corpus"), (d, "validation_corpus")):
+            if node[key] and node[key] != "demo":
+                node[key] = ",".join(_absolute(p.strip()) for p in node[key].split(",") if p.strip())
+        for node, key in ((d, "data_dir"), (config.init, "path")):
+            if node[key]:
+                node[key] = _absolute(node[key])
+        if config.tokenizer not in ("demo", "bytes") and not config.tokenizer.startswith("char:"):
+            config.tokenizer = _absolute(config.tokenizer)
+
+
+def _absolute(path: str) -> str:
+    """A path made absolute (a glob keeps its pattern): runs resume from any working directory."""
+    return path if Path(path).is_absolute() else os.path.join(os.getcwd(), path)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -53,8 +116,8 @@ def _train(args: argparse.Namespace) -> int:
     from rlp_jax import trainer
 
     try:
-        config = config_lib.load_config(args.config, args.overrides)
-        trainer.train(config, args.workdir)
+        config = _train_config(args)
+        trainer.train(config, args.workdir, force_new=args.force_new)
     except (config_lib.ConfigError, FileNotFoundError) as error:
         return _fail("train", error)
     except trainer.TrainingError as error:
@@ -78,9 +141,9 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         model = build.model_from_run(args.workdir)
-    except config_lib.ConfigError as error:
+        out = hf.save_hf(model, args.out, dtype=args.dtype)
+    except (config_lib.ConfigError, FileExistsError) as error:
         return _fail("export", error)
-    out = hf.save_hf(model, args.out, dtype=args.dtype)
     print(f"wrote an HF folder (config.json + safetensors) to {out}")
     return 0
 
@@ -113,13 +176,14 @@ def _ablate(args: argparse.Namespace) -> int:
     try:
         ablate.run_grid(args.grid, args.workdir, seeds=seeds, steps=args.steps, warmup_steps=args.warmup_steps,
                         eval_positions=args.eval_positions)
-    except ValueError as error:
+    except ValueError as error:  # ConfigError included
         return _fail("ablate", error)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlp-jax", description=__doc__)
+    parser = argparse.ArgumentParser(prog="rlp-jax", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", help="print versions and the devices JAX sees")
@@ -127,16 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     example = commands.add_parser(
         "losses-example", help="train a toy thought policy with rlp_jax.losses (seconds, CPU)")
-    example.add_argument("--steps", type=int, default=150)
-    example.add_argument("--seed", type=int, default=0)
+    example.add_argument("--steps", type=int, default=150, help="policy-gradient steps (default 150)")
+    example.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     example.set_defaults(run=_losses_example)
+
     train = commands.add_parser(
-        "train", help="train with a config file (ml_collections); rerun to resume",
-        description="rlp-jax train --config configs/X.py --workdir DIR [--config.a.b=value ...]")
-    train.add_argument("--config", default="demo",
-                       help="config .py with get_config(), or a bundled config's name (default: demo, the demo's "
-                            "RLP stage)")
-    train.add_argument("--workdir", required=True, help="checkpoints, metrics and exports go here")
+        "train", help="train on your text or the demo corpus; rerun the same command to resume",
+        description="rlp-jax train [--corpus PATH ...] [--init-from-hf DIR] --workdir DIR [--config X] "
+                    "[--config.a.b=value ...]\n\nA workdir holds one run: rerunning resumes it; a different "
+                    "config, model, corpus or tokenizer there is refused (see --force-new).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--corpus", nargs="+", metavar="PATH", default=None,
+                       help=".txt, .jsonl or .jsonl.gz files, folders of them, or glob patterns (sets data.corpus; "
+                            ".txt files split by data.txt_documents: paragraphs, lines or file)")
+    train.add_argument("--init-from-hf", metavar="DIR", default=None,
+                       help="start from an HF checkpoint folder (config.json, safetensors, tokenizer.json); its "
+                            "tokenizer is used too")
+    train.add_argument("--config", default=None,
+                       help="a config .py with get_config(), or a bundled config's name: text (the default with "
+                            "--corpus: RLP on ordinary text), demo (the default without: the demo's RLP stage), "
+                            "rlp_paper, ...")
+    train.add_argument("--workdir", required=True, help="the run's folder: checkpoints, metrics, evaluations")
+    train.add_argument("--force-new", action="store_true",
+                       help="if WORKDIR holds another run, move it whole to WORKDIR/archive/<time> and start afresh")
     train.set_defaults(run=_train)
 
     demo = commands.add_parser("demo", help="the bundled CPU demo: warm-up, RLP, report (minutes)")
@@ -147,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     export = commands.add_parser("export", help="a run's latest weights as an HF folder")
-    export.add_argument("--workdir", required=True)
-    export.add_argument("--out", required=True)
-    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    export.add_argument("--workdir", required=True, help="a training run's workdir (for the demo: rlp_demo_run/rlp)")
+    export.add_argument("--out", required=True, help="the HF folder to write (config.json + safetensors)")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype of the written weights (default float32)")
     export.set_defaults(run=_export)
 
     ev = commands.add_parser("eval", help="evaluate a run (or an HF folder) on held-out positions")
@@ -157,17 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--hf", default=None, help="an HF folder instead of a run (needs --config)")
     ev.add_argument("--config", default=None, help="config for tokenizer and data (default: the run's)")
     ev.add_argument("--start-from", default=None, help="a run whose final weights are the 'start' baseline")
-    ev.add_argument("--positions", type=int, default=None, help="held-out positions (default: config)")
-    ev.add_argument("--out", default=None, help="output path prefix for .json and .md")
+    ev.add_argument("--positions", type=int, default=None, help="held-out positions (default: the config's "
+                                                                 "eval.num_positions)")
+    ev.add_argument("--out", default=None, help="output path prefix for .json and .md (default: WORKDIR/eval_final)")
     ev.set_defaults(run=_eval)
 
+    from rlp_jax import ablate
+
     ab = commands.add_parser("ablate", help="the paper's ablations at toy scale on the demo task")
-    ab.add_argument("--grid", required=True, help="reward | rollouts | thought_len | kl | cpt")
-    ab.add_argument("--workdir", required=True)
+    ab.add_argument("--grid", required=True, choices=ablate.GRID_NAMES, help="which ablation grid to run")
+    ab.add_argument("--workdir", required=True, help="where each cell's run and the grid's table go")
     ab.add_argument("--seeds", type=int, default=2, help="seeds per cell (default 2)")
     ab.add_argument("--steps", type=int, default=None, help="RLP steps per cell (default: the demo's)")
-    ab.add_argument("--warmup-steps", type=int, default=None)
-    ab.add_argument("--eval-positions", type=int, default=None)
+    ab.add_argument("--warmup-steps", type=int, default=None, help="NTP warm-up steps (default: the demo's)")
+    ab.add_argument("--eval-positions", type=int, default=None, help="held-out positions per cell (default: the "
+                                                                      "demo's)")
     ab.set_defaults(run=_ablate)
 
     from rlp_jax import plan
@@ -190,8 +272,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_logs(debug: bool) -> None:
+    """absl and TFDS talk at INFO (dataset preparation, progress bars with escape codes); a user
+    sees warnings and errors only, unless --debug."""
+    if debug:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("absl", "tensorflow_datasets", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # TFDS warns about every builder config it has not registered: ours are all local.
+    logging.getLogger("absl").addFilter(lambda record: not record.getMessage().startswith(
+        "Using custom data configuration"))
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _DEBUG
     argv = list(sys.argv[1:] if argv is None else argv)
+    _DEBUG = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    _quiet_logs(_DEBUG)
     # ml_collections-style overrides (--config.a.b=value) are collected before argparse sees them.
     overrides = [a.removeprefix("--config.") for a in argv if a.startswith("--config.")]
     argv = [a for a in argv if not a.startswith("--config.")]

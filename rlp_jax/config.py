@@ -40,7 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.corpus = "demo"  # demo | a built corpus directory | files/globs of .txt/.jsonl(.gz), comma-separated
     c.data.demo_variant = "plain"
     c.data.data_dir = ""  # where corpora are built; "" → WORKDIR/data
-    c.data.text_field = "text"
+    c.data.text_field = "text"  # the jsonl field that holds a document
+    c.data.txt_documents = "paragraphs"  # a .txt file is: paragraphs (blank-line separated) | lines | file
+    c.data.validation_fraction = 0.01  # of the documents (by a hash of their text) held out; 0: none
+    c.data.validation_corpus = ""  # files/globs for the validation split instead (comma-separated)
     c.data.kind = "prompts"  # prompts (RLP, rpt, ntp on prompts) | documents (NTP on whole documents)
     c.data.max_context = 2048
     c.data.target_len = 1
@@ -63,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0  # global-norm clip; 0 turns it off
     c.train.log_every = 10
     c.train.on_nonfinite = "skip"  # skip (count it) | stop
+    c.train.check_memory = True  # refuse to start when the plan's memory estimate exceeds the devices'
 
     c.rlp = ml_collections.ConfigDict()
     c.rlp.objective = "rlp"  # rlp | rpt | ntp
@@ -207,7 +211,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         if c[section][leaf] not in allowed:
             raise ConfigError(f"{key}={c[section][leaf]!r} is not one of {', '.join(allowed)}.")
     if c.init.kind != "scratch" and (not c.init.path or not Path(c.init.path).exists()):
-        raise ConfigError(f"init.path {c.init.path!r} does not exist; point --config.init.path at the "
+        hint = "pass --init-from-hf DIR or point" if c.init.kind == "hf" else "point"
+        raise ConfigError(f"init.path {c.init.path!r} does not exist; {hint} --config.init.path at the "
                           f"{c.init.kind} folder to start from.")
     if c.data.kind == "documents" and c.rlp.objective != "ntp":
         raise ConfigError("data.kind='documents' trains next-token prediction only; set "

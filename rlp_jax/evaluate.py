@@ -60,6 +60,21 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(se)
 
 
+def printable(text: str) -> str:
+    """`text` safe to print in a terminal or a markdown table cell: control and other unprintable
+    characters (a byte tokenizer's thoughts hold any byte) become escapes such as `\\n` or
+    `\\x1b`; `|` and `\\` are escaped with a backslash."""
+    out = []
+    for char in text:
+        if char in "|\\":
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(repr(char)[1:-1])
+    return "".join(out)
+
+
 def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], batches: list[PromptBatch],
              cfg: RolloutConfig, key: jax.Array, decode: Callable[[list[int]], str] | None = None,
              show_thoughts: int = 4, mesh: jax.sharding.Mesh | None = None,
@@ -118,10 +133,10 @@ def evaluate(graphdef: nnx.GraphDef, params: Any, baselines: dict[str, Any], bat
             for b in np.flatnonzero(valid)[: show_thoughts - len(samples)]:
                 n = int(host.context_len_B[b])
                 thought = roll.thoughts_NxL[b * G][roll.thought_mask_NxL[b * G]]
-                samples.append({"context": decode(host.context_BxT[b, :n].tolist()),
-                                "thought": decode(thought.tolist()),
-                                "target": decode(target[b][mask[b]].tolist()),
-                                "predicted": decode(roll.predicted_NxK[b * G][mask[b]].tolist())})
+                show = lambda ids: printable(decode(ids.tolist()))
+                samples.append({"context": show(host.context_BxT[b, :n]), "thought": show(thought),
+                                "target": show(target[b][mask[b]]),
+                                "predicted": show(roll.predicted_NxK[b * G][mask[b]])})
 
     result: dict[str, Any] = {}
     for name, chunks in per_position.items():

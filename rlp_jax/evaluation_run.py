@@ -23,7 +23,7 @@ from rlp_jax.config import ConfigError
 
 
 def run_config(run_dir: Path) -> ml_collections.ConfigDict:
-    path = ckpt_lib.RunDir(run_dir).config
+    path = ckpt_lib.RunDir(run_dir).require_run().config
     if not path.exists():
         raise ConfigError(f"{run_dir} has no config.json; pass the --workdir of an rlp-jax training run.")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -56,7 +56,7 @@ def evaluate_run(run_dir: str | Path | None = None, hf_dir: str | Path | None = 
     if (run_dir is None) == (hf_dir is None):
         raise ConfigError("give exactly one of a run directory (--workdir) or an HF folder (--hf).")
     if run_dir is not None:
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir).absolute()
         config = config or run_config(run_dir)
         model = build.model_from_run(run_dir)
     else:
@@ -81,9 +81,15 @@ def evaluate_run(run_dir: str | Path | None = None, hf_dir: str | Path | None = 
     tokenizer = build.tokenizer(config)
     corpus = build.corpus(config, Path(run_dir or hf_dir))
     held_out = build.eval_batches(config, corpus, tokenizer)
+    if not held_out:
+        raise ConfigError(f"corpus {corpus.name} gives no held-out positions (its validation split is missing or "
+                          "empty); evaluate with a config whose data.validation_fraction or validation_corpus makes one.")
     rcfg = build.rollout_config(config, tokenizer, config.eval.num_thoughts)
     result = eval_lib.evaluate(graphdef, params, baselines, held_out, rcfg, jax.random.key(config.seed + 12345),
                                decode=tokenizer.decode, show_thoughts=config.eval.show_thoughts)
+    result["num_positions_asked"] = config.eval.num_positions
+    if note := build.eval_note(config, held_out):
+        result["note"] = note
     return result
 
 
@@ -94,7 +100,8 @@ def to_markdown(result: dict, title: str) -> str:
             ("nll_no_think", "NLL per target token, no thought"),
             ("acc_greedy_think", "exact match, greedy thought"), ("acc_think", "exact match, sampled thought"),
             ("acc_no_think", "exact match, no thought")]
-    lines = [f"# {title}", "", f"{result['num_positions']} held-out positions; mean ± standard error.", "",
+    lines = [f"# {title}", "", f"{result['num_positions']} held-out positions; mean ± standard error."
+             + (f" Note: {result['note']}." if result.get("note") else ""), "",
              "| metric | value |", "|---|---|"]
     for name, label in rows:
         if name in result:

@@ -14,7 +14,9 @@ import jax
 
 class MetricsWriter:
     def __init__(self, workdir: str | Path, total_steps: int, echo: Callable[[str], None] = print,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, purge_step: int | None = None):
+        """`purge_step`: a resumed run's first step; TensorBoard drops the events a killed run
+        wrote from there on (`keep_steps` does the same for the jsonl files)."""
         self.workdir = Path(workdir)
         self.total_steps = total_steps
         self.echo = echo
@@ -23,7 +25,7 @@ class MetricsWriter:
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge_step)
         self._start_time = None
         self._start_step = None
 
@@ -44,14 +46,14 @@ class MetricsWriter:
     def progress(self, step: int, metrics: dict[str, Any], tokens_per_step: float) -> None:
         """One console line: step, rate, ETA and the key metrics."""
         now = time.perf_counter()
-        if self._start_time is None:
+        fields = [f"step {step}/{self.total_steps}"]
+        if self._start_time is None:  # no rate yet: these steps included compilation
             self._start_time, self._start_step = now, step
-            rate = float("nan")
+            fields.append("(compiling; rate from the next line)")
         else:
             rate = (step - self._start_step) / max(now - self._start_time, 1e-9)
-        eta = (self.total_steps - step) / rate if rate and math.isfinite(rate) and rate > 0 else float("nan")
-        fields = [f"step {step}/{self.total_steps}", f"{rate:.2f} steps/s",
-                  f"{rate * tokens_per_step:,.0f} tok/s", f"ETA {_duration(eta)}"]
+            eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+            fields += [f"{rate:.2f} steps/s", f"{rate * tokens_per_step:,.0f} tok/s", f"ETA {_duration(eta)}"]
         for name, label in (("loss", "loss"), ("reward_mean", "reward"), ("reward_std", "±"),
                             ("thought_len_mean", "len"), ("clip_frac", "clip"), ("grad_norm", "|g|")):
             if name in metrics:
@@ -77,6 +79,19 @@ def _duration(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def keep_steps(path: str | Path, keep: Callable[[int], bool]) -> None:
+    """Rewrites a jsonl history keeping only the records whose step `keep` accepts (atomically)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if keep(int(json.loads(line)["step"]))]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

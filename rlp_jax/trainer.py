@@ -52,17 +52,20 @@ def _print(text: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Callable[[str], None] = _print,
-          stop_after: int | None = None) -> RunResult:
-    """Trains to `train.steps` (resuming if `workdir` holds checkpoints).
+          stop_after: int | None = None, force_new: bool = False) -> RunResult:
+    """Trains to `train.steps` (resuming if `workdir` holds checkpoints of this same run).
 
-    `stop_after` ends the run early after that many steps of THIS invocation (tests use it to
-    simulate an interruption); it saves a checkpoint first, like SIGTERM.
+    A workdir that holds another run (a different config, model, corpus or tokenizer) is refused
+    with a ConfigError; `force_new` moves that run to WORKDIR/archive/ first. `stop_after` ends
+    the run early after that many steps of THIS invocation (tests use it to simulate an
+    interruption); it saves a checkpoint first, like SIGTERM.
     """
+    t_start = time.perf_counter()
     run = ckpt_lib.RunDir(workdir)
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
     if not str(config.data.corpus).strip():  # the paper configs leave it for the user to set
-        raise config_lib.ConfigError("data.corpus is empty; set --config.data.corpus to 'demo', a built corpus "
-                                     "directory, or files of text.")
+        raise config_lib.ConfigError("data.corpus is empty; pass --corpus PATH (text files, a folder or a glob) or "
+                                     "set --config.data.corpus to 'demo' or a built corpus directory.")
     tokenizer = build.tokenizer(config)
     model_config = build.model_config(config, tokenizer)
     step_cfg = build.step_config(config, tokenizer)
@@ -72,15 +75,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     eval_rollout = build.rollout_config(config, tokenizer, config.eval.num_thoughts) if do_eval else None
     optimizer = build.optimizer(config)
     rules = build.rules(config)
-    mesh = sharding.make_mesh(mesh_shape, config.mesh.axes)
-    per_process = config.train.batch_size // jax.process_count()
 
+    from rlp_jax import preflight
+    from rlp_jax.data.tokenizer import tokenizer_fingerprint
     from rlp_jax.models import convert
 
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.model_config.write_text(convert.config_to_json(model_config))
-    run.config.write_text(config.to_json(indent=2))
+    model_json = convert.config_to_json(model_config)
+    identity = ckpt_lib.run_identity(config.to_dict(), json.loads(model_json), build.corpus_fingerprint(config),
+                                     tokenizer_fingerprint(tokenizer))
+    preflight.check_tokenizer(config, tokenizer)
+    binding = run.bind(identity, force_new)  # refuses another run's workdir before anything is written
+    memory_note = preflight.check_memory(config, model_config, mesh_shape, len(step_cfg.rollout.prompt_suffix_ids))
+    mesh = sharding.make_mesh(mesh_shape, config.mesh.axes)
+    per_process = config.train.batch_size // jax.process_count()
+    if binding == "other":
+        echo(f"moved the run that was in {run.path} to {run.archive_run()}")
     corpus = build.corpus(config, run.path)
+    preflight.check_corpus(config, corpus, tokenizer)
+    echo(_corpus_line(corpus))
+    if memory_note:
+        log.info(memory_note)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_identity(identity)  # the inputs are good: the workdir now belongs to this run
+    run.model_config.write_text(model_json)
+    run.config.write_text(config.to_json(indent=2))
     train_iter = build.batches(config, corpus, tokenizer, "train", per_process)
 
     graphdef, abstract, shardings, make_state = build.initial_state(config, model_config, optimizer, mesh)
@@ -92,10 +110,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
         echo(f"resumed from step {start_step} in {checkpointer.directory}")
     else:
         start_step, state = 0, make_state()
+    if jax.process_index() == 0:
+        _cut_history(run.path, start_step, config.train.steps)
 
     start_params = _start_params(run, state, shardings, restored is not None) if do_eval else None
     held_out = build.eval_batches(config, corpus, tokenizer) if do_eval else []
-    writer = MetricsWriter(run.path, config.train.steps, echo)
+    if do_eval and (note := build.eval_note(config, held_out)):
+        echo(f"eval: {note}")
+    writer = MetricsWriter(run.path, config.train.steps, echo, purge_step=start_step + 1)
     evaluate = lambda step: _run_eval(graphdef, state, start_params, held_out, eval_rollout, config, tokenizer,
                                       mesh, rules, step, writer, echo)
 
@@ -152,12 +174,42 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
         if do_eval:
             evals.append(evaluate(step))
         checkpointer.wait()
+        echo(_summary_line(run, step, time.perf_counter() - t_start, evals))
         return RunResult(run.path, step, False, evals)
     finally:
         checkpointer.close()
         writer.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _cut_history(workdir: Path, start_step: int, total_steps: int) -> None:
+    """Drops what a killed run logged after its last checkpoint, so that a resumed run's history
+    has every step once. Evaluations at `start_step` are kept, except the ones it will redo: the
+    first (step 0) and the final one."""
+    from rlp_jax import metrics_io
+
+    metrics_io.keep_steps(workdir / "metrics.jsonl", lambda s: s <= start_step)
+    redo = start_step in (0, total_steps)
+    for name in ("eval.jsonl", "eval_samples.jsonl"):
+        metrics_io.keep_steps(workdir / name, lambda s: s < start_step or (s == start_step and not redo))
+
+
+def _corpus_line(corpus) -> str:
+    sizes = ", ".join(f"{corpus.num_documents(split):,} {split}" for split in corpus.splits)
+    stats = corpus.build_stats
+    dropped = {k.removeprefix("dropped_"): v for k, v in stats.items() if k.startswith("dropped_") and v}
+    return (f"corpus {corpus.name}: {sizes} documents"
+            + (f" (dropped: {', '.join(f'{v} {k}' for k, v in dropped.items())})" if dropped else ""))
+
+
+def _summary_line(run: ckpt_lib.RunDir, step: int, seconds: float, evals: list[dict]) -> str:
+    parts = [f"done: step {step} in {seconds:.0f} s; in {run.path}: checkpoints/, metrics.jsonl"]
+    if evals:
+        last = evals[-1]
+        parts.append("eval.jsonl" + (f" (held-out gain vs start {last['gain_start']:+.3f} nats)"
+                                     if "gain_start" in last else ""))
+    return ", ".join(parts) + f"; export with: rlp-jax export --workdir {run.path} --out {run.path / 'hf'}"
 
 
 def _in_main_thread() -> bool:

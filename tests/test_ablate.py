@@ -79,4 +79,5 @@ def test_eval_cli_writes_json_and_markdown(tmp_path):
 def test_unknown_grid_is_one_sentence():
     result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "ablate", "--grid", "nope", "--workdir", "/tmp/x"],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "unknown grid 'nope'" in result.stderr
+    assert result.returncode == 2 and "invalid choice: 'nope'" \
+        in result.stderr

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from rlp_jax.data.corpus import build_local_corpus, open_corpus, plan_local_corpus
+from rlp_jax.data.corpus import build_local_corpus, local_corpus_fingerprint, open_corpus, plan_local_corpus
 from rlp_jax.data.text_files import expand_paths, iter_source_records
 
 
@@ -99,16 +99,41 @@ def test_build_is_reproducible_and_reopens_without_rebuilding(tmp_path):
     assert reopened.build_stats == first.build_stats and reopened.splits == first.splits
 
 
-def test_changed_inputs_are_an_error_unless_overwritten(tmp_path):
+def test_changed_contents_rebuild_and_a_touched_file_does_not(tmp_path):
     _write(tmp_path / "c.jsonl", _jsonl({"text": "old"}))
-    build_local_corpus(tmp_path / "c.jsonl", tmp_path / "tfds", validation_fraction=0)
+    first = build_local_corpus(tmp_path / "c.jsonl", tmp_path / "tfds", validation_fraction=0)
+    info = os.path.join(first.directory, "dataset_info.json")
+    stamp = os.stat(info).st_mtime_ns
+    os.utime(tmp_path / "c.jsonl", ns=(stamp + 10**9, stamp + 10**9))  # same contents, newer time
+    again = build_local_corpus(tmp_path / "c.jsonl", tmp_path / "tfds", validation_fraction=0)
+    assert os.stat(info).st_mtime_ns == stamp and again.fingerprint == first.fingerprint
     _write(tmp_path / "c.jsonl", _jsonl({"text": "new"}, {"text": "newer"}))
-    with pytest.raises(FileExistsError, match="built from other inputs or options; pass "
-                                              "overwrite=True"):
-        build_local_corpus(tmp_path / "c.jsonl", tmp_path / "tfds", validation_fraction=0)
-    rebuilt = build_local_corpus(tmp_path / "c.jsonl", tmp_path / "tfds",
-                                 validation_fraction=0, overwrite=True)
+    rebuilt = build_local_corpus(tmp_path / "c.jsonl", tmp_path / "tfds", validation_fraction=0)
     assert [t for _, t, _ in _records(rebuilt, "train")] == ["new", "newer"]
+    assert rebuilt.fingerprint != first.fingerprint
+    assert rebuilt.fingerprint == local_corpus_fingerprint(tmp_path / "c.jsonl", validation_fraction=0)
+
+
+def test_txt_documents_paragraphs_lines_and_file(tmp_path):
+    _write(tmp_path / "t.txt", "one line\nsecond line\n\nnext paragraph\n\n\nlast\r\n")
+    cut = lambda mode: [(r.origin.rsplit("/", 1)[1], r.text) for r in
+                        iter_source_records(str(tmp_path / "t.txt"), txt_documents=mode)]
+    assert cut("paragraphs") == cut("blank_line_blocks") == [
+        ("t.txt:1", "one line\nsecond line"), ("t.txt:4", "next paragraph"), ("t.txt:7", "last")]
+    assert cut("lines") == [("t.txt:1", "one line"), ("t.txt:2", "second line"), ("t.txt:4", "next paragraph"),
+                            ("t.txt:7", "last")]
+    assert cut("file") == [("t.txt", "one line\nsecond line\n\nnext paragraph\n\n\nlast\r\n")]
+
+
+def test_a_small_corpus_always_gets_a_validation_document(tmp_path):
+    texts = [f"paragraph number {i}" for i in range(5)]
+    _write(tmp_path / "small.jsonl", _jsonl(*({"text": t} for t in texts)))
+    plan = plan_local_corpus([str(tmp_path / "small.jsonl")], validation_fraction=0.01)
+    assert plan.stats["documents_validation"] == 1 and plan.stats["documents_train"] == 4
+    _write(tmp_path / "reversed.jsonl", _jsonl(*({"text": t} for t in reversed(texts))))
+    again = plan_local_corpus([str(tmp_path / "reversed.jsonl")], validation_fraction=0.01)
+    # the same document moves whatever the file order (the one of the lowest text hash)
+    assert texts[plan.assignment.index("validation")] == texts[::-1][again.assignment.index("validation")]
 
 
 def test_validation_files_and_cross_split_duplicates(tmp_path):
@@ -174,7 +199,7 @@ def test_bad_paths_and_options(tmp_path):
                                     validation_fraction=1.5), ValueError,
          r"use a value in \[0, 1\)"),
         (lambda: build_local_corpus(tmp_path / "ok.jsonl", tmp_path / "t"), ValueError,
-         "the validation split came out empty"),
+         "the corpus is a single document, so no validation split can be cut from it"),
         (lambda: build_local_corpus(tmp_path / "ok.jsonl", tmp_path / "t", validation_fraction=0,
                                     txt_documents="pages"), ValueError, "txt_documents is 'pages'"),
         (lambda: open_corpus(tmp_path / "nowhere"), FileNotFoundError, "holds no built dataset"),

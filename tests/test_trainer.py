@@ -39,6 +39,10 @@ def exported(workdir, out):
     return load_file(str(Path(out) / "model.safetensors"))
 
 
+def logged_steps(workdir):
+    return [json.loads(line)["step"] for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for name in a:
@@ -77,6 +81,7 @@ def test_kill_9_then_rerun_gives_bitwise_identical_weights(tmp_path, data_dir, u
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step" in result.stdout
     assert_same_weights(exported(tmp_path, tmp_path / "hf"), want)
+    assert logged_steps(tmp_path) == list(range(1, 7))  # what the killed run logged past step 2 is not doubled
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, data_dir, uninterrupted):
@@ -119,6 +124,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
     assert "cannot be restored" in result.stderr + result.stdout
     assert "resumed from step 2" in result.stdout
     assert_same_weights(exported(tmp_path, tmp_path / "hf"), want)
+    assert logged_steps(tmp_path) == list(range(1, 7))
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path, data_dir, uninterrupted):

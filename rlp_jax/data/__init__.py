@@ -17,6 +17,8 @@ from rlp_jax.data.corpus import (
     LOCAL_POSITION_KINDS,
     Corpus,
     build_local_corpus,
+    find_built_corpora,
+    local_corpus_fingerprint,
     open_corpus,
 )
 from rlp_jax.data.demo_corpus import (
@@ -37,6 +39,7 @@ from rlp_jax.data.pipeline import (
     tokenized_documents,
 )
 from rlp_jax.data.positions import STRATEGIES, PositionConfig, position_rng, sample_positions
+from rlp_jax.data.text_files import TXT_DOCUMENTS
 from rlp_jax.data.tokenizer import (
     ByteTokenizer,
     CharTokenizer,
@@ -47,11 +50,12 @@ from rlp_jax.data.tokenizer import (
 
 __all__ = [
     "BatchIterator", "document_batch_spec", "prompt_batch_spec",
-    "LOCAL_POSITION_KINDS", "Corpus", "build_local_corpus", "open_corpus",
+    "LOCAL_POSITION_KINDS", "Corpus", "build_local_corpus", "find_built_corpora",
+    "local_corpus_fingerprint", "open_corpus",
     "DEMO_POSITION_KINDS", "DEMO_VARIANTS", "DemoCorpusSpec", "build_demo_corpus",
     "demo_tokenizer", "generate_demo_documents",
     "DocumentBatchConfig", "PromptBatchConfig", "document_batches", "per_process_batch_size",
     "prompt_batches", "shard_indices", "tokenized_documents",
     "STRATEGIES", "PositionConfig", "position_rng", "sample_positions",
-    "ByteTokenizer", "CharTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
+    "TXT_DOCUMENTS", "ByteTokenizer", "CharTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
 ]

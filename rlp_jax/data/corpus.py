@@ -44,6 +44,8 @@ __all__ = [
     "RlpLocalCorpus",
     "plan_local_corpus",
     "build_local_corpus",
+    "local_corpus_fingerprint",
+    "find_built_corpora",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,20 @@ def open_corpus(directory: str | os.PathLike) -> Corpus:
     )
 
 
+def find_built_corpora(directory: str | os.PathLike, max_depth: int = 4) -> list[str]:
+    """Built datasets (folders holding dataset_info.json) at or below `directory`: a TFDS
+    data_dir holds them at `<name>/<config>/<version>`."""
+    root = os.path.abspath(os.fspath(directory))
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        if "dataset_info.json" in files:
+            found.append(folder)
+            subfolders.clear()
+        elif folder[len(root):].count(os.sep) >= max_depth:
+            subfolders.clear()
+    return sorted(found)
+
+
 def _validation_score(text: str) -> float:
     """A stable pseudo-random number in [0, 1) from the text alone (order-free split choice)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"rlp-val").digest()
@@ -184,7 +200,8 @@ def plan_local_corpus(paths: Sequence[str], validation_paths: Sequence[str] = ()
     Records that are empty, not valid UTF-8, or exact duplicates of an earlier record (in scan
     order: training files first) are dropped and counted. Without `validation_paths`, a record
     goes to validation when a hash of its text falls below `validation_fraction`, so the split
-    does not depend on file order and duplicates always land together.
+    does not depend on file order and duplicates always land together; when that leaves
+    validation empty, the training document of the lowest hash goes there.
     """
     read_options = dict(text_field=text_field, txt_documents=txt_documents,
                         marked_offsets_field=marked_offsets_field)
@@ -196,6 +213,7 @@ def plan_local_corpus(paths: Sequence[str], validation_paths: Sequence[str] = ()
              "dropped_invalid_utf8": 0, "blank_lines": 0}
     seen: set[bytes] = set()
     assignment: list[str] = []
+    lowest: tuple[float, int] | None = None  # (validation score, index) of the lowest training document
     for file_split, record in _scan(files, read_options):
         if record.problem == "blank_line":
             stats["blank_lines"] += 1
@@ -213,14 +231,28 @@ def plan_local_corpus(paths: Sequence[str], validation_paths: Sequence[str] = ()
             continue
         seen.add(digest)
         split = file_split
-        if not validation_paths and _validation_score(record.text) < validation_fraction:
+        score = _validation_score(record.text)
+        if not validation_paths and score < validation_fraction:
             split = "validation"
+        elif split == "train" and (lowest is None or score < lowest[0]):
+            lowest = (score, len(assignment))
         stats[f"documents_{split}"] += 1
         assignment.append(split)
+    if (not validation_paths and validation_fraction > 0 and stats["documents_validation"] == 0
+            and stats["documents_train"] >= 2):
+        # A small corpus whose hash draw left validation empty: the training document of the lowest
+        # score moves (still order-free), so a fraction > 0 always gives a validation split.
+        assignment[lowest[1]] = "validation"
+        stats["documents_train"] -= 1
+        stats["documents_validation"] += 1
     if stats["documents_train"] == 0:
         raise ValueError(f"no usable training documents in {paths} ({_dropped_summary(stats)}); "
                          "check the paths, text_field and txt_documents.")
     if (validation_paths or validation_fraction > 0) and stats["documents_validation"] == 0:
+        if stats["documents_train"] == 1:
+            raise ValueError("the corpus is a single document, so no validation split can be cut from it; "
+                             "split .txt files into documents (txt_documents='paragraphs' or 'lines'), pass "
+                             "validation_paths, or set validation_fraction=0.")
         raise ValueError(f"the validation split came out empty ({stats['documents_train']} "
                          "training documents); raise validation_fraction, pass "
                          "validation_paths, or set validation_fraction=0 for no validation split.")
@@ -247,14 +279,30 @@ class LocalCorpusConfig(tfds.core.BuilderConfig):
 
 
 def _files_fingerprint(config: LocalCorpusConfig) -> str:
-    """Changes when the inputs (file list, sizes, modification times) or options change."""
+    """Changes when the inputs' contents, their list, or the reading options change (a file
+    touched but unchanged keeps it)."""
     parts: list[Any] = [config.validation_fraction, config.text_field, config.txt_documents,
                         config.marked_offsets_field]
     for group in (config.paths, config.validation_paths):
         files = text_files.expand_paths(group) if group else []
-        parts.append([(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                      for f in files])
+        parts.append([(os.path.abspath(f), _content_hash(f)) for f in files])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _content_hash(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_corpus_fingerprint(paths: Sequence[str | os.PathLike] | str, *, validation_paths: Sequence[str] = (),
+                             validation_fraction: float | None = None, text_field: str = "text",
+                             txt_documents: str = "file", marked_offsets_field: str | None = None) -> str:
+    """The fingerprint `build_local_corpus` would give these inputs, without building anything."""
+    return _files_fingerprint(_local_config("corpus", paths, validation_paths, validation_fraction, text_field,
+                                            txt_documents, marked_offsets_field))
 
 
 class OfflineBuilder(tfds.core.GeneratorBasedBuilder):
@@ -269,6 +317,14 @@ class OfflineBuilder(tfds.core.GeneratorBasedBuilder):
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(inspect.getfile(cls))
+
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." straight to stdout (with
+    # terminal colour codes); nothing is downloaded here, so these go to the log instead.
+    def _log_download_bytes(self) -> None:
+        log.info("building %s/%s in %s", self.name, self.builder_config.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.info("built %s/%s in %s", self.name, self.builder_config.name, self.data_dir)
 
 
 class RlpLocalCorpus(OfflineBuilder):
@@ -338,12 +394,12 @@ def build_local_corpus(paths: Sequence[str | os.PathLike] | str, data_dir: str |
         (default 0.01) of the documents, chosen by a hash of their text, form it; 0 means no
         validation split.
       text_field: jsonl field holding the document (`a.b` for nested objects).
-      txt_documents: a `.txt` file is one document (`file`) or one per blank-line-separated
-        block (`blank_line_blocks`).
+      txt_documents: a `.txt` file is one document (`file`), one per blank-line-separated
+        paragraph (`paragraphs`; older name `blank_line_blocks`) or one per line (`lines`).
       marked_offsets_field: optional jsonl field with character offsets for the `marked`
         position strategy.
-      overwrite: rebuild even if the corpus exists. Without it, an existing corpus built from
-        other files or options is an error rather than silently reused.
+      overwrite: rebuild even if an identical corpus exists. A corpus built from other
+        contents or options is always rebuilt (it is a cache of the inputs, never reused stale).
 
     Returns:
       The opened `Corpus`; `corpus.build_stats` counts documents per split and dropped records.
@@ -351,6 +407,15 @@ def build_local_corpus(paths: Sequence[str | os.PathLike] | str, data_dir: str |
     if not _NAME_PATTERN.match(name):
         raise ValueError(f"corpus name {name!r} is not allowed; use lowercase letters, digits, "
                          "'_', '-' or '.', starting with a letter or digit.")
+    config = _local_config(name, paths, validation_paths, validation_fraction, text_field, txt_documents,
+                           marked_offsets_field)
+    builder = RlpLocalCorpus(config=config, data_dir=os.fspath(data_dir),
+                             file_format="array_record")
+    return prepare_and_open(builder, _files_fingerprint(config), overwrite)
+
+
+def _local_config(name, paths, validation_paths, validation_fraction, text_field, txt_documents,
+                  marked_offsets_field) -> LocalCorpusConfig:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if isinstance(validation_paths, (str, os.PathLike)):
@@ -361,29 +426,26 @@ def build_local_corpus(paths: Sequence[str | os.PathLike] | str, data_dir: str |
         validation_fraction = 0.0 if validation_paths else 0.01
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction is {validation_fraction}; use a value in [0, 1).")
-    config = LocalCorpusConfig(
+    return LocalCorpusConfig(
         name=name, paths=tuple(os.fspath(p) for p in paths),
         validation_paths=tuple(os.fspath(p) for p in validation_paths),
         validation_fraction=float(validation_fraction), text_field=text_field,
         txt_documents=txt_documents, marked_offsets_field=marked_offsets_field)
-    builder = RlpLocalCorpus(config=config, data_dir=os.fspath(data_dir),
-                             file_format="array_record")
-    return prepare_and_open(builder, _files_fingerprint(config), overwrite)
 
 
 def prepare_and_open(builder: tfds.core.DatasetBuilder, fingerprint: str,
                       overwrite: bool) -> Corpus:
-    """Writes the dataset unless an identical one exists; shared by the local and demo builders."""
+    """Writes the dataset unless an identical one exists (one built from other inputs is
+    replaced); shared by the local and demo builders."""
     directory = os.fspath(builder.data_dir)
     if os.path.isfile(os.path.join(directory, "dataset_info.json")):
         existing = open_corpus(directory)
         if existing.fingerprint == fingerprint and not overwrite:
             return existing
-        if not overwrite:
-            raise FileExistsError(
-                f"{directory} was built from other inputs or options; pass overwrite=True to "
-                "rebuild it or choose another corpus name.")
+        if existing.fingerprint != fingerprint:
+            log.info("%s was built from other inputs or options; rebuilding it", directory)
         shutil.rmtree(directory)
+    tfds.disable_progress_bar()  # tqdm bars become escape codes in a log file
     builder.download_and_prepare()
     corpus = open_corpus(directory)
     dropped = {k: v for k, v in corpus.build_stats.items() if k.startswith("dropped_") and v}

@@ -17,10 +17,13 @@ import re
 import zlib
 from typing import Iterator, Literal, Sequence
 
-__all__ = ["SourceRecord", "SUFFIXES", "expand_paths", "iter_source_records"]
+__all__ = ["SourceRecord", "SUFFIXES", "TXT_DOCUMENTS", "expand_paths", "iter_source_records"]
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
-TxtDocuments = Literal["file", "blank_line_blocks"]
+# How a .txt file is cut into documents: the whole file, each blank-line-separated paragraph
+# ("blank_line_blocks" is the older name of "paragraphs"), or each non-empty line.
+TxtDocuments = Literal["file", "paragraphs", "blank_line_blocks", "lines"]
+TXT_DOCUMENTS = ("file", "paragraphs", "lines")
 
 # A blank line: a line break, optional spaces or tabs, a line break.
 _BLANK_LINE_BYTES = re.compile(rb"\r?\n[ \t]*\r?\n")
@@ -103,6 +106,12 @@ def _iter_txt(path: str, txt_documents: TxtDocuments) -> Iterator[SourceRecord]:
         data = f.read()
     if txt_documents == "file":
         yield _text_record(path, data)
+        return
+    if txt_documents == "lines":
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            line = line.rstrip(b"\r")
+            if line.strip():  # blank lines separate documents; they are not empty documents
+                yield _text_record(f"{path}:{number}", line)
         return
     block_start = 0
     for separator in [*_BLANK_LINE_BYTES.finditer(data), None]:
@@ -201,13 +210,14 @@ def iter_source_records(path: str, *, text_field: str = "text",
     Args:
       path: a `.txt`, `.jsonl` or `.jsonl.gz` file.
       text_field: the jsonl field holding the document (dots reach into nested objects: `a.b`).
-      txt_documents: `.txt` files hold one document per `file` or per `blank_line_blocks`.
+      txt_documents: a `.txt` file holds one document (`file`), one per blank-line-separated
+        paragraph (`paragraphs`, also called `blank_line_blocks`), or one per non-empty line
+        (`lines`).
       marked_offsets_field: optional jsonl field with a list of character offsets that the
         `marked` position strategy will use.
     """
-    if txt_documents not in ("file", "blank_line_blocks"):
-        raise ValueError(f"txt_documents is {txt_documents!r}; use 'file' or "
-                         "'blank_line_blocks'.")
+    if txt_documents not in (*TXT_DOCUMENTS, "blank_line_blocks"):
+        raise ValueError(f"txt_documents is {txt_documents!r}; use one of {', '.join(TXT_DOCUMENTS)}.")
     suffix = _suffix(path)
     if suffix == ".txt":
         return _iter_txt(path, txt_documents)
