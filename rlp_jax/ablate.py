@@ -46,19 +46,37 @@ def ntp_steps_for_budget(budget_tokens: int, batch_size: int, tokens_per_documen
 class Cell:
     name: str
     overrides: dict  # "section.key" -> value on the demo RLP config
+    # A compute-matched cell: the name of the cell (run first, same seed) whose processed T_flop
+    # (the sum of its per-step `flop_tokens`) sets this cell's `train.steps`.
+    matched_to: str | None = None
 
 
 # Demo plain documents "457+386=843" are 13 tokens with BOS and EOS.
 _DEMO_DOC_TOKENS = 13
 
 
-def _cpt_cell(base: ml_collections.ConfigDict, multiple: float, name: str) -> Cell:
+_CPT_BATCH = 64
+
+
+def _cpt_cell(base: ml_collections.ConfigDict, multiple: float, name: str, matched_to: str) -> Cell:
+    """NTP on the same plain documents; its steps are set from `matched_to`'s processed T_flop at
+    run time (the maximum-length budget below only when that run logged no counts)."""
     budget = int(rlp_token_budget(base) * multiple)
-    batch = 64
     return Cell(name, {"rlp.objective": "ntp", "data.kind": "documents", "data.seq_len": 16,
-                       "train.batch_size": batch, "train.learning_rate": 1e-4,
-                       "train.steps": ntp_steps_for_budget(budget, batch, _DEMO_DOC_TOKENS),
-                       "eval.num_positions": 0, "checkpoint.every_steps": 10_000})
+                       "train.batch_size": _CPT_BATCH, "train.learning_rate": 1e-4,
+                       "train.steps": ntp_steps_for_budget(budget, _CPT_BATCH, _DEMO_DOC_TOKENS),
+                       "eval.num_positions": 0, "checkpoint.every_steps": 10_000}, matched_to=matched_to)
+
+
+def measured_flop_tokens(run_dir: Path) -> float | None:
+    """A finished run's T_flop from what it processed: its per-step `flop_tokens` summed over
+    metrics.jsonl (each step once), or None for a run that did not log them."""
+    from rlp_jax.metrics_io import read_jsonl
+
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    if not rows or any("flop_tokens" not in r for r in rows):
+        return None
+    return sum(float(r["flop_tokens"]) for r in rows)
 
 
 GRID_NAMES = ("reward", "rollouts", "thought_len", "kl", "cpt")
@@ -69,12 +87,12 @@ def grids(base: ml_collections.ConfigDict) -> dict[str, list[Cell]]:
     thoughts = G * B  # rollouts grid keeps sampled thoughts per step fixed
     return {
         "reward": [Cell("dense (RLP)", {"rlp.objective": "rlp"}),
-                   Cell("sparse (RPT-style)", {"rlp.objective": "rpt"})],
+                   Cell("sparse (RPT)", {"rlp.objective": "rpt"})],
         "rollouts": [Cell(f"G={g}", {"rlp.num_rollouts": g, "train.batch_size": thoughts // g})
                      for g in (2, 4, 8)],
         "thought_len": [Cell(f"L={n}", {"rlp.max_thought_len": n}) for n in (6, 12, 20, 32)],
         "kl": [Cell(f"beta={b:g}", {"rlp.kl_coef": b}) for b in (0.0, 1e-4, 1e-3)],
-        "cpt": [Cell("RLP", {}), _cpt_cell(base, 1.0, "CPT, equal T_flop")],
+        "cpt": [Cell("RLP", {}), _cpt_cell(base, 1.0, "CPT, equal T_flop", matched_to="RLP")],
     }
 
 
@@ -132,6 +150,12 @@ def run_grid(grid: str, workdir: str | Path, *, seeds=(0, 1), steps: int | None 
             if not (run_dir / "eval.json").exists():
                 config = _apply(base, cell.overrides)
                 config.seed = seed
+                if cell.matched_to is not None:
+                    budget = measured_flop_tokens(workdir / grid / _slug(cell.matched_to) / f"s{seed}")
+                    if budget is not None:
+                        config.train.steps = ntp_steps_for_budget(int(budget), _CPT_BATCH, _DEMO_DOC_TOKENS)
+                        echo(f"{cell.name}: {budget:,.0f} processed tokens of {cell.matched_to} → "
+                             f"{config.train.steps} NTP steps")
                 config.init.kind, config.init.path = "checkpoint", str(warm_dir)
                 echo(f"{grid} / {cell.name} / seed {seed}: {config.train.steps} steps")
                 trainer.train(config, run_dir, echo=echo)

@@ -74,12 +74,42 @@ def model_config(config, tok) -> ModelConfig:
     return result
 
 
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def learning_rate_schedule(t, updates_per_step: int = 1) -> optax.Schedule:
+    """The learning rate at each optimizer update: a linear warm-up from 0 over `train.warmup_steps`
+    steps, then `train.schedule` — constant at `train.learning_rate`, or a cosine or linear decay
+    that reaches `train.final_learning_rate` at the run's last update (`train.steps` steps of
+    `updates_per_step` optimizer updates each). The paper's RLP runs use a constant 1e-6; its CPT
+    baseline decays 1e-6 → 1e-7 (shape not stated)."""
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule={t.schedule!r} is not one of {', '.join(SCHEDULES)}.")
+    if t.learning_rate < 0 or t.final_learning_rate < 0 or t.warmup_steps < 0:
+        raise ConfigError("train.learning_rate, train.final_learning_rate and train.warmup_steps must be >= 0.")
+    warm = t.warmup_steps * updates_per_step
+    decay = max(t.steps * updates_per_step - warm - 1, 1)  # the last update gets the final value
+    peak, final = t.learning_rate, t.final_learning_rate
+    if t.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay, alpha=final / peak if peak else 0.0)
+    elif t.schedule == "linear":
+        after = optax.linear_schedule(peak, final, decay)
+    else:
+        after = optax.constant_schedule(peak)
+    if not warm:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
+
+
+def updates_per_step(config) -> int:
+    """Optimizer updates in one training step (`rlp.ppo_epochs × rlp.num_minibatches`)."""
+    return config.rlp.ppo_epochs * config.rlp.num_minibatches
+
+
 def optimizer(config) -> optax.GradientTransformation:
+    """AdamW on `learning_rate_schedule`, after global-norm clipping (`train.grad_clip`)."""
     t = config.train
-    schedule = optax.constant_schedule(t.learning_rate)
-    if t.warmup_steps:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps), schedule], [t.warmup_steps])
+    schedule = learning_rate_schedule(t, updates_per_step(config))
     chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
     chain.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
     return optax.chain(*chain)
@@ -95,9 +125,17 @@ def rollout_config(config, tok, num_rollouts: int | None = None) -> RolloutConfi
             num_rollouts=r.num_rollouts if num_rollouts is None else num_rollouts,
             max_thought_len=r.max_thought_len, min_thought_len=r.min_thought_len, temperature=r.temperature,
             top_k=r.top_k, top_p=r.top_p, prompt_suffix_ids=template, pad_id=tok.pad_id,
-            mask_markers_in_scoring=r.mask_markers_in_scoring, cache_block_len=r.cache_block_len)
+            mask_markers_in_scoring=r.mask_markers_in_scoring, cache_block_len=r.cache_block_len,
+            prediction_len=r.rpt_prediction_len if r.objective == "rpt" else 0)
     except ValueError as error:
         raise ConfigError(f"rlp: {error}") from None
+
+
+def _token_bytes(tok):
+    from rlp_jax.data.tokenizer import token_byte_table
+
+    table, lengths = token_byte_table(tok)
+    return table, lengths
 
 
 def step_config(config, tok) -> ts.StepConfig:
@@ -108,7 +146,8 @@ def step_config(config, tok) -> ts.StepConfig:
             eps_high=r.eps_high, kl_coef=r.kl_coef, kl_estimator=r.kl_estimator, ema_decay=r.ema_decay,
             ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, grad_accum_steps=r.grad_accum_steps,
             rollout_microbatches=r.rollout_microbatches, head_chunk_len=r.head_chunk_len,
-            update_length_buckets=r.update_length_buckets)
+            update_length_buckets=r.update_length_buckets, rpt_entropy_threshold=r.rpt_entropy_threshold,
+            token_bytes=_token_bytes(tok) if r.objective == "rpt" else None)
     except ValueError as error:
         raise ConfigError(f"rlp: {error}") from None
 
@@ -203,8 +242,8 @@ def batches(config, corpus_, tok, split: str, batch_size: int, *, num_epochs=Non
     layout = dict(process_index=0, process_count=1) if whole_split else {}
     try:
         if d.kind == "documents":
-            return data.document_batches(corpus_, split, tok, data.DocumentBatchConfig(seq_len=d.seq_len, **common),
-                                         **layout)
+            return data.document_batches(corpus_, split, tok, data.DocumentBatchConfig(
+                seq_len=d.seq_len, pack=d.pack_documents, **common), **layout)
         return data.prompt_batches(corpus_, split, tok, data.PromptBatchConfig(
             max_context=d.max_context, target_len=d.target_len, positions=position_config(config), **common),
             **layout)
@@ -262,41 +301,73 @@ def eval_note(config, held_out: list[PromptBatch]) -> str | None:
             f"{config.eval.num_positions}; evaluating those {count} (raise data.validation_fraction for more)")
 
 
+def needs_reference(config) -> bool:
+    """A frozen copy of the start weights in the state (`StepConfig.needs_reference`): the KL
+    reference, or the proxy model of RPT's entropy filter."""
+    r = config.rlp
+    return r.kl_coef > 0 or (r.objective == "rpt" and r.rpt_entropy_threshold > 0)
+
+
 def initial_state(config, model_config_: ModelConfig, optimizer_, mesh):
     """(graphdef, abstract state, shardings, make_state) for `init.kind`: `make_state()` builds
-    the state (random, or from the weights at `init.path`) directly in its shardings."""
-    with_reference = config.rlp.kl_coef > 0
+    the state (random, or from the weights at `init.path`) directly in its shardings. With
+    `rlp.rpt_proxy` set, the frozen reference copy holds that model's weights instead of the
+    start weights (RPT's proxy)."""
+    with_reference = needs_reference(config)
     logical_rules = rules(config)
     graphdef, abstract, shardings, init = ts.abstract_state_from_scratch(
         model_config_, optimizer_, config.seed, mesh, logical_rules, with_reference=with_reference)
     kind, path = config.init.kind, config.init.path
-    if kind == "scratch":
-        return graphdef, abstract, shardings, init
+    load = lambda kind_, path_: _load_params(kind_, path_, abstract.params, shardings.params, model_config_, mesh,
+                                             logical_rules)
 
     def from_params():
-        if kind == "hf":
-            from rlp_jax.models import hf
-
-            params = nnx.state(hf.load_hf(path, mesh=mesh, rules=logical_rules, dtype=model_config_.dtype,
-                                          param_dtype=model_config_.param_dtype, remat=model_config_.remat,
-                                          attention=model_config_.attention),
-                               nnx.Param)
-        else:
-            if kind == "params":
-                from rlp_jax.models import convert
-
-                pure = nnx.to_pure_dict(nnx.state(convert.load_params(path), nnx.Param))
-            else:
-                pure = ckpt_lib.RunDir(path).latest_params()
-            params = jax.tree.map(lambda x: x, abstract.params)  # a State to fill
-            nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
-            host = jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype), params, abstract.params)
-            params = jax.device_put(host, shardings.params)
         init_fn = lambda p: ts.init_state(p, optimizer_, jax.random.key(config.seed), with_reference)
         with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules):
-            return jax.jit(init_fn, out_shardings=shardings)(params)
+            return jax.jit(init_fn, out_shardings=shardings)(load(kind, path))
 
-    return graphdef, abstract, shardings, from_params
+    make_state = init if kind == "scratch" else from_params
+    proxy = config.rlp.rpt_proxy if config.rlp.objective == "rpt" and with_reference else ""
+    if not proxy:
+        return graphdef, abstract, shardings, make_state
+    if config.rlp.kl_coef > 0:
+        raise ConfigError("rlp.rpt_proxy and rlp.kl_coef > 0 both want the frozen reference copy; use one of them.")
+    proxy_kind = "checkpoint" if (Path(proxy) / "model_config.json").exists() else "hf"
+    import dataclasses
+
+    return graphdef, abstract, shardings, lambda: dataclasses.replace(make_state(),
+                                                                      ref_params=load(proxy_kind, proxy))
+
+
+def _load_params(kind: str, path: str, abstract_params, params_sharding, model_config_: ModelConfig, mesh,
+                 logical_rules):
+    """The params of an HF folder (`hf`), an rlp-jax params folder (`params`) or a run's newest
+    checkpoint (`checkpoint`), placed in `params_sharding` (the model's shapes must agree)."""
+    if kind == "hf":
+        from rlp_jax.models import hf
+
+        try:
+            model = hf.load_hf(path, mesh=mesh, rules=logical_rules, dtype=model_config_.dtype,
+                               param_dtype=model_config_.param_dtype, remat=model_config_.remat,
+                               attention=model_config_.attention)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{path}: {error}") from None
+        return nnx.state(model, nnx.Param)
+    if kind == "params":
+        from rlp_jax.models import convert
+
+        pure = nnx.to_pure_dict(nnx.state(convert.load_params(path), nnx.Param))
+    else:
+        pure = ckpt_lib.RunDir(path).latest_params()
+    params = jax.tree.map(lambda x: x, abstract_params)  # a State to fill
+    try:
+        nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
+    except (KeyError, ValueError) as error:
+        raise ConfigError(f"the weights in {path} do not fit this model ({error}); use a model of the same shapes.") from None
+    if any(np.shape(x) != a.shape for x, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract_params))):
+        raise ConfigError(f"the weights in {path} have other shapes than this model; use a model of the same shapes.")
+    host = jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype), params, abstract_params)
+    return jax.device_put(host, params_sharding)
 
 
 def model_from_run(workdir: str | Path):

@@ -158,7 +158,8 @@ def run_identity(config_dict: dict, model_config: dict, corpus: str, tokenizer: 
 
 
 def identity_differences(stored: dict, new: dict) -> list[str]:
-    """`key: old → new` for each difference (parts `stored` lacks are not compared)."""
+    """`key: old → new` for each difference (parts and keys `stored` lacks are not compared: a run
+    made by an older rlp-jax resumes under a newer one that added keys)."""
     out = []
     for part in ("corpus", "tokenizer"):
         if part in stored and stored[part] != new.get(part):
@@ -167,9 +168,9 @@ def identity_differences(stored: dict, new: dict) -> list[str]:
         old, cur = stored.get(part), new.get(part, {})
         if old is None:
             continue
-        for key in sorted(set(old) | set(cur)):
-            if old.get(key) != cur.get(key):
-                out.append(f"{'model.' if part == 'model' else ''}{key}: {old.get(key)!r} → {cur.get(key)!r}")
+        for key in sorted(set(old) & set(cur)):  # a key only one version of rlp-jax has is not compared
+            if old[key] != cur[key]:
+                out.append(f"{'model.' if part == 'model' else ''}{key}: {old[key]!r} → {cur[key]!r}")
     return out
 
 

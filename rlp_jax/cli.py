@@ -99,7 +99,7 @@ def _absolute_paths(config) -> None:
         for node, key in ((d, "corpus"), (d, "validation_corpus")):
             if node[key] and node[key] != "demo":
                 node[key] = ",".join(_absolute(p.strip()) for p in node[key].split(",") if p.strip())
-        for node, key in ((d, "data_dir"), (config.init, "path")):
+        for node, key in ((d, "data_dir"), (config.init, "path"), (config.rlp, "rpt_proxy")):
             if node[key]:
                 node[key] = _absolute(node[key])
         if config.tokenizer not in ("demo", "bytes") and not config.tokenizer.startswith("char:"):

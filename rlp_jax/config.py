@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_context = 2048
     c.data.target_len = 1
     c.data.seq_len = 2048  # documents only
+    c.data.pack_documents = False  # documents only: concatenate them into full rows of seq_len (CPT)
     c.data.strategy = "uniform"  # uniform | all | stride | marked
     c.data.positions_per_document = 4
     c.data.stride = 64
@@ -58,8 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200
     c.train.batch_size = 512  # prompts (or documents) per step, global
-    c.train.learning_rate = 1e-6
-    c.train.warmup_steps = 0
+    c.train.batch_tokens = 0  # > 0 (documents only): batch_size = batch_tokens // data.seq_len
+    c.train.learning_rate = 1e-6  # the peak (after warm-up)
+    c.train.warmup_steps = 0  # steps of linear warm-up from 0
+    c.train.schedule = "constant"  # constant | cosine | linear (decay to final_learning_rate at the last step)
+    c.train.final_learning_rate = 0.0  # cosine / linear only
     c.train.b1 = 0.9
     c.train.b2 = 0.95
     c.train.weight_decay = 0.1
@@ -70,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.rlp = ml_collections.ConfigDict()
     c.rlp.objective = "rlp"  # rlp | rpt | ntp
+    c.rlp.rpt_prediction_len = 1  # rpt: tokens of the prediction sampled (and trained) after the thought
+    c.rlp.rpt_entropy_threshold = 0.5  # rpt: train positions whose proxy top-16 entropy (nats) is at least this
+    c.rlp.rpt_proxy = ""  # rpt: the proxy model: "" the frozen start weights, or a run workdir / HF folder
     c.rlp.num_rollouts = 16  # G
     c.rlp.max_thought_len = 2048  # L
     c.rlp.min_thought_len = 1
@@ -196,10 +203,28 @@ def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
     return shape
 
 
+def resolve_batch_tokens(config: ml_collections.ConfigDict) -> None:
+    """Token-sized batches (`train.batch_tokens`, next-token training on documents): sets
+    `train.batch_size` to the rows of `data.seq_len` tokens they hold, in place."""
+    t = config.train
+    if not t.batch_tokens:
+        return
+    if config.data.kind != "documents":
+        raise ConfigError("train.batch_tokens sizes next-token batches of documents; set data.kind='documents' "
+                          "or size RLP batches in prompts with train.batch_size.")
+    rows = t.batch_tokens // config.data.seq_len
+    if rows < 1:
+        raise ConfigError(f"train.batch_tokens={t.batch_tokens} is less than one row of data.seq_len="
+                          f"{config.data.seq_len} tokens; raise it.")
+    with config.unlocked():
+        t.batch_size = rows
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> tuple[int, ...]:
     """The checks across settings (and of the keys no dataclass owns); returns the resolved mesh
     shape."""
     c = config
+    resolve_batch_tokens(c)
     shape = resolve_mesh_shape(c.mesh.shape, num_devices)
     if len(shape) != len(c.mesh.axes):
         raise ConfigError(f"mesh.shape {shape} and mesh.axes {tuple(c.mesh.axes)} differ in length.")

@@ -225,8 +225,9 @@ def kl_penalty(
 def sparse_match_reward(
     predicted_ids: Array, target_ids: Array, mask: Array | None = None
 ) -> Array:
-    """The RPT-style sparse binary reward: 1 where the token(s) predicted after the thought equal
-    the true next token(s), else 0. It ignores how much the thought helped ("Sparse < Dense").
+    """A token-level sparse binary reward: 1 where the token(s) predicted after the thought equal
+    the true next token(s), else 0. It ignores how much the thought helped ("Sparse < Dense");
+    RPT's own reward, a byte-level prefix match, is `prefix_match_reward`.
 
     With `mask` (`[..., K]`) the last axis is the target axis and the reward is 1 only if every
     valid target token matches (a prefix match); without it the comparison is elementwise.
@@ -236,6 +237,52 @@ def sparse_match_reward(
     if mask is not None:
         match = jnp.all(match | ~mask.astype(bool), axis=-1)
     return jax.lax.stop_gradient(match.astype(jnp.float32))
+
+
+def concat_token_bytes(tokens: Array, bytes_VxW: Array, length_V: Array, mask: Array | None = None
+                       ) -> tuple[Array, Array]:
+    """The bytes of each row's tokens (`tokens[..., M]`, the `mask`ed ones only) end to end:
+    `(bytes[..., M·W] uint8 zero-padded, length[...])`, from a token byte table (`bytes_VxW`,
+    `length_V`: rlp_jax.data.tokenizer.token_byte_table)."""
+    lead, M = tokens.shape[:-1], tokens.shape[-1]
+    W = bytes_VxW.shape[1]
+    flat = tokens.reshape(-1, M)
+    lengths = jnp.asarray(length_V)[flat]
+    if mask is not None:
+        lengths = jnp.where(mask.reshape(-1, M), lengths, 0)
+    offsets = jnp.cumsum(lengths, axis=-1) - lengths
+    w = jnp.arange(W)
+    index = jnp.where(w < lengths[..., None], offsets[..., None] + w, M * W)  # past the end: dropped
+    rows = jnp.arange(flat.shape[0])[:, None, None]
+    out = jnp.zeros((flat.shape[0], M * W + 1), jnp.uint8).at[rows, index].set(jnp.asarray(bytes_VxW)[flat])
+    return out[:, :-1].reshape(*lead, M * W), lengths.sum(-1).reshape(lead)
+
+
+def prefix_match_reward(prediction: Array, target_ids: Array, target_mask: Array, bytes_VxW: Array,
+                        length_V: Array) -> Array:
+    """The sparse reward of RPT (Dong et al. 2025, arXiv 2506.08007), the baseline the RLP paper
+    compares against: 1 where the predicted text (the bytes of `prediction[..., M]`) is a
+    non-empty prefix of the true continuation (the bytes of the valid `target_ids[..., K]`) that
+    ends on one of its token boundaries, else 0. A prediction longer than the continuation scored
+    cannot be verified and gets 0. Float32, a constant for autodiff."""
+    pred, pred_len = concat_token_bytes(prediction, bytes_VxW, length_V)
+    target, target_len = concat_token_bytes(target_ids, bytes_VxW, length_V, target_mask)
+    width = max(pred.shape[-1], target.shape[-1])
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+    pred, target = pad(pred), pad(target)
+    same = jnp.all((pred == target) | (jnp.arange(width) >= pred_len[..., None]), axis=-1)
+    t_lengths = jnp.where(target_mask, jnp.asarray(length_V)[target_ids], 0)
+    on_boundary = jnp.any((jnp.cumsum(t_lengths, axis=-1) == pred_len[..., None]) & target_mask.astype(bool), axis=-1)
+    match = same & on_boundary & (pred_len > 0) & (pred_len <= target_len)
+    return jax.lax.stop_gradient(match.astype(jnp.float32))
+
+
+def top_k_entropy(logits: Array, k: int = 16) -> Array:
+    """Entropy (nats) of the next-token distribution restricted to its `k` most likely tokens and
+    renormalised: RPT's measure of how hard a position is for a proxy model (top-16)."""
+    top, _ = jax.lax.top_k(logits.astype(jnp.float32), k)
+    logp = jax.nn.log_softmax(top, axis=-1)
+    return -(jnp.exp(logp) * logp).sum(-1)
 
 
 def next_token_loss(logits: Array, targets: Array, mask: Array | None = None) -> Array:

@@ -114,7 +114,7 @@ def state_bytes(config, model_config, mesh) -> dict[str, int]:
 
     _, abstract, shardings, _ = ts.abstract_state_from_scratch(
         model_config, build.optimizer(config), config.seed, mesh, build.rules(config),
-        with_reference=config.rlp.kl_coef > 0)
+        with_reference=build.needs_reference(config))
 
     def size(tree, tree_shardings) -> int:
         leaves, specs = jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)
@@ -419,6 +419,7 @@ def plan(config, config_path: str | None = None, devices: int | None = None, hbm
     platform = platform or _platform_of(config_path)
     if platform is not None and platform not in PLATFORMS:
         raise config_lib.ConfigError(f"platform {platform!r} is unknown; choose one of {', '.join(PLATFORMS)}.")
+    config_lib.resolve_batch_tokens(config)
     shape = tuple(int(s) for s in config.mesh.shape)
     if devices is None:
         if -1 in shape:

@@ -41,6 +41,9 @@ class RolloutConfig:
     prompt_suffix_ids: tuple[int, ...] = ()
     pad_id: int = 0
     cache_block_len: int = 256  # rollout-cache slots per block: what a decode step reads, to a block
+    # RPT (objective "rpt"): after the thought the policy also samples this many tokens of its
+    # prediction of the continuation; they are actions like the thought's (0: no prediction).
+    prediction_len: int = 0
     # Mask the think markers out of the distributions that score the true next token (both the
     # reasoned and the no-think score): a baseline that learned to expect "<think>" there would
     # otherwise hand the thought a free gain (docs/train_step.md).
@@ -55,6 +58,8 @@ class RolloutConfig:
                              "temperature > 0 (the paper uses 0.7).")
         if self.cache_block_len < 1:
             raise ValueError(f"cache_block_len={self.cache_block_len}; use at least 1 slot per block.")
+        if self.prediction_len < 0:
+            raise ValueError(f"prediction_len={self.prediction_len}; use 0 (no prediction) or more tokens.")
         if not 1 <= self.min_thought_len <= self.max_thought_len:
             raise ValueError(f"need 1 <= min_thought_len ({self.min_thought_len}) <= max_thought_len "
                              f"({self.max_thought_len}).")
@@ -81,7 +86,10 @@ class Rollouts:
     truncated_N: Array  # reached L without </think>; closed by force (the forced token is not an action)
     behaviour_logprobs_NxL: Array
     s_pred_NxK: Array  # log p_θ(x_t | x_<t, c) of each target token, on the rollout cache
-    predicted_NxK: Array  # argmax prediction after the thought (for the RPT-style reward)
+    predicted_NxK: Array  # argmax prediction of each target after the thought
+    # RPT: the sampled prediction after `</think>` (`prediction_len` tokens). The thought arrays
+    # then hold the whole action [thought, (forced </think>), prediction] (`with_prediction`).
+    prediction_NxM: Array | None = None
 
 
 def build_prompts(context_BxT: Array, context_len_B: Array, cfg: RolloutConfig) -> tuple[Array, Array]:
@@ -116,12 +124,62 @@ def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBat
     sampling_cfg = cfg.sampling_config()
     if greedy:
         sampling_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
-    out = sampling.sample(weights, prompt_BxP, prompt_len_B, key, sampling_cfg, num_samples=cfg.num_rollouts,
-                          extra_slots=1 + K)
-    s_pred_NxK, predicted_NxK, _ = score_after_thoughts(weights, out, batch.target_BxK, cfg)
+    M = cfg.prediction_len
+    thought_key, prediction_key = jax.random.split(key) if M else (key, None)
+    out = sampling.sample(weights, prompt_BxP, prompt_len_B, thought_key, sampling_cfg, num_samples=cfg.num_rollouts,
+                          extra_slots=1 + max(K, M))
+    s_pred_NxK, predicted_NxK, cache = score_after_thoughts(weights, out, batch.target_BxK, cfg)
     thought_mask_NxL = jnp.arange(L)[None, :] < out.lengths_N[:, None]
-    return Rollouts(prompt_BxP, prompt_len_B, out.tokens_NxL, thought_mask_NxL, ~out.finished_N,
+    roll = Rollouts(prompt_BxP, prompt_len_B, out.tokens_NxL, thought_mask_NxL, ~out.finished_N,
                     out.logprobs_NxL, s_pred_NxK, predicted_NxK)
+    if not M:
+        return roll
+    close_slot_N = out.lengths_N - out.finished_N.astype(jnp.int32)
+    prediction_NxM, logprobs_NxM = sample_prediction(weights, cache, close_slot_N, cfg.think_close_id, prediction_key,
+                                                     sampling_cfg, M)
+    return with_prediction(roll, prediction_NxM, logprobs_NxM, cfg.think_close_id)
+
+
+def sample_prediction(weights: decode.DecodeWeights, cache: decode.RolloutCache, close_slot_N: Array,
+                      close_id: int, key: Array, cfg: sampling.SamplingConfig, num_tokens: int) -> tuple[Array, Array]:
+    """RPT's prediction: `</think>` fed at each row's `close_slot_N` (a sampled one rewrites its own
+    slot), then `num_tokens` tokens sampled as `cfg` samples (no stop, no minimum) on the rollout
+    cache, with their behaviour log-probs."""
+    cfg = dataclasses.replace(cfg, stop_tokens=(), min_new_tokens=0)
+    blocks = cache.num_blocks
+
+    def step(carry, m):
+        cache, fed_N = carry
+        hidden, cache = decode.extend(weights, cache, fed_N[:, None], (close_slot_N + m)[:, None],
+                                      attend_blocks=blocks, write_blocks=tuple(range(blocks)))
+        token_N, logprob_N = sampling.next_token(decode.logits(weights, hidden)[:, 0].astype(jnp.float32),
+                                                 jax.random.fold_in(key, m), m, cfg)
+        return (cache, token_N), (token_N, logprob_N)
+
+    start = (cache, jnp.full(close_slot_N.shape, close_id, jnp.int32))
+    _, (tokens_MxN, logprobs_MxN) = jax.lax.scan(step, start, jnp.arange(num_tokens))
+    return tokens_MxN.T, logprobs_MxN.T
+
+
+def with_prediction(roll: Rollouts, prediction_NxM: Array, logprobs_NxM: Array, close_id: int) -> Rollouts:
+    """The rollouts with RPT's whole action in the thought arrays (width L + 1 + M): the thought,
+    `</think>` (an action when sampled; forced, and not an action, when the thought hit L), then
+    the prediction (actions). The policy update then trains thought and prediction alike."""
+    N, L = roll.thoughts_NxL.shape
+    M = prediction_NxM.shape[1]
+    lengths_N = roll.thought_mask_NxL.sum(-1)
+    forced_N = roll.truncated_N.astype(jnp.int32)
+    rows = jnp.arange(N)[:, None]
+    tokens = jnp.concatenate([roll.thoughts_NxL, jnp.zeros((N, 1 + M), roll.thoughts_NxL.dtype)], axis=1)
+    mask = jnp.concatenate([roll.thought_mask_NxL, jnp.zeros((N, 1 + M), bool)], axis=1)
+    logprobs = jnp.concatenate([roll.behaviour_logprobs_NxL, jnp.zeros((N, 1 + M), jnp.float32)], axis=1)
+    tokens = tokens.at[jnp.arange(N), lengths_N].set(jnp.where(forced_N == 1, close_id, tokens[jnp.arange(N), lengths_N]))
+    at_NxM = (lengths_N + forced_N)[:, None] + jnp.arange(M)
+    tokens = tokens.at[rows, at_NxM].set(prediction_NxM)
+    mask = mask.at[rows, at_NxM].set(True)
+    logprobs = logprobs.at[rows, at_NxM].set(logprobs_NxM)
+    return dataclasses.replace(roll, thoughts_NxL=tokens, thought_mask_NxL=mask, behaviour_logprobs_NxL=logprobs,
+                               prediction_NxM=prediction_NxM)
 
 
 def score_after_thoughts(weights: decode.DecodeWeights, out: sampling.SampleOutput, target_BxK: Array,
@@ -163,6 +221,16 @@ def no_think_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBa
     hidden_BxKxD = jnp.take_along_axis(hidden_BxSxD, predict_at_BxK[..., None], axis=1)
     logits = _scoring_logits(model.logits(hidden_BxKxD), cfg)
     return losses.token_logprobs(logits, batch.target_BxK), jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+def no_think_logits(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBatch) -> Array:
+    """The logits `[B, V]` of the first target token `x_t` given the context alone (float32)."""
+    model = nnx.merge(graphdef, params)
+    positions = jnp.broadcast_to(jnp.arange(batch.context_BxT.shape[1]), batch.context_BxT.shape)
+    hidden_BxTxD = model.hidden_states(batch.context_BxT, positions)
+    last_B = jnp.maximum(batch.context_len_B - 1, 0)
+    hidden_BxD = jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+    return model.logits(hidden_BxD[:, None])[:, 0].astype(jnp.float32)
 
 
 def thought_sequences(rollouts: Rollouts, num_rollouts: int) -> tuple[Array, Array]:

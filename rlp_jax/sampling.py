@@ -96,7 +96,10 @@ def _argmax(x_NxV: Array) -> Array:
     return jnp.minimum(first, V - 1)  # a row of NaNs has no maximum: the last token, not V
 
 
-def _next_token(logits_NxV: Array, key: Array, step: Array, cfg: SamplingConfig):
+def next_token(logits_NxV: Array, key: Array, step: Array, cfg: SamplingConfig):
+    """One token per row from `logits_NxV` as `cfg` samples (argmax at temperature 0), and its
+    log-probability under the distribution drawn from (at `step`, the stop tokens are masked
+    while `step < cfg.min_new_tokens`)."""
     logits = logits_NxV.astype(jnp.float32)
     if cfg.stop_tokens and cfg.min_new_tokens > 0:
         stop = jnp.zeros(logits.shape[-1], bool).at[jnp.asarray(cfg.stop_tokens)].set(True)
@@ -158,7 +161,7 @@ def _decode_segment(weights, cache: RolloutCache, state, key, cfg: SamplingConfi
 
     def body(carry):
         (step, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N), block_k, block_v = carry
-        token_N, logprob_N = _next_token(logits_NxV, jax.random.fold_in(key, step), step, cfg)
+        token_N, logprob_N = next_token(logits_NxV, jax.random.fold_in(key, step), step, cfg)
         active_N = ~finished_N
         token_N = jnp.where(active_N, token_N, cfg.pad_id)
         tokens_NxL = tokens_NxL.at[:, step].set(token_N)

@@ -5,8 +5,8 @@
    rollout cache (S_pred, eq. 3).
 2. φ ← θ on the very first step (lines 8–9, lazy EMA init), then the EMA scores the targets with
    no thought (S_ema, eq. 4).
-3. Rewards and group-relative advantages: `losses.rlp_advantages` (eq. 5, eq. 7), or the
-   RPT-style match reward.
+3. Rewards and group-relative advantages: `losses.rlp_advantages` (eq. 5, eq. 7), or RPT's
+   byte prefix-match reward on the sampled prediction, on the positions a proxy finds hard.
 4. `losses.policy_loss` — the clipped surrogate over the thought tokens only (eq. 8), + β·KL to a
    frozen reference — in `ppo_epochs × num_minibatches` optimizer steps per rollout batch (line
    14), each accumulated over `grad_accum_steps` micro-batches; φ ← τφ + (1−τ)θ after every
@@ -49,6 +49,11 @@ class StepConfig:
     rollout_microbatches: int = 1  # prompts in this many sequential chunks: rollouts and S_ema
     head_chunk_len: int = 0  # > 0: the update's LM head over this many thought positions at a time
     update_length_buckets: int = 1  # > 1: update rows sorted by length, each micro-batch cut to a bucket length
+    # RPT (objective "rpt"): positions whose next-token entropy over the proxy's top-16 (the
+    # frozen start model, kept as `ref_params`) is below this are not trained (0: all are).
+    rpt_entropy_threshold: float = 0.0
+    # Every token id's bytes (data.tokenizer.token_byte_table), for RPT's prefix-match reward.
+    token_bytes: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
         if self.objective not in ("rlp", "rpt", "ntp"):
@@ -61,9 +66,19 @@ class StepConfig:
             raise ValueError(f"head_chunk_len must be >= 0 (0: off), got {self.head_chunk_len}.")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"kl_estimator={self.kl_estimator!r}; choose 'k1', 'k2' or 'k3'.")
+        if self.objective == "rpt" and (self.rollout.prediction_len < 1 or self.token_bytes is None):
+            raise ValueError("objective='rpt' samples a prediction after the thought: set rlp.rpt_prediction_len >= 1 "
+                             "(and pass the tokenizer's token bytes).")
+        if self.rpt_entropy_threshold < 0:
+            raise ValueError(f"rpt_entropy_threshold={self.rpt_entropy_threshold}; use 0 (no filter) or more.")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"clip range eps_low={self.eps_low}, eps_high={self.eps_high}; need 0 <= eps_low < 1 "
                              "and eps_high >= 0.")
+
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen copy of the start weights is kept: the KL reference, or RPT's proxy model."""
+        return self.kl_coef > 0 or (self.objective == "rpt" and self.rpt_entropy_threshold > 0)
 
     @property
     def fresh_old_logprobs(self) -> bool:
@@ -161,10 +176,42 @@ def _advantages(batch: PromptBatch, roll: rollouts.Rollouts, s_ema_BxK: Array, v
     if cfg.objective == "rlp":
         return losses.rlp_advantages(roll.s_pred_NxK.reshape(B, G, K), s_ema_BxK,
                                      target_mask=batch.target_mask_BxK, rollout_valid_BxG=valid_BxG)
-    rewards_BxG = losses.sparse_match_reward(roll.predicted_NxK.reshape(B, G, K), batch.target_BxK[:, None],
-                                             batch.target_mask_BxK[:, None])
+    bytes_VxW, length_V = cfg.token_bytes
+    rewards_BxG = losses.prefix_match_reward(roll.prediction_NxM.reshape(B, G, -1), batch.target_BxK[:, None],
+                                             batch.target_mask_BxK[:, None], bytes_VxW, length_V)
     rewards_BxG = jnp.where(valid_BxG, rewards_BxG, 0.0)
     return rewards_BxG, losses.group_relative_advantages(rewards_BxG, valid_BxG)
+
+
+def rpt_hard_positions(state, batch: PromptBatch, graphdef: nnx.GraphDef, cfg: StepConfig) -> Array:
+    """RPT's position filter: True where the proxy model (the frozen start weights) finds the next
+    token hard — the entropy of its top-16 next-token distribution at least the threshold."""
+    if not cfg.rpt_entropy_threshold:
+        return jnp.ones(batch.example_mask_B.shape, bool)
+    logits_BxV = rollouts.no_think_logits(graphdef, state.ref_params, batch)
+    return losses.top_k_entropy(logits_BxV, 16) >= cfg.rpt_entropy_threshold
+
+
+def processed_tokens(batch: PromptBatch, thought_len_BxG: Array, truncated_BxG: Array, suffix_len: int = 0
+                     ) -> dict[str, Array]:
+    """What an RLP step processed, counted from the real lengths (padding rows and slots excluded):
+
+    - `context_tokens`: the prompts' context tokens, once per prompt (the paper's "tokens");
+    - `thought_tokens` (the policy's choices, a sampled `</think>` included), `target_tokens`;
+    - `flop_tokens`: the paper's compute accounting `T_flop = n · l_seq · bs + T_inp` for one step
+      with each sequence at its processed length: every rollout's `[context, suffix, <think>,
+      thought, targets]` (a thought cut at L gets its `</think>` by force: one more) plus the
+      inputs `[context, targets]` scored once per prompt without a thought (S_ema).
+    """
+    valid_B = batch.example_mask_B.astype(bool)
+    G = thought_len_BxG.shape[1]
+    context_B = jnp.where(valid_B, batch.context_len_B, 0)
+    targets_B = jnp.where(valid_B, batch.target_mask_BxK.sum(-1), 0)
+    thought_B = jnp.where(valid_B, thought_len_BxG.sum(-1), 0)
+    forced_B = jnp.where(valid_B, truncated_BxG.astype(jnp.int32).sum(-1), 0)
+    rollout_tokens = G * (context_B + targets_B + (suffix_len + 1) * valid_B) + thought_B + forced_B
+    return {"context_tokens": context_B.sum(), "thought_tokens": thought_B.sum(), "target_tokens": targets_B.sum(),
+            "flop_tokens": (rollout_tokens + context_B + targets_B).sum()}
 
 
 @jax.tree_util.register_dataclass
@@ -195,6 +242,9 @@ def _policy_step(state, batch: PromptBatch, key, graphdef, optimizer, cfg: StepC
     roll = _rollouts(state, batch, key, graphdef, cfg)
     s_ema_BxK = ema_baseline(state, batch, graphdef, cfg)
     valid_B = batch.example_mask_B.astype(bool)
+    real_B = valid_B
+    if cfg.objective == "rpt":  # positions the proxy finds easy are not trained (and counted)
+        valid_B = valid_B & jax.lax.stop_gradient(rpt_hard_positions(state, batch, graphdef, cfg))
     valid_BxG = jnp.broadcast_to(valid_B[:, None], (B, G))
     rewards_BxG, advantages_BxG = _advantages(batch, roll, s_ema_BxK, valid_BxG, cfg)
 
@@ -234,8 +284,12 @@ def _policy_step(state, batch: PromptBatch, key, graphdef, optimizer, cfg: StepC
         "grad_norm": aux["grad_norm"].mean(),
         "nonfinite_skipped": skipped,
         "match_rate": row_mean((roll.predicted_NxK == jnp.repeat(batch.target_BxK, G, 0))[:, 0]),
-        "num_prompts": valid_B.sum(),
-        "thought_tokens": jnp.where(valid_N, lengths_N, 0).sum(),
+        "num_prompts": real_B.sum(),
+        **({"rpt_filtered_frac": 1.0 - valid_B.sum() / jnp.maximum(real_B.sum(), 1),
+            "rpt_match_rate": jnp.where(valid_BxG, rewards_BxG, 0).sum() / jnp.maximum(valid_BxG.sum(), 1)}
+           if cfg.objective == "rpt" else {}),
+        **processed_tokens(batch, lengths_N.reshape(B, G), roll.truncated_N.reshape(B, G),
+                           len(cfg.rollout.prompt_suffix_ids)),
     }
     new_state = dataclasses.replace(state, params=params, ema_params=ema_params, opt_state=opt_state,
                                     step=state.step + 1)
@@ -266,8 +320,10 @@ def _optimizer_steps(state: TrainState, minibatches, gradient, optimizer, cfg: S
 
 
 def _row_lengths(rows: UpdateBatch) -> Array:
-    """Tokens of `[prompt, thought]` each update row really uses."""
-    return rows.predict_at_NxL[:, 0] + 1 + rows.mask_NxL.sum(-1)
+    """Tokens of `[prompt, thought]` each update row really uses (to its last action: RPT's
+    action has a forced `</think>`, not an action, inside it)."""
+    L = rows.mask_NxL.shape[1]
+    return rows.predict_at_NxL[:, 0] + 1 + (rows.mask_NxL * (jnp.arange(L) + 1)).max(-1)
 
 
 def _sorted_by_length(rows: UpdateBatch, num_minibatches: int) -> UpdateBatch:
@@ -381,7 +437,8 @@ def _ntp_step(state, seq_BxS: Array, len_B: Array, graphdef, optimizer, cfg: Ste
     (params, ema_params, opt_state, skipped), aux = _optimizer_steps(
         state, _split(inputs, cfg.num_minibatches), gradient, optimizer, cfg)
     metrics = {"loss": aux["loss"].mean(), "grad_norm": aux["grad_norm"].mean(),
-               "nonfinite_skipped": skipped, "tokens": jnp.maximum(len_B - 1, 0).sum()}
+               "nonfinite_skipped": skipped, "tokens": jnp.maximum(len_B - 1, 0).sum(),
+               "flop_tokens": len_B.sum()}  # NTP processes every input token once
     new_state = dataclasses.replace(state, params=params, ema_params=ema_params, opt_state=opt_state,
                                     step=state.step + 1)
     return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)

@@ -74,6 +74,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     do_eval = config.rlp.objective != "ntp" and config.data.kind == "prompts" and config.eval.num_positions > 0
     eval_rollout = build.rollout_config(config, tokenizer, config.eval.num_thoughts) if do_eval else None
     optimizer = build.optimizer(config)
+    learning_rate = build.learning_rate_schedule(config.train, build.updates_per_step(config))
     rules = build.rules(config)
 
     from rlp_jax import preflight
@@ -155,7 +156,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
                 host = [jax.device_get(m) for m in pending]
                 pending.clear()
                 for offset, m in enumerate(host):
+                    done = step - len(host) + offset  # steps finished before this one
                     m = {k: float(v) for k, v in m.items()} | {"data_" + k: v for k, v in train_iter.stats.items()}
+                    m["learning_rate"] = float(learning_rate(done * build.updates_per_step(config)))
                     if m.get("nonfinite_skipped", 0) > 0 and config.train.on_nonfinite == "stop":
                         raise TrainingError(f"step {step - len(host) + offset + 1} had a non-finite loss or gradient "
                                             f"(train.on_nonfinite='stop'); the update was not applied and the "
@@ -174,7 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
         if do_eval:
             evals.append(evaluate(step))
         checkpointer.wait()
-        echo(_summary_line(run, step, time.perf_counter() - t_start, evals))
+        totals = _write_summary(run.path, step, evals) if jax.process_index() == 0 else {}
+        echo(_summary_line(run, step, time.perf_counter() - t_start, evals, totals))
         return RunResult(run.path, step, False, evals)
     finally:
         checkpointer.close()
@@ -203,8 +207,27 @@ def _corpus_line(corpus) -> str:
             + (f" (dropped: {', '.join(f'{v} {k}' for k, v in dropped.items())})" if dropped else ""))
 
 
-def _summary_line(run: ckpt_lib.RunDir, step: int, seconds: float, evals: list[dict]) -> str:
-    parts = [f"done: step {step} in {seconds:.0f} s; in {run.path}: checkpoints/, metrics.jsonl"]
+# Per-step counts that a run summary adds up (train_step.processed_tokens; `tokens` for NTP).
+TOTALED = ("flop_tokens", "context_tokens", "thought_tokens", "target_tokens", "tokens", "num_prompts")
+
+
+def _write_summary(workdir: Path, step: int, evals: list[dict]) -> dict:
+    """WORKDIR/summary.json: the steps done, every counted quantity summed over metrics.jsonl
+    (each step once: a resumed run's history is cut at its checkpoint) and the last evaluation."""
+    from rlp_jax.metrics_io import read_jsonl
+
+    metrics = read_jsonl(workdir / "metrics.jsonl")
+    totals = {name: sum(float(m[name]) for m in metrics if name in m) for name in TOTALED
+              if any(name in m for m in metrics)}
+    summary = {"steps": step, "totals": totals,
+               "last_eval": {k: v for k, v in evals[-1].items() if k != "samples"} if evals else None}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return totals
+
+
+def _summary_line(run: ckpt_lib.RunDir, step: int, seconds: float, evals: list[dict], totals: dict) -> str:
+    counted = f", {totals['flop_tokens']:,.0f} tokens of compute (T_flop)" if "flop_tokens" in totals else ""
+    parts = [f"done: step {step} in {seconds:.0f} s{counted}; in {run.path}: checkpoints/, metrics.jsonl, summary.json"]
     if evals:
         last = evals[-1]
         parts.append("eval.jsonl" + (f" (held-out gain vs start {last['gain_start']:+.3f} nats)"

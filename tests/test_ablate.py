@@ -23,6 +23,19 @@ def test_t_flop_and_compute_matched_ntp_steps_by_hand():
     assert cpt.overrides["train.steps"] * 64 * 13 >= want > (cpt.overrides["train.steps"] - 1) * 64 * 13
 
 
+def test_cpt_is_matched_to_what_the_rlp_run_processed(tmp_path):
+    """The CPT cell takes its steps from the RLP run's summed per-step `flop_tokens` (the lengths
+    actually processed), not from maximum lengths; a run without the counts gives None."""
+    cpt = {cell.name: cell for cell in ablate.grids(demo_rlp_config())["cpt"]}["CPT, equal T_flop"]
+    assert cpt.matched_to == "RLP"
+    rows = [{"step": 1, "flop_tokens": 5000.0}, {"step": 2, "flop_tokens": 4321.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ablate.measured_flop_tokens(tmp_path) == 9321.0
+    assert ablate.ntp_steps_for_budget(9321, batch_size=64, tokens_per_document=13) == 12  # 12·832 ≥ 9321 > 11·832
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert ablate.measured_flop_tokens(tmp_path) is None
+
+
 def test_rollouts_grid_keeps_thoughts_per_step_fixed():
     c = demo_rlp_config()
     for cell in ablate.grids(c)["rollouts"]:
@@ -40,7 +53,7 @@ def test_tiny_grid_runs_and_resumes_only_unfinished_cells(tmp_path):
     lines = []
     results = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32,
                               echo=lines.append)
-    assert list(results) == [ablate.START_ROW, "dense (RLP)", "sparse (RPT-style)"]
+    assert list(results) == [ablate.START_ROW, "dense (RLP)", "sparse (RPT)"]
     for runs in results.values():
         assert len(runs) == 1 and runs[0]["num_positions"] >= 32 and np.isfinite(runs[0]["gain_start"])
     # The reference row is the warm-up measured against itself.
@@ -50,12 +63,12 @@ def test_tiny_grid_runs_and_resumes_only_unfinished_cells(tmp_path):
     assert (tmp_path / "reward" / "table.md").exists()
     assert (tmp_path / "reward" / "reward.png").read_bytes()[:4] == b"\x89PNG"
     # Forget one cell's result: a rerun redoes that cell only (and resumes its finished training).
-    (tmp_path / "reward" / ablate._slug("sparse (RPT-style)") / "s0" / "eval.json").unlink()
+    (tmp_path / "reward" / ablate._slug("sparse (RPT)") / "s0" / "eval.json").unlink()
     lines.clear()
     again = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32,
                             echo=lines.append)
     started = [line for line in lines if line.startswith("reward / ")]
-    assert started == ["reward / sparse (RPT-style) / seed 0: 2 steps"]
+    assert started == ["reward / sparse (RPT) / seed 0: 2 steps"]
     assert not any(line.startswith("warm-up") for line in lines)
     assert again["dense (RLP)"] == results["dense (RLP)"]
 

@@ -75,3 +75,19 @@ def test_restore_onto_another_mesh_and_run_dir_params(tmp_path):
     for a, b in zip(jax.tree.leaves(run.restore_start_params()), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert checkpoint.pure_params({"a": {"value": 1}, "b": {"c": {"value": 2}}}) == {"a": 1, "b": {"c": 2}}
+
+
+def test_run_identity_differences_name_what_changed_and_skip_keys_one_version_lacks():
+    from rlp_jax.checkpoint import identity_differences, run_identity
+
+    config = {"seed": 0, "train": {"steps": 10, "learning_rate": 1e-6}, "model": {"preset": "demo", "remat": "none"},
+              "eval": {"num_positions": 8}}
+    stored = run_identity(config, {"hidden_size": 64, "remat": "none"}, "local:abc", "tok1")
+    resumed = run_identity({**config, "train": {"steps": 99, "learning_rate": 1e-6}, "eval": {"num_positions": 64},
+                            "model": {"preset": "demo", "remat": "full"}},
+                           {"hidden_size": 64, "remat": "full"}, "local:abc", "tok1")
+    assert identity_differences(stored, resumed) == []  # length, eval and remat may change on resume
+    other = run_identity({**config, "train": {"steps": 10, "learning_rate": 1e-5}, "new_key": 1},
+                         {"hidden_size": 32}, "local:xyz", "tok1")
+    assert identity_differences(stored, other) == [
+        "the corpus (its contents changed)", "train.learning_rate: 1e-06 → 1e-05", "model.hidden_size: 64 → 32"]

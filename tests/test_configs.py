@@ -54,7 +54,7 @@ for item in json.loads(sys.argv[1]):
                                           encode=lambda text: [3] * len(text))
     optimizer = build.optimizer(config)
     graphdef, abstract, shardings, _ = ts.abstract_state_from_scratch(
-        model_config, optimizer, config.seed, mesh, build.rules(config), with_reference=config.rlp.kl_coef > 0)
+        model_config, optimizer, config.seed, mesh, build.rules(config), with_reference=build.needs_reference(config))
     per_device = lambda tree, sh: sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
                                       for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(sh)))
     B, C, K = config.train.batch_size, config.data.max_context, config.data.target_len

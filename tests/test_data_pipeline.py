@@ -168,6 +168,8 @@ RESUMABLE = {
                                                                                   stride=3))),
     "documents": (document_batches, DocumentBatchConfig(batch_size=3, seq_len=6, shuffle_window=40,
                                                         read_threads=2)),
+    "packed": (document_batches, DocumentBatchConfig(batch_size=3, seq_len=7, shuffle_window=40,
+                                                     read_threads=2, pack=True)),
 }
 
 
@@ -238,6 +240,23 @@ def test_epochs_reshuffle_documents_and_redraw_positions():
     assert sorted(d for d, _ in first) == sorted(d for d, _ in second) == sorted(TOKENS)
     assert [d for d, _ in first] != [d for d, _ in second]
     assert dict(first) != dict(second)
+
+
+def test_packed_rows_are_the_concatenated_documents_cut_into_full_rows():
+    """Packing: every row but the last has exactly seq_len tokens, rows overlap by one token, and
+    chained together they are the documents in stream order, end to end (each a target once)."""
+    common = dict(batch_size=4, num_epochs=1, pad_final_batch=True, shuffle_documents=False, shuffle_window=0,
+                  read_threads=0)
+    one = lambda config: [row for row in _rows(list(document_batches(
+        CORPUS, "train", TOKENIZER, config, process_index=0, process_count=1)))]
+    whole = one(DocumentBatchConfig(seq_len=64, long_documents="truncate", **common))
+    packed = one(DocumentBatchConfig(seq_len=7, pack=True, **common))
+    lengths = [int(r["token_mask_BxT"].sum()) for r in packed]
+    assert set(lengths[:-1]) == {7} and 2 <= lengths[-1] <= 7
+    stream = np.concatenate([r["tokens_BxT"][r["token_mask_BxT"]] for r in whole])
+    assert sum(lengths) - (len(packed) - 1) == len(stream)  # one token shared by neighbouring rows
+    chained = np.concatenate([packed[0]["tokens_BxT"]] + [r["tokens_BxT"][1:n] for r, n in zip(packed[1:], lengths[1:])])
+    np.testing.assert_array_equal(chained, stream)
 
 
 def test_document_windows_cover_every_target_exactly_once():

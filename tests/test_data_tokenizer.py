@@ -157,3 +157,19 @@ def test_load_tokenizer_specs(qwen_like_path, tmp_path):
         demo_tokenizer())
     assert tokenizer_fingerprint(load_tokenizer("char:ab")) != tokenizer_fingerprint(
         load_tokenizer("char:ba"))
+
+
+def test_token_bytes_spell_every_text_back_exactly(qwen_like_path):
+    """The byte table RPT's reward compares: the bytes of a text's tokens, end to end, are the
+    text's UTF-8 bytes, for the byte-level BPE, the byte and the char tokenizers."""
+    from rlp_jax.data.tokenizer import token_byte_table
+
+    text = "what is 457+386? 843 — naïve <think>carry</think> the answer"
+    for tok in (load_tokenizer(qwen_like_path), load_tokenizer("bytes")):
+        table, lengths = token_byte_table(tok)
+        ids = tok.encode(text)
+        assert b"".join(bytes(table[i, :lengths[i]]) for i in ids) == text.encode("utf-8")
+    demo = demo_tokenizer()
+    table, lengths = token_byte_table(demo)
+    ids = demo.encode("457+386=843")
+    assert b"".join(bytes(table[i, :lengths[i]]) for i in ids) == b"457+386=843"

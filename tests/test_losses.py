@@ -380,3 +380,36 @@ def test_losses_example_raises_information_gain():
     gains = loss_example.run(steps=60, echo=lambda *_: None)
     assert np.mean(gains[:5]) < 0.6
     assert np.mean(gains[-10:]) > np.mean(gains[:5]) + 0.5
+
+
+# A byte table by hand: id -> bytes ("" for id 0, the padding).
+_PIECES = [b"", b"a", b"b", b"bc", b"abc", b"c"]
+_TABLE = np.zeros((len(_PIECES), 3), np.uint8)
+for _i, _p in enumerate(_PIECES):
+    _TABLE[_i, :len(_p)] = np.frombuffer(_p, np.uint8)
+_LENGTHS = np.array([len(p) for p in _PIECES], np.int32)
+
+
+@pytest.mark.parametrize("prediction, target, mask, want", [
+    ([1, 3], [4, 0], [1, 0], 1.0),   # "a"+"bc" predicts the one token "abc": another tokenization matches
+    ([4, 0], [1, 3], [1, 1], 1.0),   # "abc" predicts "a","bc"
+    ([1, 0], [4, 0], [1, 0], 0.0),   # "a" is a prefix of "abc" but ends inside its token
+    ([1, 0], [1, 3], [1, 1], 1.0),   # ... and on a boundary of "a","bc"
+    ([1, 2], [1, 3], [1, 1], 0.0),   # "ab": not on a boundary of "a","bc"
+    ([4, 5], [4, 5], [1, 0], 0.0),   # "abcc" is longer than the continuation scored ("abc")
+    ([4, 5], [4, 5], [1, 1], 1.0),
+    ([0, 0], [4, 0], [1, 0], 0.0),   # an empty prediction never matches
+    ([2, 0], [4, 0], [1, 0], 0.0),   # not a prefix
+])
+def test_prefix_match_reward_on_bytes_by_hand(prediction, target, mask, want):
+    got = losses.prefix_match_reward(jnp.array([prediction]), jnp.array([target]), jnp.array([mask], bool),
+                                     _TABLE, _LENGTHS)
+    assert float(got[0]) == want
+
+
+def test_top_k_entropy_by_hand():
+    uniform = jnp.zeros((2, 40))
+    np.testing.assert_allclose(losses.top_k_entropy(uniform, 16), [np.log(16)] * 2, rtol=1e-6)
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.25, 1e-9]]))  # top-2 renormalised: (2/3, 1/3)
+    p = np.array([2 / 3, 1 / 3])
+    np.testing.assert_allclose(losses.top_k_entropy(logits, 2), [-(p * np.log(p)).sum()], rtol=1e-5)

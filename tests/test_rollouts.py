@@ -130,3 +130,38 @@ def test_greedy_thoughts_are_the_argmax_and_the_same_for_every_rollout(model):
             logits = logits.at[CLOSE].set(-jnp.inf)
         seq.append(int(jnp.argmax(logits)))
     np.testing.assert_array_equal(thoughts[b, 0, :n], seq[-n:])
+
+
+def test_rpt_action_is_thought_then_prediction_and_its_logprobs_are_a_fresh_forwards(model):
+    """RPT: after the thought (a forced </think> where it hit L: in the sequence, not an action)
+    the policy samples M prediction tokens; the whole action sits in the thought arrays and its
+    behaviour log-probs equal a teacher-forced forward over [prompt, thought, </think>, prediction]."""
+    M = 2
+    cfg = dataclasses.replace(CFG, prediction_len=M)
+    graphdef, params = nnx.split(model)
+    batch = _batch(seed=2)
+    roll = jax.jit(lambda p, b: rollouts.sample_and_score(graphdef, p, b, jax.random.key(7), cfg))(params, batch)
+    assert roll.thoughts_NxL.shape == (B * G, L + 1 + M) and roll.prediction_NxM.shape == (B * G, M)
+    truncated = np.asarray(roll.truncated_N)
+    assert truncated.any() and (~truncated).any()
+    seq_NxS, predict_at_NxL = rollouts.thought_sequences(roll, G)
+    logp, _ = rollouts.thought_logprobs(graphdef, params, seq_NxS, predict_at_NxL, roll.thoughts_NxL,
+                                        cfg.temperature, 0, *cfg.banned_close)
+    for n in range(B * G):
+        b, P = n // G, int(roll.prompt_len_B[n // G])
+        tokens, mask = np.asarray(roll.thoughts_NxL[n]), np.asarray(roll.thought_mask_NxL[n])
+        end = int(np.flatnonzero(mask)[-1]) + 1
+        thought_len = end - M - int(truncated[n])
+        thought = tokens[:thought_len]
+        assert (thought[-1] == CLOSE) != truncated[n]
+        if truncated[n]:
+            assert tokens[thought_len] == CLOSE and not mask[thought_len]  # forced: not an action
+        np.testing.assert_array_equal(tokens[end - M:end], roll.prediction_NxM[n])
+        assert mask[:thought_len].all() and mask[end - M:end].all() and not mask[end:].any()
+        full = np.concatenate([np.asarray(roll.prompt_BxP[b, :P]), tokens[:end]])
+        logits = _forward_logits(model, full)[P - 1:-1]
+        logits = logits.at[0, CLOSE].set(-jnp.inf)  # min_thought_len 1, as sampled
+        want = jax.nn.log_softmax(logits / cfg.temperature)[jnp.arange(end), tokens[:end]]
+        np.testing.assert_allclose(np.asarray(roll.behaviour_logprobs_NxL[n, :end])[mask[:end]],
+                                   np.asarray(want)[mask[:end]], atol=3e-5)
+        np.testing.assert_allclose(np.asarray(logp[n, :end])[mask[:end]], np.asarray(want)[mask[:end]], atol=3e-5)

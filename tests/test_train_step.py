@@ -114,6 +114,15 @@ def test_update_is_the_policy_gradient_of_thought_tokens_only(real_rows):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
     assert float(metrics["grad_norm"]) > 0
     assert float(metrics["num_prompts"]) == real_rows
+    # What the step processed, counted by hand from the same rollouts (real rows only).
+    real = np.arange(B) < real_rows
+    context = np.asarray(batch.context_len_B)[real].sum()
+    targets = np.asarray(batch.target_mask_BxK)[real].sum()
+    forced = np.asarray(roll.truncated_N).reshape(B, G)[real].sum()
+    assert float(metrics["context_tokens"]) == context and float(metrics["target_tokens"]) == targets
+    assert float(metrics["thought_tokens"]) == mask.sum()
+    # T_flop for one step: G·[context, <think>, thought, targets] per prompt + [context, targets] once
+    assert float(metrics["flop_tokens"]) == G * (context + targets + real_rows) + mask.sum() + forced + context + targets
 
 
 @pytest.mark.parametrize("chunk", [2, 3])  # L = 5: padded last chunk either way
@@ -284,11 +293,77 @@ def test_rollout_microbatches_chunk_the_ema_baseline_without_changing_it():
     assert np.isfinite(metrics[2]["loss"]) and metrics[2]["thought_len_mean"] > 0
 
 
-def test_rpt_rewards_are_binary_and_ntp_matches_hand_cross_entropy():
+# One byte per token id (id 0: none), so RPT's byte prefix match is visible token by token.
+BYTES = (np.arange(VOCAB, dtype=np.uint8)[:, None], (np.arange(VOCAB) > 0).astype(np.int32))
+
+
+def test_rpt_update_is_the_policy_gradient_of_thought_and_prediction_with_prefix_rewards():
+    """objective='rpt': the action is the thought then M sampled prediction tokens; the reward is 1
+    where the prediction's bytes are a prefix of the true continuation ending on a token boundary;
+    SGD(lr=1) moves θ by exactly the hand-built policy gradient of thought and prediction tokens."""
+    M, K = 2, 2
+    rollout = dataclasses.replace(ROLLOUT, prediction_len=M, temperature=0.5)
+    cfg = ts.StepConfig(rollout=rollout, objective="rpt", token_bytes=BYTES)
+    optimizer = optax.sgd(1.0)
+    mesh = single_device_mesh()
+    graphdef, state0, _ = ts.create_state_from_scratch(MODEL, optimizer, 0, mesh)
+    params0 = jax.tree.map(jnp.copy, state0.params)
+    batch = make_batch(seed=3, K=K)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state0.rng), 0)
+    roll = rollouts.sample_and_score(graphdef, params0, batch, key, rollout)
+    rewards = losses.prefix_match_reward(roll.prediction_NxM.reshape(B, G, M), batch.target_BxK[:, None],
+                                         batch.target_mask_BxK[:, None], *BYTES)
+    # by hand: the first j predicted tokens equal the targets and j is the number of valid targets or fewer
+    pred, tgt, tmask = (np.asarray(x) for x in (roll.prediction_NxM.reshape(B, G, M), batch.target_BxK,
+                                                 batch.target_mask_BxK))
+    for b in range(B):
+        for g in range(G):
+            want = M <= tmask[b].sum() and (pred[b, g] == tgt[b, :M]).all()
+            assert float(rewards[b, g]) == float(want)
+    adv = losses.group_relative_advantages(rewards)
+    seq, predict_at = rollouts.thought_sequences(roll, G)
+    mask = roll.thought_mask_NxL.reshape(B, G, -1)
+    num_thoughts = float((mask.sum(-1) > 0).sum())
+
+    def manual(p):
+        logp, _ = rollouts.thought_logprobs(graphdef, p, seq, predict_at, roll.thoughts_NxL, rollout.temperature, 0,
+                                            *rollout.banned_close)
+        per_action = jnp.where(mask, logp.reshape(mask.shape), 0).sum(-1) / jnp.maximum(mask.sum(-1), 1)
+        return -(adv * per_action).sum() / num_thoughts
+
+    want = jax.grad(manual)(params0)
+    step = ts.compile_train_step(graphdef, optimizer, cfg, mesh, *_shardings(state0, optimizer, mesh, batch))
+    state1, metrics = step(state0, batch)
+    got = jax.tree.map(lambda new, old: old - new, state1.params, params0)
+    for g, w in zip(leaves(got), leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+    assert float(metrics["rpt_match_rate"]) == float(rewards.mean()) and float(metrics["rpt_filtered_frac"]) == 0.0
+
+
+def test_rpt_entropy_filter_trains_only_positions_the_frozen_start_model_finds_hard():
+    """A threshold above log 16 (the most a top-16 entropy can be) filters every position: nothing
+    is trained and the fraction filtered is 1; a threshold near 0 filters nothing."""
+    rollout = dataclasses.replace(ROLLOUT, prediction_len=1)
+    optimizer = optax.sgd(1.0)
+    mesh = single_device_mesh()
+    for threshold, filtered in ((np.log(16) + 0.01, 1.0), (1e-6, 0.0)):
+        cfg = ts.StepConfig(rollout=rollout, objective="rpt", token_bytes=BYTES, rpt_entropy_threshold=threshold)
+        assert cfg.needs_reference
+        graphdef, state0, _ = ts.create_state_from_scratch(MODEL, optimizer, 0, mesh, with_reference=True)
+        batch = make_batch(seed=4)
+        step = ts.compile_train_step(graphdef, optimizer, cfg, mesh, *_shardings(state0, optimizer, mesh, batch))
+        before = leaves(state0.params)  # the step donates its input state
+        state1, metrics = step(state0, batch)
+        assert float(metrics["rpt_filtered_frac"]) == filtered
+        if filtered == 1.0:  # no row trains, and none counts in the thought metrics
+            assert all((a == b).all() for a, b in zip(leaves(state1.params), before))
+            assert float(metrics["thought_len_mean"]) == 0.0 and float(metrics["num_prompts"]) == B
+        else:
+            assert float(metrics["thought_len_mean"]) > 0
+
+
+def test_ntp_matches_hand_cross_entropy():
     optimizer = optax.sgd(0.0)  # lr 0: look at the first step's numbers only
-    _, _, rpt = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, objective="rpt"),
-                          optimizer, steps=1)
-    assert 0.0 <= rpt[0]["reward_mean"] <= 1.0
     graphdef, state, ntp = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, objective="ntp"),
                                      optimizer, steps=1)
     batch = make_batch()

@@ -117,10 +117,14 @@ class DocumentBatchConfig(StreamConfig):
       long_documents: a document longer than T is cut to its first T tokens (`truncate`, the
         cut tokens are counted) or `split` into windows that overlap by one token, so that each
         token after the first is a next-token target exactly once.
+      pack: concatenate the documents (each ends in EOS) and cut the stream into rows of
+        exactly T tokens, as continued pretraining does (no padding; a row's `doc_id` is the
+        document it starts in; `long_documents` does not apply).
     """
 
     seq_len: int = 2048
     long_documents: Literal["truncate", "split"] = "split"
+    pack: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -243,6 +247,56 @@ class _PromptsOfDocument(grain.experimental.FlatMapTransform):
         return [({"tokens": tokens_N, "position": int(t), "kind": int(k),
                   "doc_id": document["doc_id"]}, counts if i == 0 else None)
                 for i, (t, k) in enumerate(zip(positions_P, kinds_P))]
+
+
+class _PackedIterator(grain.DatasetIterator):
+    """Documents → `(row, counts)` elements, each row exactly `seq_len` tokens of the
+    concatenated documents (the last row of a finite stream may be shorter). Rows overlap by one
+    token, so every token after the first is a next-token target exactly once. Its state holds
+    the parent's state and the tokens carried into the next row, so a resume continues exactly."""
+
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+        super().__init__(parent)
+        self._seq_len = seq_len
+        self._carry: list[int] = []
+        self._carry_doc = -1
+        self._rows = 0
+
+    def __next__(self):
+        counts = {"documents": 0}
+        while len(self._carry) < self._seq_len:
+            try:
+                document = next(self._parent)
+            except StopIteration:
+                if len(self._carry) <= 1:  # nothing left to predict
+                    raise
+                break
+            if not self._carry:
+                self._carry_doc = int(document["doc_id"])
+            self._carry.extend(int(t) for t in document["tokens"])
+            counts["documents"] += 1
+        row_tokens = np.asarray(self._carry[:self._seq_len], np.int32)
+        row = {"tokens": row_tokens, "doc_id": self._carry_doc, "window": self._rows}
+        self._carry = self._carry[self._seq_len - 1:]  # the last token is the next row's first input
+        self._rows += 1
+        return row, counts
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "carry": list(self._carry), "carry_doc": self._carry_doc,
+                "rows": self._rows}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._carry, self._carry_doc, self._rows = list(state["carry"]), int(state["carry_doc"]), int(state["rows"])
+
+
+class _PackedDocuments(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, seq_len: int):
+        super().__init__(parent)
+        self._seq_len = seq_len
+
+    def __iter__(self) -> _PackedIterator:
+        return _PackedIterator(self._parent.__iter__(), self._seq_len)
 
 
 class _WindowsOfDocument(grain.experimental.FlatMapTransform):
@@ -383,13 +437,17 @@ def document_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
     """An iterator of next-token `DocumentBatch`es (`tokens_BxT`, `token_mask_BxT`, ...).
 
     Same arguments and guarantees as `prompt_batches`; each row is one document, or one window
-    of a long one (`config.long_documents`).
+    of a long one (`config.long_documents`), or (`config.pack`) `seq_len` tokens of the
+    concatenated documents.
     """
     process_index, process_count = _process_layout(process_index, process_count)
     stream, initial_counts = _document_stream(corpus, split, tokenizer, config, process_index,
                                               process_count, map_marked=False)
-    windows = grain.experimental.FlatMapIterDataset(
-        stream, _WindowsOfDocument(config.seq_len, config.long_documents))
+    if config.pack:
+        windows = _PackedDocuments(stream, config.seq_len)
+    else:
+        windows = grain.experimental.FlatMapIterDataset(
+            stream, _WindowsOfDocument(config.seq_len, config.long_documents))
     windows = _shuffled(windows, config)
 
     def collate(rows, batch_size):

@@ -170,6 +170,10 @@ class CharTokenizer(_SmallVocabTokenizer):
                 "alphabet; add it to the alphabet or use ByteTokenizer / an HF tokenizer.")
         return np.asarray(ids, np.int64), np.arange(len(piece))
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's UTF-8 bytes (pad and eos: none; the markers: their text)."""
+        return [piece.encode("utf-8") for piece in self._id_to_piece]
+
     def decode(self, ids: Sequence[int]) -> str:
         pieces = self._id_to_piece
         try:
@@ -202,6 +206,11 @@ class ByteTokenizer(_SmallVocabTokenizer):
         starts_char_N = (bytes_N & 0xC0) != 0x80  # continuation bytes are 10xxxxxx
         return bytes_N.astype(np.int64) + self._first_regular_id, np.cumsum(starts_char_N) - 1
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes: one byte per regular id; the markers their text; pad and eos none."""
+        specials = [b"", b"", self.think_open.encode("utf-8"), self.think_close.encode("utf-8")]
+        return specials + [bytes([b]) for b in range(256)]
+
     def decode(self, ids: Sequence[int]) -> str:
         out: list[str] = []
         pending = bytearray()
@@ -225,6 +234,30 @@ class ByteTokenizer(_SmallVocabTokenizer):
                                  "same tokenizer.")
         out.append(pending.decode("utf-8", "replace"))
         return "".join(out)
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): printable characters standing for the 256 bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_byte_table(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """`(bytes_VxW uint8, length_V int32)`: every token id's bytes, zero-padded to the longest,
+    for byte-level comparisons inside a jitted step (the RPT reward)."""
+    pieces = tokenizer.token_bytes()
+    width = max(1, max(len(p) for p in pieces))
+    table = np.zeros((len(pieces), width), np.uint8)
+    for i, piece in enumerate(pieces):
+        table[i, :len(piece)] = np.frombuffer(piece, np.uint8)
+    return table, np.asarray([len(p) for p in pieces], np.int32)
 
 
 _EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
@@ -313,6 +346,27 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes. A byte-level BPE (GPT-2 / Qwen3 / Llama 3 style) spells bytes as
+        printable characters in its vocabulary; those map back exactly. Otherwise each token is
+        decoded alone (exact for tokens that are whole UTF-8 characters)."""
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        pieces = [""] * self.vocab_size
+        for piece, token_id in vocab.items():
+            pieces[token_id] = piece
+        special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()}
+        byte_level = type(self._tokenizer.decoder).__name__ == "ByteLevel"
+        to_byte = _byte_level_decoder()
+        out = []
+        for token_id, piece in enumerate(pieces):
+            if piece in special:
+                out.append(piece.encode("utf-8"))
+            elif byte_level and all(c in to_byte for c in piece):
+                out.append(bytes(to_byte[c] for c in piece))
+            else:
+                out.append(self._tokenizer.decode([token_id]).encode("utf-8"))
+        return out
 
 
 def load_tokenizer(spec: str, **kwargs) -> Tokenizer:
