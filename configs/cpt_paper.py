@@ -16,19 +16,11 @@ Point the same three keys as configs/rlp_paper.py at files on every host (init.p
 data.corpus), and set the mesh for the hardware as the rlp_qwen3_* files do.
 """
 
-from rlp_jax.config import base_config
+from rlp_jax.configs import rlp_paper
 
 
 def get_config():
-    c = base_config()
-    c.model.preset = "qwen3-1.7b"  # shapes for `rlp-jax plan`; the run reads them from init.path
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.remat = "full"
-    c.init.kind = "hf"
-    c.init.path = ""  # set on the command line
-    c.tokenizer = ""  # set on the command line
-    c.data.corpus = ""  # set on the command line
+    c = rlp_paper.get_config()  # the same model, dtypes, weights and corpus keys; the RLP keys go unused
     c.data.kind = "documents"
     c.data.seq_len = 8192
     c.data.pack_documents = True
@@ -41,8 +33,6 @@ def get_config():
     c.train.b1 = 0.9
     c.train.b2 = 0.95
     c.train.weight_decay = 0.1
-    c.train.log_every = 1
     c.checkpoint.every_steps = 5
     c.eval.num_positions = 0
-    c.mesh.shape = (1, -1, 1)
     return c
