@@ -185,10 +185,15 @@ def _advantages(batch: PromptBatch, roll: rollouts.Rollouts, s_ema_BxK: Array, v
 
 def rpt_hard_positions(state, batch: PromptBatch, graphdef: nnx.GraphDef, cfg: StepConfig) -> Array:
     """RPT's position filter: True where the proxy model (the frozen start weights) finds the next
-    token hard — the entropy of its top-16 next-token distribution at least the threshold."""
+    token hard — the entropy of its top-16 next-token distribution, think markers excluded, at
+    least the threshold."""
     if not cfg.rpt_entropy_threshold:
         return jnp.ones(batch.example_mask_B.shape, bool)
     logits_BxV = rollouts.no_think_logits(graphdef, state.ref_params, batch)
+    # The hardness of the next TEXT token: a proxy that expects `<think>` there is not confident
+    # about the text (the demo's warm-up puts most of its mass on the marker at every answer).
+    markers = jnp.asarray([cfg.rollout.think_open_id, cfg.rollout.think_close_id])
+    logits_BxV = logits_BxV.at[:, markers].set(jnp.finfo(jnp.float32).min)
     return losses.top_k_entropy(logits_BxV, 16) >= cfg.rpt_entropy_threshold
 
 
