@@ -190,11 +190,16 @@ def rpt_hard_positions(state, batch: PromptBatch, graphdef: nnx.GraphDef, cfg: S
     if not cfg.rpt_entropy_threshold:
         return jnp.ones(batch.example_mask_B.shape, bool)
     logits_BxV = rollouts.no_think_logits(graphdef, state.ref_params, batch)
-    # The hardness of the next TEXT token: a proxy that expects `<think>` there is not confident
-    # about the text (the demo's warm-up puts most of its mass on the marker at every answer).
-    markers = jnp.asarray([cfg.rollout.think_open_id, cfg.rollout.think_close_id])
-    logits_BxV = logits_BxV.at[:, markers].set(jnp.finfo(jnp.float32).min)
-    return losses.top_k_entropy(logits_BxV, 16) >= cfg.rpt_entropy_threshold
+    markers = (cfg.rollout.think_open_id, cfg.rollout.think_close_id)
+    return text_token_entropy(logits_BxV, markers) >= cfg.rpt_entropy_threshold
+
+
+def text_token_entropy(logits_BxV: Array, marker_ids: tuple[int, ...], k: int = 16) -> Array:
+    """The top-k entropy of the next TEXT token: the think markers are masked out first, since a
+    proxy that expects `<think>` is not thereby sure of the text (the demo's warm-up puts most of
+    its mass on the marker at every answer)."""
+    masked = logits_BxV.astype(jnp.float32).at[:, jnp.asarray(marker_ids)].set(jnp.finfo(jnp.float32).min)
+    return losses.top_k_entropy(masked, k)
 
 
 def processed_tokens(batch: PromptBatch, thought_len_BxG: Array, truncated_BxG: Array, suffix_len: int = 0

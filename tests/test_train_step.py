@@ -362,6 +362,14 @@ def test_rpt_entropy_filter_trains_only_positions_the_frozen_start_model_finds_h
             assert float(metrics["thought_len_mean"]) > 0
 
 
+def test_rpt_hardness_is_of_the_next_text_token_not_of_the_think_marker():
+    """A proxy sure of `<think>` (id 1) but uniform over the text tokens is uncertain about the
+    text: its top-16 entropy without the markers is log 16, with them it would be near 0."""
+    logits = jnp.zeros((1, VOCAB)).at[0, 1].set(30.0)
+    assert float(losses.top_k_entropy(logits, 16)[0]) < 1e-6  # the marker alone: looks easy
+    np.testing.assert_allclose(ts.text_token_entropy(logits, (1, 2))[0], np.log(16), rtol=1e-6)
+
+
 def test_ntp_matches_hand_cross_entropy():
     optimizer = optax.sgd(0.0)  # lr 0: look at the first step's numbers only
     graphdef, state, ntp = run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, objective="ntp"),
