@@ -71,12 +71,9 @@ def _cpt_cell(base: ml_collections.ConfigDict, multiple: float, name: str, match
 def measured_flop_tokens(run_dir: Path) -> float | None:
     """A finished run's T_flop from what it processed: its per-step `flop_tokens` summed over
     metrics.jsonl (each step once), or None for a run that did not log them."""
-    from rlp_jax.metrics_io import read_jsonl
+    from rlp_jax import metrics_io
 
-    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
-    if not rows or any("flop_tokens" not in r for r in rows):
-        return None
-    return sum(float(r["flop_tokens"]) for r in rows)
+    return metrics_io.summed(Path(run_dir) / "metrics.jsonl", ("flop_tokens",)).get("flop_tokens")
 
 
 GRID_NAMES = ("reward", "rollouts", "thought_len", "kl", "cpt")

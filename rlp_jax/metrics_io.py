@@ -94,6 +94,14 @@ def keep_steps(path: str | Path, keep: Callable[[int], bool]) -> None:
         tmp.replace(path)
 
 
+def summed(path: str | Path, names) -> dict[str, float]:
+    """`{name: sum over the records of a jsonl history}` for each of `names` that every record
+    has (a count the run did not log, or logged only on some steps, is left out)."""
+    rows = read_jsonl(path)
+    return {name: sum(float(r[name]) for r in rows) for name in names
+            if rows and all(name in r for r in rows)}
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():

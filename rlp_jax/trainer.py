@@ -214,11 +214,9 @@ TOTALED = ("flop_tokens", "context_tokens", "thought_tokens", "target_tokens", "
 def _write_summary(workdir: Path, step: int, evals: list[dict]) -> dict:
     """WORKDIR/summary.json: the steps done, every counted quantity summed over metrics.jsonl
     (each step once: a resumed run's history is cut at its checkpoint) and the last evaluation."""
-    from rlp_jax.metrics_io import read_jsonl
+    from rlp_jax import metrics_io
 
-    metrics = read_jsonl(workdir / "metrics.jsonl")
-    totals = {name: sum(float(m[name]) for m in metrics if name in m) for name in TOTALED
-              if any(name in m for m in metrics)}
+    totals = metrics_io.summed(workdir / "metrics.jsonl", TOTALED)
     summary = {"steps": step, "totals": totals,
                "last_eval": {k: v for k, v in evals[-1].items() if k != "samples"} if evals else None}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
