@@ -4,6 +4,8 @@
 model can open a thought and write partly-right column sums (a warm-up that is too good leaves RLP
 nothing to learn). `get_config()`: the RLP stage from the warm-started weights, prompts at the
 first answer digit. `configs/rlp_cpu_sim.py` and the trainer tests' config start from it.
+`stages(task)`: both stages of a demo task, `addition` (this file) or `carry`
+(configs/demo_carry.py), for `rlp-jax demo --task` and `rlp-jax ablate --task`.
 """
 
 from rlp_jax.config import base_config
@@ -61,3 +63,17 @@ def get_config():
     c.eval.num_positions = 512
     c.eval.batch_size = 128
     return c
+
+
+DEMO_TASKS = ("addition", "carry")
+
+
+def stages(task: str = "addition"):
+    """`(warmup_config(), get_config())` of a demo task."""
+    if task == "addition":
+        return warmup_config(), get_config()
+    if task == "carry":
+        from rlp_jax.configs import demo_carry
+
+        return demo_carry.warmup_config(), demo_carry.get_config()
+    raise ValueError(f"unknown demo task {task!r}; use one of {', '.join(DEMO_TASKS)}.")

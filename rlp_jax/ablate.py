@@ -1,11 +1,14 @@
-"""`rlp-jax ablate`: the paper's key ablations at toy scale, on the demo task.
+"""`rlp-jax ablate`: the paper's key ablations at toy scale, on a demo task.
 
 Every cell starts from the same NTP warm-up of its seed, runs for a matched budget, and is
 evaluated on the same held-out positions against the same start model. Cells run one after
-another with resumable checkpoints; a finished cell (it has `eval.json`) is not rerun.
+another with resumable checkpoints; a finished cell (it has `eval.json`) is not rerun, and a cell
+whose run another grid already finished with the same settings (the `cpt` grid's RLP cell is the
+`reward` grid's dense one) reads that run.
 
-Layout: WORKDIR/warmup-s{seed}/, WORKDIR/<grid>/<cell>/s{seed}/{train run, eval.json},
-WORKDIR/<grid>/table.md and <grid>.png.
+Layout: ROOT/warmup-s{seed}/, ROOT/<grid>/<cell>/s{seed}/{train run, eval.json},
+ROOT/<grid>/table.md and <grid>.png, where ROOT is WORKDIR for the `addition` task and
+WORKDIR/<task> for the others.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from rlp_jax.configs.demo import get_config as demo_rlp_config
-from rlp_jax.configs.demo import warmup_config as demo_warmup_config
+from rlp_jax.configs import demo as demo_configs
+from rlp_jax.data.demo_corpus import DEMO_VARIANTS
 
 
 def t_flop(n_rollouts: int, l_seq: int, batch_size: int, iters: int, t_inp: int) -> int:
@@ -51,8 +54,11 @@ class Cell:
     matched_to: str | None = None
 
 
-# Demo plain documents "457+386=843" are 13 tokens with BOS and EOS.
-_DEMO_DOC_TOKENS = 13
+def plain_document_tokens(config: ml_collections.ConfigDict) -> int:
+    """Tokens of one plain document of the config's demo corpus, BOS and EOS included:
+    `457+386=843` is 13, a 6-digit `471596+215403=687000` is 22."""
+    n = DEMO_VARIANTS[config.data.demo_variant].num_digits
+    return 3 * n + 4
 
 
 _CPT_BATCH = 64
@@ -62,9 +68,11 @@ def _cpt_cell(base: ml_collections.ConfigDict, multiple: float, name: str, match
     """NTP on the same plain documents; its steps are set from `matched_to`'s processed T_flop at
     run time (the maximum-length budget below only when that run logged no counts)."""
     budget = int(rlp_token_budget(base) * multiple)
-    return Cell(name, {"rlp.objective": "ntp", "data.kind": "documents", "data.seq_len": 16,
+    doc_tokens = plain_document_tokens(base)
+    return Cell(name, {"rlp.objective": "ntp", "data.kind": "documents",
+                       "data.seq_len": -(-doc_tokens // 8) * 8,
                        "train.batch_size": _CPT_BATCH, "train.learning_rate": 1e-4,
-                       "train.steps": ntp_steps_for_budget(budget, _CPT_BATCH, _DEMO_DOC_TOKENS),
+                       "train.steps": ntp_steps_for_budget(budget, _CPT_BATCH, doc_tokens),
                        "eval.num_positions": 0, "checkpoint.every_steps": 10_000}, matched_to=matched_to)
 
 
@@ -101,26 +109,45 @@ def _apply(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections
     return config
 
 
-def run_grid(grid: str, workdir: str | Path, *, seeds=(0, 1), steps: int | None = None,
-             warmup_steps: int | None = None, eval_positions: int | None = None,
-             echo: Callable[[str], None] = print) -> dict:
-    """Runs every cell × seed of `grid` not yet finished, then writes the table and plot."""
+def _finished_elsewhere(root: Path, grid: str, config: ml_collections.ConfigDict, seed: int,
+                        all_grids: dict) -> Path | None:
+    """A finished run of another grid's cell, same seed, that ran exactly `config`, if any."""
+    want = json.loads(config.to_json())
+    for other, cells in all_grids.items():
+        for twin in cells:
+            run_dir = root / other / _slug(twin.name) / f"s{seed}"
+            if other == grid or twin.matched_to is not None or not (run_dir / "eval.json").exists():
+                continue
+            saved = json.loads((run_dir / "config.json").read_text())
+            if {key: saved.get(key) for key in want} == want:
+                return run_dir
+    return None
+
+
+def run_grid(grid: str, workdir: str | Path, *, task: str = "addition", seeds=(0, 1),
+             steps: int | None = None, warmup_steps: int | None = None,
+             eval_positions: int | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Runs every cell × seed of `grid` on demo task `task` not yet finished, then writes the
+    table and plot."""
     from rlp_jax import evaluation_run, trainer
 
     workdir = Path(workdir).absolute()
-    base = demo_rlp_config()
+    workdir = workdir if task == "addition" else workdir / task
+    warm_base, base = demo_configs.stages(task)
+    default_eval_positions = base.eval.num_positions
     if steps is not None:
         base.train.steps = steps
     base.eval.every_steps = 0
     base.eval.num_positions = 0  # cells are evaluated uniformly below
     base.checkpoint.every_steps = max(base.train.steps // 2, 1)
     base.data.data_dir = str(workdir / "data")
-    cells = grids(base).get(grid)
+    all_grids = grids(base)
+    cells = all_grids.get(grid)
     if cells is None:
-        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(grids(base))}.")
+        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(all_grids)}.")
     results: dict[str, list[dict]] = {}
     for seed in seeds:
-        warm = demo_warmup_config()
+        warm = _apply(warm_base, {})
         warm.seed = seed
         warm.data.data_dir = base.data.data_dir
         if warmup_steps is not None:
@@ -131,7 +158,7 @@ def run_grid(grid: str, workdir: str | Path, *, seeds=(0, 1), steps: int | None 
             trainer.train(warm, warm_dir, echo=echo)
         eval_config = _apply(base, {})
         eval_config.seed = seed
-        eval_config.eval.num_positions = eval_positions or demo_rlp_config().eval.num_positions
+        eval_config.eval.num_positions = eval_positions or default_eval_positions
 
         def evaluated(run_dir: Path) -> dict:
             eval_file = run_dir / "eval.json"
@@ -142,20 +169,28 @@ def run_grid(grid: str, workdir: str | Path, *, seeds=(0, 1), steps: int | None 
 
         # The reference row: the warm-up itself, the point every cell of this seed starts from.
         results.setdefault(START_ROW, []).append(evaluated(warm_dir))
+        matched_dirs: dict[str, Path] = {}
         for cell in cells:
             run_dir = workdir / grid / _slug(cell.name) / f"s{seed}"
+            config = _apply(base, cell.overrides)
+            config.seed = seed
+            config.init.kind, config.init.path = "checkpoint", str(warm_dir)
+            twin = None if (run_dir / "eval.json").exists() or cell.matched_to else (
+                _finished_elsewhere(workdir, grid, config, seed, all_grids))
+            if twin is not None:
+                echo(f"{grid} / {cell.name} / seed {seed}: the same run as {twin.relative_to(workdir)}")
+                run_dir = twin
             if not (run_dir / "eval.json").exists():
-                config = _apply(base, cell.overrides)
-                config.seed = seed
                 if cell.matched_to is not None:
-                    budget = measured_flop_tokens(workdir / grid / _slug(cell.matched_to) / f"s{seed}")
+                    budget = measured_flop_tokens(matched_dirs[cell.matched_to])
                     if budget is not None:
-                        config.train.steps = ntp_steps_for_budget(int(budget), _CPT_BATCH, _DEMO_DOC_TOKENS)
+                        config.train.steps = ntp_steps_for_budget(int(budget), _CPT_BATCH,
+                                                                  plain_document_tokens(base))
                         echo(f"{cell.name}: {budget:,.0f} processed tokens of {cell.matched_to} → "
                              f"{config.train.steps} NTP steps")
-                config.init.kind, config.init.path = "checkpoint", str(warm_dir)
                 echo(f"{grid} / {cell.name} / seed {seed}: {config.train.steps} steps")
                 trainer.train(config, run_dir, echo=echo)
+            matched_dirs[cell.name] = run_dir
             results.setdefault(cell.name, []).append(evaluated(run_dir))
     table = summary_table(grid, results)
     (workdir / grid / "table.md").write_text(table)

@@ -129,7 +129,7 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from rlp_jax import demo
 
-    demo.run_demo(args.workdir, warmup_steps=args.warmup_steps, rlp_steps=args.steps,
+    demo.run_demo(args.workdir, task=args.task, warmup_steps=args.warmup_steps, rlp_steps=args.steps,
                   eval_positions=args.eval_positions)
     return 0
 
@@ -218,8 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the bundled CPU demo: warm-up, RLP, report (minutes)")
     demo.add_argument("--workdir", default="rlp_demo_run", help="where the demo writes (default: ./rlp_demo_run)")
+    demo.add_argument("--task", default="addition", choices=("addition", "carry"),
+                      help="addition: 3-digit sums (default); carry: 6-digit sums whose leading digit hangs on "
+                           "a long carry chain, where thinking is necessary")
     demo.add_argument("--steps", type=int, default=None, help="RLP steps (default 300)")
-    demo.add_argument("--warmup-steps", type=int, default=None, help="NTP warm-up steps (default 150)")
+    demo.add_argument("--warmup-steps", type=int, default=None, help="NTP warm-up steps (default 150; carry: 250)")
     demo.add_argument("--eval-positions", type=int, default=None, help="held-out positions (default 512)")
     demo.set_defaults(run=_demo)
 

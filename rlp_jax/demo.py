@@ -1,8 +1,9 @@
 """`rlp-jax demo`: RLP learning to think, on CPU, in minutes.
 
-1. Build the demo corpus (3-digit additions; rlp_jax.data.demo_corpus).
+1. Build the demo corpus (3-digit additions, or with `task="carry"` 6-digit ones whose leading
+   digit hangs on a long carry chain; rlp_jax.data.demo_corpus).
 2. Warm-start a small model with next-token prediction on the worked-thought variant, briefly
-   (configs/demo.py `warmup_config`).
+   (configs/demo.py `warmup_config`; configs/demo_carry.py for `carry`).
 3. RLP on the plain documents, prompts at the first answer digit, from the warm-started weights,
    with held-out evaluation before, during and after (configs/demo.py `get_config`).
 4. WORKDIR/report.md (a verdict computed from the numbers first), summary.json, and PNG plots:
@@ -20,15 +21,16 @@ from typing import Callable
 from rlp_jax.configs import demo as demo_configs
 
 
-def run_demo(workdir: str | Path, *, warmup_steps: int | None = None, rlp_steps: int | None = None,
-             eval_positions: int | None = None, echo: Callable[[str], None] = print) -> dict:
-    """Runs the whole demo in `workdir` (resumable: rerun to continue) and writes the report."""
+def run_demo(workdir: str | Path, *, task: str = "addition", warmup_steps: int | None = None,
+             rlp_steps: int | None = None, eval_positions: int | None = None,
+             echo: Callable[[str], None] = print) -> dict:
+    """Runs the whole demo of `task` (`addition` or `carry`) in `workdir` (resumable: rerun to
+    continue) and writes the report."""
     from rlp_jax import trainer
 
     workdir = Path(workdir).absolute()
     t0 = time.perf_counter()
-    warm = demo_configs.warmup_config()
-    rlp = demo_configs.get_config()
+    warm, rlp = demo_configs.stages(task)
     data_dir = str(workdir / "data")
     warm.data.data_dir = rlp.data.data_dir = data_dir
     if warmup_steps is not None:
@@ -78,7 +80,7 @@ def write_report(workdir: Path, warmup_seconds: float | None = None, total_secon
     lines = [
         "# rlp-jax demo report", "",
         headline, "",
-        "RLP on 3-digit additions (`457+386=843`): prompts at the first answer digit, G thoughts each,",
+        f"RLP on {_TASK_TEXT[settings.get('task') or 'addition']}: prompts at the first answer digit, G thoughts each,",
         "reward = log-likelihood gain of the true digit over the no-think EMA teacher.", "",
         f"Held-out positions: {int(_num(after, 'num_positions') or 0)} (validation split; number pairs never "
         "seen in training). Means ± standard error over positions. A change counts as real when it is "
@@ -118,6 +120,9 @@ def write_report(workdir: Path, warmup_seconds: float | None = None, total_secon
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
+
+_TASK_TEXT = {"addition": "3-digit additions (`457+386=843`)",
+              "carry": "6-digit additions whose leading digit hangs on a long carry chain (`471596+215403=687000`)"}
 
 # Metrics whose before → after change summary.json records.
 _COMPARED = ("gain_start", "gain_ema", "nll_think", "nll_no_think", "acc_greedy_think", "acc_think", "acc_no_think")
@@ -228,7 +233,9 @@ def _settings(workdir: Path) -> dict:
 
     rlp, warm = load("rlp"), load("warmup")
     pick = lambda cfg, section, key: cfg.get(section, {}).get(key)
+    variant = pick(rlp, "data", "demo_variant") or "plain"
     return {
+        "task": "carry" if variant.startswith("carry") else "addition",
         "warmup_steps": pick(warm, "train", "steps"),
         "steps": pick(rlp, "train", "steps"),
         "batch_size": pick(rlp, "train", "batch_size"),

@@ -94,3 +94,25 @@ def test_unknown_grid_is_one_sentence():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "invalid choice: 'nope'" \
         in result.stderr
+
+
+def test_carry_task_grid_lives_under_its_own_root_and_cpt_reuses_the_dense_run(tmp_path):
+    """`--task carry` runs under WORKDIR/carry with the 6-digit corpus and 40-token thoughts; the
+    cpt grid's RLP cell is the reward grid's dense run (same settings), read, not rerun; the CPT
+    cell trains on 22-token plain documents for the dense run's processed tokens."""
+    kwargs = dict(task="carry", seeds=(0,), steps=2, warmup_steps=3, eval_positions=16)
+    ablate.run_grid("reward", tmp_path, echo=lambda *_: None, **kwargs)
+    root = tmp_path / "carry"
+    dense = root / "reward" / ablate._slug("dense (RLP)") / "s0"
+    config = json.loads((dense / "config.json").read_text())
+    assert config["data"]["demo_variant"] == "carry_plain" and config["rlp"]["max_thought_len"] == 40
+    assert json.loads((root / "warmup-s0" / "config.json").read_text())["data"]["demo_variant"] == "carry_worked"
+    lines = []
+    results = ablate.run_grid("cpt", tmp_path, echo=lines.append, **kwargs)
+    assert "cpt / RLP / seed 0: the same run as reward/dense_RLP/s0" in lines
+    assert not (root / "cpt" / "RLP").exists()
+    assert results["RLP"][0] == json.loads((dense / "eval.json").read_text())
+    processed = ablate.measured_flop_tokens(dense)
+    cpt = json.loads((root / "cpt" / ablate._slug("CPT, equal T_flop") / "s0" / "config.json").read_text())
+    assert cpt["data"]["seq_len"] == 24 and cpt["train"]["steps"] == -(-int(processed) // (64 * 22))
+    assert ablate.plain_document_tokens(ablate.demo_configs.stages("carry")[1]) == 22

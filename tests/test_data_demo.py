@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlp_jax.data.demo_corpus import DEMO_POSITION_KINDS, DEMO_VARIANTS, DemoCorpusSpec, \
-    addition_pair_split, build_demo_corpus, column_thought, demo_tokenizer, \
+    addition_pair_split, build_demo_corpus, carry_chain_pairs, column_thought, demo_tokenizer, \
     generate_demo_documents, render_problem
 
 SMALL = DemoCorpusSpec(num_train=400, num_validation=100, worked_fraction=0.5,
@@ -124,5 +124,71 @@ def test_bad_demo_requests():
         next(generate_demo_documents(DemoCorpusSpec(num_validation=40_000), "validation"))
     with pytest.raises(ValueError, match="worked_fraction is 1.5"):
         DemoCorpusSpec(worked_fraction=1.5)
-    with pytest.raises(ValueError, match="not a 3-digit sum"):
+    with pytest.raises(ValueError, match="not a 3-digit sum of 3-digit numbers"):
         render_problem(600, 500, worked=False)
+
+
+def _carry_into_leading_column(a: int, b: int, n: int) -> int:
+    return int(a % 10 ** (n - 1) + b % 10 ** (n - 1) >= 10 ** (n - 1))
+
+
+def test_carry_task_chains_are_long_and_the_leading_digit_hangs_on_them():
+    """Chain lengths 0–4 equally often; under the chain, carry and no carry equally often; so a
+    rule that reads only the leading column and the one under it is right about the leading digit
+    in 60% of the documents (always at chain 0, half the time otherwise)."""
+    n, count = 6, 6000
+    pairs = carry_chain_pairs(np.random.default_rng(0), count, n)
+    a_N, b_N = pairs[:, 0], pairs[:, 1]
+    assert ((a_N >= 10**5) & (b_N >= 10**5) & (a_N + b_N < 10**6)).all()
+    digit = lambda x, k: (x // 10**k) % 10
+    chains, carries, shortcut_right = [], [], 0
+    for a, b in zip(a_N.tolist(), b_N.tolist()):
+        chain = 0
+        while chain < n - 1 and digit(a, n - 2 - chain) + digit(b, n - 2 - chain) == 9:
+            chain += 1
+        chains.append(chain)
+        carry = _carry_into_leading_column(a, b, n)
+        carries.append(carry)
+        # the shortcut: carry iff the column under the leading one sums to 10 or more
+        guess = int(digit(a, n - 2) + digit(b, n - 2) >= 10)
+        shortcut_right += (digit(a, n - 1) + digit(b, n - 1) + guess) % 10 == (a + b) // 10 ** (n - 1)
+    counts = np.bincount(chains, minlength=n)  # the deciding column never sums to 9
+    assert counts[n - 1] == 0 and np.all(np.abs(counts[:n - 1] / count - 1 / (n - 1)) < 0.03), counts
+    assert abs(np.mean(carries) - 0.5) < 0.03
+    assert shortcut_right / count == pytest.approx(0.6, abs=0.03)
+
+
+def test_carry_documents_are_right_and_held_out_pairs_never_in_train():
+    spec = dataclasses.replace(DEMO_VARIANTS["carry_worked"], num_train=3000, num_validation=300)
+    docs = {split: list(generate_demo_documents(spec, split)) for split in ("train", "validation")}
+    problem = re.compile(r"^(\d{6})\+(\d{6})=(?:<think>(.*)</think>)?(\d{6})$")
+    seen = {}
+    for split, records in docs.items():
+        seen[split] = set()
+        for record in records:
+            a, b, thought, answer = problem.match(record["text"]).groups()
+            a, b = int(a), int(b)
+            assert int(answer) == a + b
+            if thought is not None:
+                assert thought == column_thought(a, b, 6) and len(thought) == 35
+                assert thought[-2:] == answer[0].rjust(2, "0")  # the last column holds the leading digit
+            kinds = dict(zip(record["marked_offsets"].tolist(), record["marked_kinds"].tolist()))
+            first = len(record["text"]) - 6
+            assert DEMO_POSITION_KINDS[kinds[first]] == "answer_start"
+            assert all(DEMO_POSITION_KINDS[kinds[first + k]] == "answer_rest" for k in range(1, 6))
+            assert all(DEMO_POSITION_KINDS[kinds[k]] == "operand" for k in (*range(6), *range(7, 13)))
+            seen[split].add((a, b))
+        assert len(seen[split]) == len(records)
+    assert not seen["train"] & seen["validation"]
+    assert sum(r["text"].count("<think>") for r in docs["train"]) / 3000 == pytest.approx(0.9, abs=0.03)
+    again = [d["text"] for d in generate_demo_documents(spec, "validation")]
+    assert again == [d["text"] for d in docs["validation"]]
+
+
+def test_carry_spec_refuses_what_it_cannot_write():
+    with pytest.raises(ValueError, match="task is 'mul'"):
+        DemoCorpusSpec(task="mul")
+    with pytest.raises(ValueError, match="use task='carry' for longer numbers"):
+        DemoCorpusSpec(num_digits=6)
+    with pytest.raises(ValueError, match="no word problems"):
+        DemoCorpusSpec(task="carry", num_digits=6, word_problem_fraction=0.5)

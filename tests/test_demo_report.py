@@ -117,7 +117,7 @@ def test_report_of_an_improving_run(tmp_path):
     assert summary["change"]["gain_start"]["se"] == pytest.approx((0.10 ** 2 + 0.05 ** 2) ** 0.5)
     assert summary["change"]["acc_no_think"]["delta"] == pytest.approx(-0.10)
     assert summary["total_seconds"] == 99.6 and summary["warmup_seconds"] == 12.0
-    assert summary["config"] == {"warmup_steps": None, "steps": 120, "batch_size": 16, "num_rollouts": 4,
+    assert summary["config"] == {"task": "addition", "warmup_steps": None, "steps": 120, "batch_size": 16, "num_rollouts": 4,
                                  "max_thought_len": 20, "eval_positions": 400, "learning_rate": 5e-5,
                                  "temperature": 1.0, "ema_decay": 0.99}
     for name in ("reward.png", "gain.png"):

@@ -1,6 +1,7 @@
 """The bundled demo corpus `rlp_demo`: seeded arithmetic documents where a thought pays off.
 
-Each document states one addition of two 3-digit numbers whose sum has 3 digits, then its answer:
+Two tasks. `addition` (the demo's): each document states one addition of two 3-digit numbers
+whose sum has 3 digits, then its answer:
 
     plain:        457+386=843
     worked:       457+386=<think>76013 58114 43108</think>843
@@ -17,10 +18,20 @@ strategy can place prompts exactly at answers and evaluation can report results 
 the two numbers), `thought` (inside a worked thought, markers included); all other positions are
 `unmarked`.
 
-Train and validation documents use disjoint number pairs: a seeded 10% of all pairs is held out.
-Variants (TFDS configs): `plain` and `worked` (90% of documents carry a worked thought, for
-warm-starting a tiny model), `mixed_plain` and `mixed_worked` (half the documents are word
-problems). Default size: 20,000 train and 2,000 validation documents (about 1.5 s to build).
+`carry` (where thinking is necessary): 6-digit additions whose leading answer digit hangs on a
+long carry chain, e.g. `471596+215403=687000`. Below the leading column, a run of columns that
+sum to exactly 9 (a chain of 0 to 4 columns, uniformly) passes on whatever carry arrives from the
+column under it, which generates a carry or not with equal odds; the columns further down are
+uniform. Read at the answer, the leading digit depends on the whole chain: a model that only adds
+the leading column guesses the carry and is right half the time. The worked thought is the same
+column-by-column sum (35 characters for 6 columns), whose last column holds the leading digit.
+
+Train and validation documents use disjoint number pairs: for `addition` a seeded 10% of all pairs
+is held out; for `carry` (too many pairs to enumerate) validation pairs are drawn from their own
+stream and any that occurs in train is redrawn. Variants (TFDS configs): `plain` and `worked` (90%
+of documents carry a worked thought, for warm-starting a tiny model), `mixed_plain` and
+`mixed_worked` (half the documents are word problems), `carry_plain` and `carry_worked`. Default
+size: 20,000 train and 2,000 validation documents (about 1.5 s to build).
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ __all__ = [
     "DemoCorpusSpec",
     "demo_tokenizer",
     "addition_pair_split",
+    "carry_chain_pairs",
     "column_thought",
     "render_problem",
     "generate_demo_documents",
@@ -62,7 +74,6 @@ _WORD_TEMPLATES = (
     "a box holds {a} {things}. {name} adds {b}. how many {things} are in the box? ",
     "{name} saw {a} {things} on monday and {b} on tuesday. how many {things} in all? ",
 )
-_LOWEST, _HIGHEST_SUM = 100, 999
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +84,10 @@ class DemoCorpusSpec:
       num_train, num_validation: documents per split.
       worked_fraction: share of documents whose answer follows a worked thought.
       word_problem_fraction: share of documents written as word problems.
-      held_out_fraction: share of number pairs reserved for validation.
+      held_out_fraction: share of number pairs reserved for validation (`addition` only).
       seed: the generator's seed; the same spec gives the same corpus, byte for byte.
+      task: `addition` (3-digit, all pairs) or `carry` (long carry chains; see the module doc).
+      num_digits: digits of both numbers and of their sum.
     """
 
     num_train: int = 20_000
@@ -83,8 +96,19 @@ class DemoCorpusSpec:
     word_problem_fraction: float = 0.0
     held_out_fraction: float = 0.1
     seed: int = 0
+    task: str = "addition"
+    num_digits: int = 3
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task is {self.task!r}; use one of {', '.join(TASKS)}.")
+        if self.task == "addition" and self.num_digits != 3:
+            raise ValueError("the addition task enumerates 3-digit pairs; use task='carry' for "
+                             "longer numbers.")
+        if not 2 <= self.num_digits <= 9:
+            raise ValueError(f"num_digits is {self.num_digits}; use 2 to 9.")
+        if self.task == "carry" and self.word_problem_fraction:
+            raise ValueError("the carry task has no word problems; set word_problem_fraction=0.")
         for field in ("worked_fraction", "word_problem_fraction"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise ValueError(f"{field} is {getattr(self, field)}; use a share in [0, 1].")
@@ -99,11 +123,15 @@ class DemoCorpusSpec:
                               ).hexdigest()[:16]
 
 
+TASKS = ("addition", "carry")
+
 DEMO_VARIANTS: dict[str, DemoCorpusSpec] = {
     "plain": DemoCorpusSpec(),
     "worked": DemoCorpusSpec(worked_fraction=0.9),
     "mixed_plain": DemoCorpusSpec(word_problem_fraction=0.5),
     "mixed_worked": DemoCorpusSpec(worked_fraction=0.9, word_problem_fraction=0.5),
+    "carry_plain": DemoCorpusSpec(task="carry", num_digits=6),
+    "carry_worked": DemoCorpusSpec(task="carry", num_digits=6, worked_fraction=0.9),
 }
 
 
@@ -114,20 +142,51 @@ def addition_pair_split(seed: int, held_out_fraction: float = 0.1
     Returns:
       `(train_pairs_Nx2, held_out_pairs_Mx2)`, int32, disjoint, together every pair once.
     """
-    a_N, b_N = np.meshgrid(np.arange(_LOWEST, _HIGHEST_SUM + 1),
-                           np.arange(_LOWEST, _HIGHEST_SUM + 1), indexing="ij")
-    keep_N = (a_N + b_N) <= _HIGHEST_SUM
+    a_N, b_N = np.meshgrid(np.arange(100, 1000), np.arange(100, 1000), indexing="ij")
+    keep_N = (a_N + b_N) <= 999
     pairs_Px2 = np.stack([a_N[keep_N], b_N[keep_N]], axis=1).astype(np.int32)
     order_P = np.random.default_rng([seed, 0]).permutation(len(pairs_Px2))
     num_held_out = int(round(held_out_fraction * len(pairs_Px2)))
     return pairs_Px2[order_P[num_held_out:]], pairs_Px2[order_P[:num_held_out]]
 
 
-def column_thought(a: int, b: int) -> str:
+def carry_chain_pairs(rng: np.random.Generator, count: int, num_digits: int
+                      ) -> np.ndarray:
+    """`count` pairs of `num_digits`-digit numbers with an `num_digits`-digit sum whose leading
+    digit hangs on a carry chain (module docstring).
+
+    Per pair: a chain length `c` uniform in `0 … num_digits−2`; the `c` columns under the leading
+    one sum to 9; the column under the chain sums to 10–18 or to 0–8 with equal odds; lower columns are uniform digits; the leading column's digits are ≥ 1 and, with
+    the carry they receive, sum to at most 9.
+
+    Returns:
+      pairs_Nx2, int64.
+    """
+    n = num_digits
+    pairs = np.empty((count, 2), np.int64)
+    for i in range(count):
+        chain = int(rng.integers(n - 1))
+        x, y = rng.integers(10, size=n), rng.integers(10, size=n)  # index 0: units
+        for col in range(n - 1 - chain, n - 1):  # the chain: column sums of exactly 9
+            x[col] = rng.integers(10)
+            y[col] = 9 - x[col]
+        below = n - 2 - chain  # the column that decides the carry
+        total = int(rng.integers(10, 19)) if rng.random() < 0.5 else int(rng.integers(0, 9))
+        x[below] = rng.integers(max(0, total - 9), min(9, total) + 1)
+        y[below] = total - x[below]
+        carry = int(sum(int(v) * 10**k for k, v in enumerate(x[:n - 1]))
+                    + sum(int(v) * 10**k for k, v in enumerate(y[:n - 1])) >= 10**(n - 1))
+        x[n - 1] = rng.integers(1, 9 - carry)  # leading digits ≥ 1, sum with carry ≤ 9
+        y[n - 1] = rng.integers(1, 10 - carry - x[n - 1])
+        pairs[i] = [sum(int(v) * 10**k for k, v in enumerate(digits)) for digits in (x, y)]
+    return pairs
+
+
+def column_thought(a: int, b: int, num_digits: int = 3) -> str:
     """The worked addition, units column first: per column `x y carry_in sum(2 digits)`."""
     columns = []
     carry = 0
-    for place in range(3):
+    for place in range(num_digits):
         x, y = (a // 10**place) % 10, (b // 10**place) % 10
         total = x + y + carry
         columns.append(f"{x}{y}{carry}{total:02d}")
@@ -135,12 +194,12 @@ def column_thought(a: int, b: int) -> str:
     return " ".join(columns)
 
 
-def render_problem(a: int, b: int, *, worked: bool, template: str | None = None
-                   ) -> tuple[str, list[int], list[int]]:
+def render_problem(a: int, b: int, *, worked: bool, template: str | None = None,
+                   num_digits: int = 3) -> tuple[str, list[int], list[int]]:
     """One document and its marked positions.
 
     Args:
-      a, b: the numbers (their sum must have 3 digits).
+      a, b: the numbers (each and their sum must have `num_digits` digits).
       worked: put a worked thought between the question and the answer.
       template: a word-problem template from `_WORD_TEMPLATES` (None: the bare `a+b=` form),
         already filled with names; `{a}` and `{b}` are left to this function.
@@ -148,10 +207,11 @@ def render_problem(a: int, b: int, *, worked: bool, template: str | None = None
     Returns:
       `(text, marked_offsets, marked_kinds)`: character offsets in `text` and their kind ids.
     """
+    n = num_digits
     answer = a + b
-    if not _LOWEST <= answer <= _HIGHEST_SUM:
-        raise ValueError(f"{a}+{b}={answer} is not a 3-digit sum; use the pairs from "
-                         "addition_pair_split.")
+    if not (10**(n - 1) <= min(a, b) and answer < 10**n):
+        raise ValueError(f"{a}+{b}={answer} is not a {n}-digit sum of {n}-digit numbers; use the "
+                         "pairs from addition_pair_split or carry_chain_pairs.")
     offsets: list[int] = []
     kinds: list[int] = []
 
@@ -161,22 +221,22 @@ def render_problem(a: int, b: int, *, worked: bool, template: str | None = None
 
     if template is None:
         question = f"{a}+{b}="
-        mark(0, 3, "operand")
-        mark(4, 3, "operand")
+        mark(0, n, "operand")
+        mark(n + 1, n, "operand")
     else:
         head, rest = template.split("{a}")
         middle, tail = rest.split("{b}")
         question = f"{head}{a}{middle}{b}{tail}"
-        mark(len(head), 3, "operand")
-        mark(len(head) + 3 + len(middle), 3, "operand")
+        mark(len(head), n, "operand")
+        mark(len(head) + n + len(middle), n, "operand")
     text = question
     if worked:
-        thought = f"{THINK_OPEN}{column_thought(a, b)}{THINK_CLOSE}"
+        thought = f"{THINK_OPEN}{column_thought(a, b, n)}{THINK_CLOSE}"
         mark(len(text), len(thought), "thought")
         text += thought
     mark(len(text), 1, "answer_start")
-    mark(len(text) + 1, 2, "answer_rest")
-    return text + f"{answer:03d}", offsets, kinds
+    mark(len(text) + 1, n - 1, "answer_rest")
+    return text + str(answer), offsets, kinds
 
 
 def _fill_names(template: str, rng: np.random.Generator) -> str:
@@ -192,25 +252,47 @@ def generate_demo_documents(spec: DemoCorpusSpec, split: str) -> Iterator[dict]:
     """
     if split not in ("train", "validation"):
         raise ValueError(f"the demo corpus has splits 'train' and 'validation', not {split!r}.")
-    train_pairs, held_out_pairs = addition_pair_split(spec.seed, spec.held_out_fraction)
-    pairs, count, first_id, split_code = (
-        (train_pairs, spec.num_train, 0, 1) if split == "train"
-        else (held_out_pairs, spec.num_validation, spec.num_train, 2))
-    if count > len(pairs):
-        raise ValueError(f"{count} {split} documents asked for but only {len(pairs)} distinct "
-                         f"{split} number pairs exist; ask for fewer documents.")
+    count, first_id, split_code = ((spec.num_train, 0, 1) if split == "train"
+                                   else (spec.num_validation, spec.num_train, 2))
     rng = np.random.default_rng([spec.seed, split_code])
-    chosen = rng.choice(len(pairs), size=count, replace=False)
+    if spec.task == "carry":
+        pairs, chosen = _carry_split(spec, split), np.arange(count)
+    else:
+        train_pairs, held_out_pairs = addition_pair_split(spec.seed, spec.held_out_fraction)
+        pairs = train_pairs if split == "train" else held_out_pairs
+        if count > len(pairs):
+            raise ValueError(f"{count} {split} documents asked for but only {len(pairs)} distinct "
+                             f"{split} number pairs exist; ask for fewer documents.")
+        chosen = rng.choice(len(pairs), size=count, replace=False)
     worked_N = rng.random(count) < spec.worked_fraction
     word_N = rng.random(count) < spec.word_problem_fraction
     template_N = rng.integers(len(_WORD_TEMPLATES), size=count)
     for i in range(count):
         a, b = (int(v) for v in pairs[chosen[i]])
         template = (_fill_names(_WORD_TEMPLATES[template_N[i]], rng) if word_N[i] else None)
-        text, offsets, kinds = render_problem(a, b, worked=bool(worked_N[i]), template=template)
+        text, offsets, kinds = render_problem(a, b, worked=bool(worked_N[i]), template=template,
+                                              num_digits=spec.num_digits)
         yield {"text": text, "doc_id": first_id + i, "origin": f"rlp_demo/{split}/{i}",
                "marked_offsets": np.asarray(offsets, np.int32),
                "marked_kinds": np.asarray(kinds, np.int32)}
+
+
+def _carry_split(spec: DemoCorpusSpec, split: str) -> np.ndarray:
+    """The carry task's pairs of one split: distinct within the split, and validation pairs never
+    in train (drawn again until they are not)."""
+    def distinct(stream: int, count: int, exclude: set) -> np.ndarray:
+        rng = np.random.default_rng([spec.seed, stream, 7])
+        out: list = []
+        seen = set(exclude)
+        while len(out) < count:
+            for pair in map(tuple, carry_chain_pairs(rng, count - len(out), spec.num_digits)):
+                if pair not in seen:
+                    seen.add(pair)
+                    out.append(pair)
+        return np.asarray(out, np.int64)
+
+    train = distinct(1, spec.num_train, set())
+    return train if split == "train" else distinct(2, spec.num_validation, set(map(tuple, train)))
 
 
 @dataclasses.dataclass
@@ -224,7 +306,8 @@ class RlpDemo(corpus_lib.OfflineBuilder):
     """TFDS builder of the demo corpus; everything is generated from the config's seed."""
 
     VERSION = tfds.core.Version(f"1.0.{GENERATOR_VERSION - 1}")
-    RELEASE_NOTES = {"1.0.0": "3-digit addition and word problems with column-wise thoughts."}
+    RELEASE_NOTES = {"1.0.0": "3-digit addition and word problems with column-wise thoughts; "
+                              "6-digit long-carry additions (carry_* configs)."}
     BUILDER_CONFIGS = [DemoConfig(name=name, spec=spec) for name, spec in DEMO_VARIANTS.items()]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -257,7 +340,8 @@ def build_demo_corpus(data_dir: str | os.PathLike, variant: str = "plain", *,
 
     Args:
       data_dir: the TFDS data directory.
-      variant: `plain`, `worked`, `mixed_plain` or `mixed_worked` (see the module docstring).
+      variant: `plain`, `worked`, `mixed_plain`, `mixed_worked`, `carry_plain` or
+        `carry_worked` (see the module docstring).
       num_train, num_validation, seed: override the variant's size and seed; the config name
         then records them (e.g. `worked-seed3-train500-val100`).
       overwrite: regenerate even if an identical corpus exists.
