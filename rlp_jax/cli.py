@@ -169,13 +169,35 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from rlp_jax.benchmarks import runner
+    from rlp_jax.config import ConfigError
+    from rlp_jax.models.hf import HFFormatError
+
+    try:
+        settings = runner.Settings(
+            prompt_format=args.prompt, shots=args.shots, math_samples=args.samples, math_greedy=args.math_greedy,
+            choice_mode=args.choice_mode, choice_samples=args.choice_samples, loglik_style=args.loglik_style,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+            max_prompt_len=args.max_prompt_len, seed=args.seed, batch_size=args.batch_size, limit=args.limit)
+        out = args.out or (args.workdir and f"{args.workdir}/benchmarks") or "benchmarks"
+        _, markdown = runner.run(args.tasks, settings, out, hf_dir=args.hf, workdir=args.workdir, step=args.step,
+                                 tokenizer=args.tokenizer, data_dir=args.data_dir, mesh_mode=args.mesh,
+                                 dtype=args.dtype)
+    except (runner.BenchmarkError, ConfigError, HFFormatError, FileNotFoundError) as error:
+        return _fail("evaluate", error)
+    print(markdown)
+    print(f"wrote {out}.json, {out}.md and {out}.samples.jsonl")
+    return 0
+
+
 def _ablate(args: argparse.Namespace) -> int:
     from rlp_jax import ablate
 
     seeds = tuple(range(args.seeds))
     try:
-        ablate.run_grid(args.grid, args.workdir, seeds=seeds, steps=args.steps, warmup_steps=args.warmup_steps,
-                        eval_positions=args.eval_positions)
+        ablate.run_grid(args.grid, args.workdir, task=args.task, seeds=seeds, steps=args.steps,
+                        warmup_steps=args.warmup_steps, eval_positions=args.eval_positions)
     except ValueError as error:  # ConfigError included
         return _fail("ablate", error)
     return 0
@@ -243,11 +265,57 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output path prefix for .json and .md (default: WORKDIR/eval_final)")
     ev.set_defaults(run=_eval)
 
+    bm = commands.add_parser(
+        "evaluate", help="benchmark accuracy (the paper's metric): pass@1 on math and science suites "
+                         "(not `eval`, which measures held-out information gain)",
+        description="rlp-jax evaluate (--hf DIR | --workdir DIR [--step N]) --tasks TASK_OR_SUITE ...\n\n"
+                    "Benchmark accuracy as in the RLP paper's Tables 1-2. Math tasks: pass@1 averaged over\n"
+                    "--samples sampled responses (\\boxed{} answers judged by math-verify). Multiple choice: the\n"
+                    "mean of greedy accuracy and pass@1 over --choice-samples samples, or the options'\n"
+                    "log-likelihood (--choice-mode loglik). Suites: math, science, paper (AIME25, AMC23, Minerva\n"
+                    "Math, MMLU-Pro and GPQA are local files: --data-dir), math_offline, science_offline.\n"
+                    "Held-out information gain is `rlp-jax eval`. See docs/evaluation.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bm.add_argument("--hf", default=None, help="an HF model folder (config.json + safetensors + tokenizer.json)")
+    bm.add_argument("--workdir", default=None, help="a training run's workdir instead of --hf")
+    bm.add_argument("--step", type=int, default=None, help="the run's checkpoint step (default: the newest)")
+    bm.add_argument("--tasks", nargs="+", default=["math_offline", "science_offline"],
+                    help="task names, suite names or .jsonl files (default: math_offline science_offline)")
+    bm.add_argument("--data-dir", default=None, help="folder with <task>.jsonl files for sets no package ships")
+    bm.add_argument("--tokenizer", default=None, help="tokenizer.json or 'bytes' (default: the model's own)")
+    bm.add_argument("--prompt", default="think", choices=["think", "plain"],
+                    help="think: reason inside <think>...</think>, then answer (default); plain: answer directly")
+    bm.add_argument("--shots", type=int, default=0, help="worked examples before each question (0-4, default 0)")
+    bm.add_argument("--samples", type=int, default=8, help="sampled responses per math item (default 8; 0: greedy)")
+    bm.add_argument("--math-greedy", action="store_true", help="also one greedy response per math item")
+    bm.add_argument("--choice-mode", default="generate", choices=["generate", "loglik"],
+                    help="multiple choice: generate and grade the letter (default), or option log-likelihood")
+    bm.add_argument("--choice-samples", type=int, default=4,
+                    help="sampled responses per multiple-choice item beside the greedy one (default 4)")
+    bm.add_argument("--loglik-style", default="letters", choices=["letters", "cloze"],
+                    help="loglik mode: score the option letters (default) or the option texts")
+    bm.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
+    bm.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    bm.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0: off)")
+    bm.add_argument("--max-new-tokens", type=int, default=2048, help="tokens per response (default 2048)")
+    bm.add_argument("--max-prompt-len", type=int, default=None, help="longer prompts keep their last tokens")
+    bm.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+    bm.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each task")
+    bm.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    bm.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype")
+    bm.add_argument("--mesh", default="auto", choices=["auto", "none"],
+                    help="auto: split batches over all local devices (default); none: one device")
+    bm.add_argument("--out", default=None, help="output prefix for .json, .md, .samples.jsonl "
+                                                "(default: WORKDIR/benchmarks or ./benchmarks)")
+    bm.set_defaults(run=_evaluate)
+
     from rlp_jax import ablate
 
     ab = commands.add_parser("ablate", help="the paper's ablations at toy scale on the demo task")
     ab.add_argument("--grid", required=True, choices=ablate.GRID_NAMES, help="which ablation grid to run")
     ab.add_argument("--workdir", required=True, help="where each cell's run and the grid's table go")
+    ab.add_argument("--task", default="addition", choices=("addition", "carry"),
+                    help="the demo task (default addition; carry runs under WORKDIR/carry)")
     ab.add_argument("--seeds", type=int, default=2, help="seeds per cell (default 2)")
     ab.add_argument("--steps", type=int, default=None, help="RLP steps per cell (default: the demo's)")
     ab.add_argument("--warmup-steps", type=int, default=None, help="NTP warm-up steps (default: the demo's)")

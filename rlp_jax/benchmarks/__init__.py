@@ -1,0 +1,6 @@
+"""Benchmark evaluation (`rlp-jax evaluate`): the RLP paper's metric, pass@1 on math and science
+suites. `tasks` (registry, offline loaders, suites), `prompts`, `graders` (answer extraction,
+math-verify equivalence), `metrics` (pass@k), `loglik` (multiple choice by option likelihood),
+`generate` (batched sampling through rlp_jax.sampling), `runner` (model → JSON + markdown).
+See docs/evaluation.md.
+"""

@@ -1,0 +1,330 @@
+"""`rlp-jax evaluate`: a model (an HF folder, or a training run's checkpoint) on benchmark tasks
+and suites, with the paper's protocols.
+
+- math tasks: pass@1 averaged over `math_samples` sampled responses (the paper: 8), each graded
+  by `graders.grade_math`; pass@k over those samples and, optionally, greedy accuracy beside it.
+- multiple-choice tasks, `choice_mode="generate"` (the paper's science protocol): the mean of
+  greedy accuracy and pass@1 over `choice_samples` (4) sampled responses, graded by the letter;
+  `choice_mode="loglik"`: the option with the highest log-likelihood (accuracy and
+  length-normalised accuracy), no generation.
+
+A task's `score` is its protocol's number; a suite's score is the mean over its tasks (reported
+when every task of the suite was evaluated). Results are JSON + markdown, with the settings
+recorded beside the numbers, and every response in a `.samples.jsonl` file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rlp_jax import sharding
+from rlp_jax.benchmarks import generate as gen
+from rlp_jax.benchmarks import graders, loglik, metrics, prompts, tasks, text
+from rlp_jax.benchmarks.tasks import BenchmarkError, Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    prompt_format: str = "think"  # prompts.FORMATS
+    shots: int = 0
+    math_samples: int = 8  # sampled responses per math item (pass@1 is their mean)
+    math_greedy: bool = False  # also one greedy response per math item
+    choice_mode: str = "generate"  # "generate" (greedy + samples, graded by letter) or "loglik"
+    choice_samples: int = 4  # sampled responses per multiple-choice item (generate mode)
+    loglik_style: str = "letters"  # prompts.LOGLIK_STYLES
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 2048
+    max_prompt_len: int | None = None  # longer prompts keep their last tokens
+    seed: int = 0
+    batch_size: int = 16  # prompts per generation batch (rows: × samples); rows per log-likelihood batch
+    limit: int | None = None  # the first N items of each task
+
+    def __post_init__(self):
+        if self.prompt_format not in prompts.FORMATS:
+            raise BenchmarkError(f"prompt format {self.prompt_format!r} is unknown; use one of "
+                                 f"{', '.join(prompts.FORMATS)}.")
+        if self.choice_mode not in ("generate", "loglik"):
+            raise BenchmarkError(f"choice mode {self.choice_mode!r} is unknown; use 'generate' or 'loglik'.")
+        if self.loglik_style not in prompts.LOGLIK_STYLES:
+            raise BenchmarkError(f"log-likelihood style {self.loglik_style!r} is unknown; use one of "
+                                 f"{', '.join(prompts.LOGLIK_STYLES)}.")
+        if not 0 <= self.shots <= len(prompts.MATH_SHOTS):
+            raise BenchmarkError(f"shots={self.shots} is out of range; use 0 to {len(prompts.MATH_SHOTS)}.")
+        if self.math_samples < 0 or self.choice_samples < 0:
+            raise BenchmarkError("sample counts must be >= 0; use 0 for greedy only.")
+        if self.temperature < 0 or (self.temperature == 0 and (self.math_samples or self.choice_samples)):
+            raise BenchmarkError(f"temperature={self.temperature} cannot draw samples; use a temperature > 0, or "
+                                 "--samples 0 --choice-samples 0 for greedy decoding only.")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise BenchmarkError("max_new_tokens and batch_size must be >= 1.")
+        if self.limit is not None and self.limit < 1:
+            raise BenchmarkError(f"limit={self.limit}; evaluate at least 1 item per task.")
+
+
+# ---------------------------------------------------------------- models
+
+def load_model(hf_dir: str | None = None, workdir: str | None = None, step: int | None = None, *,
+               mesh=None, rules=sharding.DEFAULT_RULES, dtype: str | None = None):
+    """(model, its description, the tokenizer spec that goes with it) for an HF folder or a run's
+    checkpoint (`step`, default the newest). With `mesh`, an HF folder's params are placed by
+    `rules`, a run's are replicated."""
+    if (hf_dir is None) == (workdir is None):
+        raise BenchmarkError("give exactly one of an HF folder (--hf) or a training run (--workdir).")
+    overrides = {} if dtype is None else {"dtype": dtype}
+    if hf_dir is not None:
+        from rlp_jax.models import hf
+
+        if not Path(hf_dir).is_dir():
+            raise BenchmarkError(f"{hf_dir} is not a folder; pass --hf with an HF model folder (config.json + "
+                                 "safetensors).")
+        model = hf.load_hf(hf_dir, mesh=mesh, rules=rules, **overrides)
+        return model, f"hf:{Path(hf_dir).absolute()}", str(hf_dir)
+    from rlp_jax import evaluation_run
+
+    config = evaluation_run.run_config(Path(workdir))
+    model, used_step = _run_model(Path(workdir), step)
+    if dtype is not None:
+        model.config = model.config.replace(dtype=dtype)
+    if mesh is not None:  # data parallel: every device holds the whole model
+        import jax
+        from flax import nnx
+
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        nnx.update(model, jax.device_put(nnx.state(model), replicated))
+    return model, f"run:{Path(workdir).absolute()}@step{used_step}", config.tokenizer
+
+
+def _run_model(workdir: Path, step: int | None):
+    """A run's Transformer at checkpoint `step` (default: the newest) and that step."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from rlp_jax import checkpoint as ckpt_lib
+    from rlp_jax.models import convert
+    from rlp_jax.models.transformer import Transformer
+
+    run = ckpt_lib.RunDir(workdir).require_run()
+    steps: list[int] = []
+    if run.checkpoints.exists():
+        checkpointer = ckpt_lib.Checkpointer(run.checkpoints, keep=1_000_000, create=False)
+        steps = list(checkpointer.steps())
+        checkpointer.close()
+    if not steps:
+        raise BenchmarkError(f"{workdir} has no checkpoint; evaluate a run that has saved at least one step.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise BenchmarkError(f"{workdir} has no checkpoint at step {step}; its saved steps are "
+                             f"{', '.join(map(str, steps))}.")
+    pure = ckpt_lib.pure_params(ocp.StandardCheckpointer().restore(run.checkpoints / str(step) / "state")["params"])
+    config = convert.config_from_json(run.model_config.read_text())
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
+    nnx.update(model, state)
+    return model, step
+
+
+# ---------------------------------------------------------------- one task
+
+def _generation_config(settings: Settings, samples: int, greedy: bool) -> gen.GenerationConfig:
+    if greedy:
+        return gen.GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=0.0, num_samples=1,
+                                    seed=settings.seed, batch_size=settings.batch_size,
+                                    max_prompt_len=settings.max_prompt_len)
+    return gen.GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                top_p=settings.top_p, top_k=settings.top_k, num_samples=samples, seed=settings.seed + 1,
+                                batch_size=settings.batch_size, max_prompt_len=settings.max_prompt_len)
+
+
+def _responses(model, tok, prompt_ids, cfg, label, mesh, rules, progress):
+    out = gen.generate(model, prompt_ids, cfg, stop_ids=tok.stop_ids, pad_id=tok.pad_id, mesh=mesh, rules=rules,
+                       label=label, progress=progress)
+    stops = set(tok.stop_ids)
+    texts = [[gen.cut_at_stop(tok.decode([t for t in sample if t not in stops]), prompts.stop_strings())
+              for sample in per_prompt] for per_prompt in out.tokens]
+    lengths = np.array([[len(s) for s in per_prompt] for per_prompt in out.tokens])
+    return texts, out, lengths
+
+
+def _grade(item, response: str) -> tuple[bool, str | None]:
+    if item.is_choice:
+        return graders.grade_choice(item.answer_index, response, len(item.choices))
+    return graders.grade_math(item.answer, response)
+
+
+def evaluate_task(model, tok, task: Task, items, settings: Settings, *, mesh=None, rules=sharding.DEFAULT_RULES,
+                  progress: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
+    """(the task's numbers, one record per item) for `items` of `task`."""
+    if task.kind == "choice" and settings.choice_mode == "loglik":
+        return _loglik_task(model, tok, task, items, settings, mesh, rules)
+    samples = settings.math_samples if task.kind == "math" else settings.choice_samples
+    want_greedy = settings.math_greedy if task.kind == "math" else True
+    want_greedy = want_greedy or samples == 0
+    prompt_ids = [tok.encode_prompt(prompts.generation_prompt(item, settings.prompt_format, settings.shots))
+                  for item in items]
+    records = [{"id": item.id, "answer": item.answer if not item.is_choice else graders.LETTERS[item.answer_index]}
+               for item in items]
+    result: dict[str, Any] = {"kind": task.kind, "num_items": len(items)}
+    runs = ([("greedy", 1)] if want_greedy else []) + ([("sampled", samples)] if samples else [])
+    correct: dict[str, np.ndarray] = {}
+    tokens, seconds, lengths_all, finished_all = 0, 0.0, [], []
+    for name, count in runs:
+        cfg = _generation_config(settings, count, greedy=name == "greedy")
+        texts, out, lengths = _responses(model, tok, prompt_ids, cfg, f"{task.name} {name}", mesh, rules, progress)
+        grades = [[_grade(item, response) for response in per_item] for item, per_item in zip(items, texts)]
+        correct[name] = np.array([[ok for ok, _ in g] for g in grades], bool)
+        for record, per_item, g in zip(records, texts, grades):
+            record[name] = [{"response": r, "extracted": e, "correct": ok} for r, (ok, e) in zip(per_item, g)]
+        tokens, seconds = tokens + out.num_tokens, seconds + out.seconds
+        lengths_all.append(lengths.ravel())
+        finished_all.append(out.finished.ravel())
+    if "greedy" in correct:
+        result["greedy"] = metrics.greedy_accuracy(correct["greedy"][:, 0])
+    if "sampled" in correct:
+        result["pass@1"] = metrics.pass_at_1(correct["sampled"])
+        result["pass@1_se"] = metrics.standard_error(correct["sampled"])
+        result[f"pass@{samples}"] = metrics.mean_pass_at_k(correct["sampled"], samples)
+    if task.kind == "math":
+        result["protocol"] = (f"pass@1 averaged over {samples} samples" if samples else "greedy accuracy")
+        result["score"] = result["pass@1"] if samples else result["greedy"]
+    elif samples:
+        result["protocol"] = f"mean of greedy and pass@1 over {samples} samples"
+        result["score"] = metrics.science_score(correct["greedy"][:, 0], correct["sampled"])
+    else:
+        result["protocol"] = "greedy accuracy"
+        result["score"] = result["greedy"]
+    all_lengths, all_finished = np.concatenate(lengths_all), np.concatenate(finished_all)
+    result |= {"mean_response_tokens": float(all_lengths.mean()), "truncated_frac": float(1 - all_finished.mean()),
+               "generated_tokens": int(tokens), "tokens_per_second": tokens / seconds if seconds else math.nan}
+    return result, records
+
+
+def _loglik_task(model, tok, task, items, settings, mesh, rules):
+    scored = loglik.score_items(model, tok, items, style=settings.loglik_style, shots=settings.shots,
+                                batch_size=settings.batch_size, max_len=settings.max_prompt_len, mesh=mesh,
+                                rules=rules)
+    records = [{"id": item.id, "answer": graders.LETTERS[item.answer_index],
+                "option_logprobs": [float(x) for x in lp], "correct": bool(c), "correct_norm": bool(cn)}
+               for item, lp, c, cn in zip(items, scored.logprobs, scored.correct, scored.correct_norm)]
+    acc = float(scored.correct.mean())
+    protocol = f"log-likelihood of the options ({settings.loglik_style})"
+    return ({"kind": task.kind, "num_items": len(items), "protocol": protocol,
+             "acc": acc, "acc_se": metrics.standard_error(scored.correct[:, None]),
+             "acc_norm": float(scored.correct_norm.mean()), "score": acc}, records)
+
+
+# ---------------------------------------------------------------- tasks and suites
+
+def evaluate(model, tok, task_list: list[Task], settings: Settings, *, data_dir=None, mesh=None,
+             rules=sharding.DEFAULT_RULES, progress: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
+    """Every task of `task_list`: (result, per-item records). Items are loaded (and missing local
+    files reported) before any model call."""
+    loaded = [(task, task.load(data_dir, settings.limit)) for task in task_list]
+    result: dict[str, Any] = {"settings": dataclasses.asdict(settings), "tasks": {}, "suites": {}}
+    records = []
+    for task, items in loaded:
+        start = time.perf_counter()
+        numbers, task_records = evaluate_task(model, tok, task, items, settings, mesh=mesh, rules=rules,
+                                              progress=progress)
+        numbers["seconds"] = time.perf_counter() - start
+        result["tasks"][task.name] = numbers
+        records += [{"task": task.name} | r for r in task_records]
+        if progress is not None:
+            progress(f"{task.name}: score {100 * numbers['score']:.2f} ({numbers['protocol']}, {len(items)} items)")
+    done = result["tasks"]
+    for suite, names in tasks.SUITES.items():
+        if all(n in done for n in names):
+            result["suites"][suite] = {"score": float(np.mean([done[n]["score"] for n in names])), "tasks": list(names)}
+    if len(done) > 1:
+        result["suites"]["all evaluated"] = {"score": float(np.mean([v["score"] for v in done.values()])),
+                                             "tasks": list(done)}
+    return result, records
+
+
+def _pct(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def to_markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"# rlp-jax evaluate: {result.get('model', '')}", "",
+             f"Prompt `{s['prompt_format']}`, {s['shots']} shots; sampling temperature {s['temperature']}, top-p "
+             f"{s['top_p']}, top-k {s['top_k']}; max {s['max_new_tokens']} new tokens; seed {s['seed']}; math: "
+             f"{s['math_samples']} samples per item; multiple choice: {s['choice_mode']}"
+             + (f" ({s['choice_samples']} samples + greedy)" if s["choice_mode"] == "generate" else
+                f" ({s['loglik_style']})")
+             + (f"; first {s['limit']} items per task" if s["limit"] else "") + ". Scores in %.", "",
+             "| task | items | protocol | score | ± s.e. | greedy | pass@k | tokens/s | truncated |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, t in result["tasks"].items():
+        pass_k = next((f"{_pct(v)} (@{k.split('@')[1]})" for k, v in t.items()
+                       if k.startswith("pass@") and k not in ("pass@1", "pass@1_se")), "—")
+        se = t.get("pass@1_se", t.get("acc_se"))
+        extra = (f"{t['tokens_per_second']:,.0f}", f"{100 * t['truncated_frac']:.1f}%") if "tokens_per_second" in t \
+            else (f"acc_norm {_pct(t['acc_norm'])}", "—")
+        lines.append(f"| {name} | {t['num_items']} | {t['protocol']} | {_pct(t['score'])} | {_pct(se)} | "
+                     f"{_pct(t.get('greedy'))} | {pass_k} | {extra[0]} | {extra[1]} |")
+    if result["suites"]:
+        lines += ["", "| suite | tasks | average score |", "|---|---|---|"]
+        lines += [f"| {name} | {', '.join(v['tasks'])} | {_pct(v['score'])} |" for name, v in result["suites"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(task_names: list[str], settings: Settings, out: str | Path, *, hf_dir=None, workdir=None, step=None,
+        tokenizer: str | None = None, data_dir=None, mesh_mode: str = "auto", dtype: str | None = None,
+        progress: Callable[[str], None] | None = gen.print_progress) -> tuple[dict, str]:
+    """Loads the model, evaluates, writes OUT.json, OUT.md and OUT.samples.jsonl; returns
+    (result, markdown)."""
+    task_list = tasks.resolve(task_names)
+    for task in task_list:  # a missing local file is reported before the model is loaded
+        task.load(data_dir, 1)
+    mesh = _mesh(mesh_mode)
+    if mesh is not None and settings.batch_size % mesh.size:  # whole rows on every device
+        settings = dataclasses.replace(settings, batch_size=-(-settings.batch_size // mesh.size) * mesh.size)
+    model, description, default_tokenizer = load_model(hf_dir, workdir, step, mesh=mesh, dtype=dtype)
+    try:
+        tok = text.load(tokenizer or default_tokenizer)
+    except BenchmarkError:
+        raise
+    except (OSError, ValueError) as error:
+        raise BenchmarkError(f"tokenizer {tokenizer or default_tokenizer!r} cannot be loaded ({error}); pass "
+                             "--tokenizer with a tokenizer.json.") from None
+    if tok.vocab_size > model.config.vocab_size:
+        raise BenchmarkError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}; "
+                             "pass --tokenizer with the model's own tokenizer.")
+    result, records = evaluate(model, tok, task_list, settings, data_dir=data_dir, mesh=mesh, progress=progress)
+    result = {"model": description, "tokenizer": tok.name} | result
+    markdown = to_markdown(result)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{out}.md").write_text(markdown)
+    with open(f"{out}.samples.jsonl", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return result, markdown
+
+
+def _mesh(mode: str):
+    """`auto`: batches split over every local device (params replicated) when there is more than
+    one; `none`: one device."""
+    import jax
+
+    if mode not in ("auto", "none"):
+        raise BenchmarkError(f"mesh mode {mode!r} is unknown; use 'auto' or 'none'.")
+    if mode == "none" or jax.device_count() == 1:
+        return None
+    if jax.process_count() > 1:
+        raise BenchmarkError("rlp-jax evaluate runs on one host; start it as a single process (or pass --mesh none).")
+    return sharding.make_mesh((jax.device_count(), 1, 1))
