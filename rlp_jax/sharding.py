@@ -34,6 +34,12 @@ DEFAULT_RULES: LogicalRules = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    # Mamba-2 mixers (rlp_jax.models.mamba2, Nemotron-H): heads split like attention heads; the
+    # head channels, B/C groups and state size stay whole on each device.
+    ("ssm_heads", "tensor"),
+    ("ssm_head_dim", None),
+    ("ssm_groups", None),
+    ("ssm_state", None),
 )
 
 
