@@ -146,3 +146,23 @@ def test_verdict_of_a_run_that_got_worse():
     assert line.endswith("accuracy with a greedy thought fell from 60.0% to 30.0% (change -30.0 ± 2.8 points).")
     assert "only one held-out evaluation (step 0)" in demo.verdict(_eval(0, 0.2, 0.05, 0.6, 0.3),
                                                                     _eval(0, 0.2, 0.05, 0.6, 0.3))
+
+
+def test_carry_task_stages_and_report(tmp_path):
+    """`demo --task carry` runs the carry corpus (6-digit prompts, 40-token thoughts, a longer
+    warm-up) and its report says which task it was."""
+    from rlp_jax.configs import demo as demo_configs
+
+    warm, rlp = demo_configs.stages("carry")
+    assert (warm.data.demo_variant, warm.train.steps, warm.data.seq_len) == ("carry_worked", 250, 64)
+    assert (rlp.data.demo_variant, rlp.data.max_context, rlp.rlp.max_thought_len) == ("carry_plain", 16, 40)
+    assert demo_configs.stages("addition")[1].data.demo_variant == "plain"
+    with pytest.raises(ValueError, match="unknown demo task 'mul'"):
+        demo_configs.stages("mul")
+    workdir = _run_folder(tmp_path, [_eval(0, -1.0, 0.1, 0.5, 0.3), _eval(120, 0.5, 0.1, 0.8, 0.3)])
+    config = json.loads((workdir / "rlp" / "config.json").read_text())
+    config["data"] = {"demo_variant": "carry_plain"}
+    (workdir / "rlp" / "config.json").write_text(json.dumps(config))
+    summary = demo.write_report(workdir)
+    assert summary["config"]["task"] == "carry"
+    assert "RLP on 6-digit additions whose leading digit hangs on a long carry chain" in (workdir / "report.md").read_text()

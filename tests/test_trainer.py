@@ -202,14 +202,3 @@ def test_demo_writes_report_and_plots_from_real_evaluations(tmp_path):
     for png in ("reward.png", "gain.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-def test_demo_carry_task_runs_its_own_corpus_and_says_so(tmp_path):
-    from rlp_jax import demo
-
-    summary = demo.run_demo(tmp_path, task="carry", warmup_steps=2, rlp_steps=1, eval_positions=16,
-                            echo=lambda *_: None)
-    assert summary["config"]["task"] == "carry" and summary["config"]["max_thought_len"] == 40
-    assert summary["after"]["step"] == 1 and np.isfinite(summary["after"]["gain_start"])
-    assert "6-digit additions whose leading digit hangs on a long carry chain" in (tmp_path / "report.md").read_text()
-    samples = [json.loads(line) for line in (tmp_path / "rlp" / "eval_samples.jsonl").read_text().splitlines()]
-    assert all(len(s["context"]) == 14 and s["context"].endswith("=") for s in samples[-1]["samples"])
