@@ -41,9 +41,41 @@ def tokenizer(config):
                           "to 'demo', 'bytes' or a tokenizer.json (or the folder holding it).") from None
 
 
+def _is_nemotron_h(path: str) -> bool:
+    """Whether `path` holds a Nemotron-H model: an HF folder whose config.json has model_type
+    `nemotron_h`, or an rlp-jax params folder whose model_config.json records that family."""
+    for name, key in (("config.json", "model_type"), ("model_config.json", "family")):
+        try:
+            if json.loads((Path(path) / name).read_text()).get(key) == "nemotron_h":
+                return True
+        except (OSError, ValueError, AttributeError):  # absent or not a JSON object: other checks report it
+            pass
+    return False
+
+
+def refuse_hybrid(config) -> None:
+    """A ConfigError when the run's model (`model.preset` of a run from scratch, `init.path` or
+    `rlp.rpt_proxy`) is the Nemotron-H hybrid, which rlp_jax.models.nemotron_h implements but the
+    RLP step does not run yet."""
+    from rlp_jax.models import nemotron_h
+
+    if config.init.kind == "scratch" and config.model.preset in nemotron_h.PRESETS:
+        what = f"model.preset={config.model.preset!r}"
+    elif config.init.kind != "scratch" and config.init.path and _is_nemotron_h(config.init.path):
+        what = f"init.path {config.init.path!r}"
+    elif config.rlp.objective == "rpt" and config.rlp.rpt_proxy and _is_nemotron_h(config.rlp.rpt_proxy):
+        what = f"rlp.rpt_proxy {config.rlp.rpt_proxy!r}"
+    else:
+        return
+    raise ConfigError(f"{what} is a Nemotron-H hybrid, which the RLP step and its sampler do not run yet; train "
+                      "a Qwen3 or Llama model, and use Nemotron-H with `rlp-jax convert`, `rlp-jax plan` and the "
+                      "HF parity tests (tests/test_nemotron_h.py).")
+
+
 def model_config(config, tok) -> ModelConfig:
     """The model's shapes: from the HF folder, params folder or run of `init.path`, or the
-    `model.preset`; dtypes and remat from `model`."""
+    `model.preset`; dtypes and remat from `model`. A Nemotron-H model is refused (`refuse_hybrid`)."""
+    refuse_hybrid(config)
     overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
                      attention=config.model.attention)
     from rlp_jax.models import convert

@@ -332,9 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(commands)
 
     conv = commands.add_parser(
-        "convert", help="HF folder (config.json + safetensors) <-> rlp-jax params folder")
+        "convert", help="HF folder (config.json + safetensors) <-> rlp-jax params folder (Qwen3, Llama, "
+                        "Nemotron-H: by config.json's model_type)")
     direction = conv.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from-hf", metavar="HF_DIR", help="read an HF folder, write rlp-jax params")
+    direction.add_argument("--from-hf", metavar="HF_DIR",
+                           help="read an HF folder (model_type qwen3, llama or nemotron_h), write rlp-jax params")
     direction.add_argument("--to-hf", metavar="PARAMS_DIR", help="read rlp-jax params, write an HF folder")
     conv.add_argument("--out", required=True, help="output folder")
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

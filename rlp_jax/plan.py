@@ -15,6 +15,11 @@ is `state + rollout buffers + max(phase)`; the phases of a step never overlap:
 - the policy update per grad-accum micro-batch: gradients + activations + thought logits.
 
 See docs/launch.md for the formulas and the table of configs.
+
+For the Nemotron-H hybrid (a Nemotron `model.preset`, or a Nemotron folder at `init.path`), which
+the RLP step does not run yet, the plan is the exact train state plus the rollout's recurrent
+state per row (Mamba conv and SSM states, attention keys and values): a lower bound
+(`hybrid_estimate`; docs/models.md).
 """
 
 from __future__ import annotations
@@ -106,15 +111,20 @@ def abstract_mesh(shape, axes):
 
 
 def state_bytes(config, model_config, mesh) -> dict[str, int]:
-    """Exact per-device bytes of each part of the train state under the real shardings."""
+    """Exact per-device bytes of each part of the train state under the real shardings (of a
+    Transformer, or of the Nemotron-H hybrid for a NemotronHConfig)."""
     import jax
 
     from rlp_jax import build
     from rlp_jax import train_step as ts
+    from rlp_jax.models.nemotron_h import NemotronHConfig
 
-    _, abstract, shardings, _ = ts.abstract_state_from_scratch(
-        model_config, build.optimizer(config), config.seed, mesh, build.rules(config),
-        with_reference=build.needs_reference(config))
+    if isinstance(model_config, NemotronHConfig):
+        abstract, shardings = _hybrid_abstract_state(config, model_config, mesh)
+    else:
+        _, abstract, shardings, _ = ts.abstract_state_from_scratch(
+            model_config, build.optimizer(config), config.seed, mesh, build.rules(config),
+            with_reference=build.needs_reference(config))
 
     def size(tree, tree_shardings) -> int:
         leaves, specs = jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)
@@ -319,6 +329,204 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
     return Estimate(memory, phases, peak_phase, base + totals[peak_phase], flops, tokens, warnings, state)
 
 
+# ---------------------------------------------------------------- the Nemotron-H hybrid
+
+def hybrid_model_config(config, notes: list[str]):
+    """The NemotronHConfig when the config's model is the Nemotron-H hybrid (a Nemotron HF or params
+    folder at `init.path`, or a Nemotron `model.preset` when that folder is not here), else None.
+    Dtypes come from `model`; the vocabulary is `model.vocab_size` or the model's own."""
+    from rlp_jax.models import nemotron_h as nh
+
+    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+                     attention=config.model.attention)
+    kind, path = config.init.kind, config.init.path
+    here = kind != "scratch" and bool(path) and Path(path).exists()
+    try:
+        if here and kind == "hf" and (Path(path) / "config.json").exists():
+            from rlp_jax.models import nemotron_h_hf
+
+            hf_json = json.loads((Path(path) / "config.json").read_text())
+            if hf_json.get("model_type") == "nemotron_h":
+                return nemotron_h_hf.config_from_hf(hf_json, **overrides)
+        if here and kind == "params" and (Path(path) / "model_config.json").exists():
+            from rlp_jax.models import convert
+
+            text = (Path(path) / "model_config.json").read_text()
+            if convert.family_of_json(text) == "nemotron_h":
+                return convert.config_from_json(text).replace(**overrides)
+    except ValueError as error:  # HFFormatError, bad JSON: one sentence
+        raise ValueError(f"{path}: {error}") from None
+    if config.model.preset not in nh.PRESETS or here:
+        return None
+    if kind != "scratch":
+        where = f"{path} is not on this machine" if path else "init.path is not set"
+        notes.append(f"{where}: shapes from model.preset={config.model.preset!r}")
+    base = nh.preset(config.model.preset)
+    if not config.model.vocab_size:
+        notes.append(f"vocabulary {base.vocab_size:,}: the preset's own (set model.vocab_size for another)")
+    return base.replace(vocab_size=config.model.vocab_size or base.vocab_size, **overrides)
+
+
+def _hybrid_rules(config):
+    """`mesh.rules` plus the Mamba axes of DEFAULT_RULES that it does not name."""
+    from rlp_jax import build, sharding
+
+    rules = tuple(build.rules(config))
+    named = {logical for logical, _ in rules}
+    return rules + tuple(rule for rule in sharding.DEFAULT_RULES if rule[0] not in named)
+
+
+def _hybrid_abstract_state(config, model_config, mesh):
+    """(abstract TrainState, its shardings) of the hybrid, as `train_step` would build them."""
+    import jax
+    from flax import nnx
+
+    from rlp_jax import build
+    from rlp_jax import train_step as ts
+    from rlp_jax.models.nemotron_h import NemotronH
+
+    optimizer = build.optimizer(config)
+
+    def init_fn(key):
+        with nnx.use_eager_sharding(False):
+            model = NemotronH(model_config, nnx.Rngs(params=key))
+        return ts.init_state(nnx.state(model, nnx.Param), optimizer, jax.random.fold_in(key, 1),
+                             build.needs_reference(config))
+
+    abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
+    return abstract, ts.state_shardings(abstract, optimizer, mesh, _hybrid_rules(config))
+
+
+def hybrid_row_bytes(m, ways, slots: int) -> dict[str, int]:
+    """Per-device bytes of ONE rollout row's recurrent state (nemotron_h.State): per Mamba layer
+    the K−1 last conv inputs of x (Hm·P channels) and of B and C (G·N each) in the compute dtype
+    and the SSM state [Hm, P, N] in `mamba_ssm_cache_dtype`; per attention layer the keys and
+    values of `slots` slots in the compute dtype. `ways(logical, size)`: how many ways the rules
+    split that dimension."""
+    import jax.numpy as jnp
+
+    b, bc = jnp.dtype(m.dtype).itemsize, jnp.dtype(m.mamba_ssm_cache_dtype).itemsize
+    Hm = m.mamba_num_heads // ways("ssm_heads", m.mamba_num_heads)
+    P = m.mamba_head_dim // ways("ssm_head_dim", m.mamba_head_dim)
+    G = m.n_groups // ways("ssm_groups", m.n_groups)
+    N = m.ssm_state_size // ways("ssm_state", m.ssm_state_size)
+    J = m.num_kv_heads // ways("kv_heads", m.num_kv_heads)
+    H = m.head_dim // ways("head_dim", m.head_dim)
+    Lm, La = m.count("mamba"), m.count("attention")
+    return {"mamba_conv": Lm * (m.conv_kernel - 1) * (Hm * P + 2 * G * N) * b,
+            "mamba_ssm": Lm * Hm * P * N * bc,
+            "kv": 2 * La * slots * J * H * b}
+
+
+@dataclasses.dataclass
+class HybridEstimate:
+    memory: dict[str, float]  # bytes per device: the train state's parts and the gradients
+    phases: dict[str, dict[str, float]]  # phase → its terms (bytes per device), of those estimated
+    peak_phase: str
+    peak_bytes: float  # a lower bound: activations, logits and the rollout's other buffers not counted
+    row_bytes: dict[str, int]  # one rollout row's recurrent state (hybrid_row_bytes)
+    rows: int  # rollout rows per device (one chunk of prompts × G)
+    slots: int  # attention slots per row
+    warnings: list[str]
+    state: dict[str, int]
+
+
+def hybrid_estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict | None = None) -> HybridEstimate:
+    """What `rlp-jax plan` can say of the hybrid while the RLP step does not run it: the exact train
+    state (`state_bytes`), the gradients, and the rollout's recurrent state for one chunk of
+    `train.batch_size / rlp.rollout_microbatches` prompts × G rows, each with S = P + L + 1 + K
+    attention slots (prompt, thought, </think>, targets: the hybrid's State keeps each row's own)."""
+    mesh = abstract_mesh(mesh_shape, config.mesh.axes)
+    ways = _Ways(mesh, _hybrid_rules(config))
+    r, warnings = config.rlp, []
+    P = config.data.max_context + suffix_len + 1
+    slots = P + r.max_thought_len + 1 + config.data.target_len
+    row = hybrid_row_bytes(model_config, ways, slots)
+    chunk = config.train.batch_size // r.rollout_microbatches
+    rows = _rows(chunk * r.num_rollouts, ways("batch", math.prod(mesh.shape.values())), warnings, "rollout chunk")
+    state = state_bytes(config, model_config, mesh) if state is None else state
+    memory = {k: float(v) for k, v in state.items()}
+    memory["gradients"] = 2.0 * state["params"]
+    phases = {"rollouts": {k: float(rows * v) for k, v in row.items()},
+              "update": {"gradients": memory["gradients"]},
+              "optimizer_apply": {"gradients": memory["gradients"] / 2,
+                                  "new_state": memory["params"] + memory["ema"] + memory["optimizer"]}}
+    totals = {name: sum(terms.values()) for name, terms in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    base = sum(v for k, v in memory.items() if k != "gradients")
+    return HybridEstimate(memory, phases, peak_phase, base + totals[peak_phase], row, rows, slots, warnings, state)
+
+
+def _hybrid_plan(config, config_path, model_config, mesh_shape, devices, spec, hbm_gib, notes) -> dict:
+    from rlp_jax import build
+    from rlp_jax.config import ConfigError
+
+    try:
+        tokenizer = build.tokenizer(config)
+    except ConfigError:
+        tokenizer = None
+    est = hybrid_estimate(config, model_config, mesh_shape, _suffix_len(config, tokenizer))
+    m = model_config
+    path = config.init.path
+    from_folder = config.init.kind in ("hf", "params") and bool(path) and Path(path).exists()
+    notes.append("the RLP step and its sampler do not run the Nemotron-H hybrid yet: activations, logits and "
+                 "FLOPs are not estimated, so the peak is a lower bound")
+    out = {"config": config_path, "platform": spec.name if spec else None, "devices": devices,
+           "mesh_shape": list(mesh_shape), "mesh_axes": list(config.mesh.axes), "hybrid": True,
+           "model": {"preset": path if from_folder else config.model.preset, "family": "nemotron_h", "num_params": m.num_params(),
+                     "pattern": m.pattern, "mamba_layers": m.count("mamba"), "attention_layers": m.count("attention"),
+                     "mlp_layers": m.count("mlp"), "param_dtype": m.param_dtype, "dtype": m.dtype,
+                     "mamba_ssm_cache_dtype": m.mamba_ssm_cache_dtype, "vocab_size": m.vocab_size},
+           "memory_gib": {k: v / GiB for k, v in est.memory.items()},
+           "phases_gib": {p: {k: v / GiB for k, v in terms.items()} for p, terms in est.phases.items()},
+           "row_bytes": est.row_bytes, "rollout_rows_per_device": est.rows, "slots_per_row": est.slots,
+           "peak_phase": est.peak_phase, "peak_gib": est.peak_bytes / GiB,
+           "warnings": est.warnings, "notes": notes, "hbm_gib": hbm_gib}
+    if hbm_gib:
+        out["usable_gib"] = hbm_gib * USABLE_FRACTION
+        out["fits"] = out["peak_gib"] <= out["usable_gib"]
+    return out
+
+
+def _format_hybrid_plan(p: dict) -> str:
+    unit, scale = ("GiB", 1) if p["peak_gib"] >= 1 else ("MiB", 1024)
+    g = lambda x: f"{x * scale:9.3f}"  # noqa: E731
+    mem, model, row = p["memory_gib"], p["model"], p["row_bytes"]
+    lines = [f"rlp-jax plan: {p['config'] or 'config'}",
+             f"model {model['preset']} (Nemotron-H hybrid: {model['mamba_layers']} Mamba, {model['attention_layers']} "
+             f"attention, {model['mlp_layers']} MLP layers): {model['num_params']:,} params, vocab "
+             f"{model['vocab_size']:,}; params {model['param_dtype']}, compute {model['dtype']}, SSM state "
+             f"{model['mamba_ssm_cache_dtype']}",
+             f"mesh {tuple(p['mesh_shape'])} over {tuple(p['mesh_axes'])} = {p['devices']} devices"
+             + (f" of {p['platform']}" if p["platform"] else "")]
+    lines += [f"note: {n}" for n in p["notes"]]
+    lines += ["", f"per-device memory ({unit})",
+              f"  params                       {g(mem['params'])}",
+              f"  EMA teacher (float32)        {g(mem['ema'])}",
+              f"  optimizer (AdamW moments)    {g(mem['optimizer'])}",
+              f"  reference policy (KL)        {g(mem['reference'])}",
+              f"  rollout state, one row: Mamba conv {row['mamba_conv']:,} B, SSM {row['mamba_ssm']:,} B, "
+              f"KV {row['kv']:,} B ({p['slots_per_row']} slots); {p['rollout_rows_per_device']} rows per device",
+              "  phases (only the largest counts; they never overlap):"]
+    for phase, terms in p["phases_gib"].items():
+        detail = ", ".join(f"{k} {v * scale:.2f}" for k, v in terms.items())
+        mark = "  <- peak" if phase == p["peak_phase"] else ""
+        lines.append(f"    {phase:<26} {g(sum(terms.values()))}   ({detail}){mark}")
+    lines.append(f"  peak, lower bound            {g(p['peak_gib'])}")
+    lines += [f"warning: {w}" for w in p["warnings"]]
+    lines.append("")
+    if "fits" not in p:
+        lines.append("verdict: unknown — pass --hbm-gib H (memory per device) or --platform.")
+    elif p["fits"]:
+        lines.append(f"verdict: the lower bound fits — {p['peak_gib'] * scale:.2f} of {p['usable_gib'] * scale:.2f} "
+                     f"{unit} usable; the rest of the step is not estimated yet.")
+    else:
+        lines.append(f"verdict: DOES NOT FIT — even the lower bound {p['peak_gib']:.2f} GiB > {p['usable_gib']:.2f} "
+                     f"GiB usable; largest phase: {p['peak_phase']}. Shard over more devices (fsdp for the "
+                     "state, data or fsdp for the rollout rows) or raise rlp.rollout_microbatches.")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- verdict and knobs
 
 def suggest(config, model_config, mesh_shape, usable: float, est: Estimate, suffix_len: int,
@@ -432,6 +640,9 @@ def plan(config, config_path: str | None = None, devices: int | None = None, hbm
         if hbm_gib is None and platform == "cpu":
             hbm_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB / devices
             notes.append(f"CPU devices share this machine's RAM: {hbm_gib:.2f} GiB per device")
+    hybrid = hybrid_model_config(config, notes)
+    if hybrid is not None:
+        return _hybrid_plan(config, config_path, hybrid, mesh_shape, devices, spec, hbm_gib, notes)
     model_config, tokenizer = model_config_for(config, notes)
     suffix_len = _suffix_len(config, tokenizer)
     est = estimate(config, model_config, mesh_shape, suffix_len, platform=platform)
@@ -466,6 +677,8 @@ def _validate_without_paths(config, devices: int):
 
 
 def format_plan(p: dict) -> str:
+    if p.get("hybrid"):
+        return _format_hybrid_plan(p)
     unit, scale = ("GiB", 1) if p["peak_gib"] >= 1 else ("MiB", 1024)
     g = lambda x: f"{x * scale:9.3f}"  # noqa: E731
     mem, model = p["memory_gib"], p["model"]
