@@ -108,6 +108,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_thoughts = 2  # sampled thoughts per held-out prompt
     c.eval.batch_size = 64
     c.eval.show_thoughts = 4
+    # Benchmark accuracy during training (rlp_jax.benchmarks, docs/evaluation.md); off while empty.
+    c.eval.benchmark_tasks = ()  # task / suite names or .jsonl paths, e.g. ('demo_addition',), ('math_offline',)
+    c.eval.benchmark_every_steps = 0  # 0: only at the start and the end
+    c.eval.benchmark_limit = 64  # the first N items of each task
+    c.eval.benchmark_samples = 4  # sampled responses per item (pass@1 is their mean); 0: greedy only
+    c.eval.benchmark_greedy = True  # also one greedy response per item
+    c.eval.benchmark_temperature = 0.6
+    c.eval.benchmark_top_p = 0.95
+    c.eval.benchmark_max_new_tokens = 512  # the toy tasks cap it at their own answer length
+    c.eval.benchmark_batch_size = 64  # prompts per generation batch
+    c.eval.benchmark_prompt_format = "think"  # think | plain (the toy tasks prompt with the bare problem)
+    c.eval.benchmark_choice_mode = "loglik"  # multiple choice: loglik (option likelihood) | generate
+    c.eval.benchmark_data_dir = ""  # folder of <task>.jsonl for the sets no package ships
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)  # -1: all remaining devices
@@ -182,6 +195,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
+    if isinstance(current, tuple) and isinstance(value, str):  # "('demo_addition')": a one-name tuple
+        value = (value,)
     with node.unlocked():
         node[leaf] = value
 
@@ -254,6 +269,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                               f"multiple of {parts}.")
     if c.train.steps < 1 or c.checkpoint.every_steps < 1 or c.train.log_every < 1:
         raise ConfigError("train.steps, train.log_every and checkpoint.every_steps must be >= 1.")
+    if c.eval.benchmark_tasks and (c.eval.benchmark_every_steps < 0 or c.eval.benchmark_limit < 1):
+        raise ConfigError(f"eval.benchmark_every_steps={c.eval.benchmark_every_steps} and eval.benchmark_limit="
+                          f"{c.eval.benchmark_limit}; use every_steps >= 0 (0: start and end only) and limit >= 1.")
     if c.eval.num_positions > 0 and c.eval.num_thoughts < 2:
         raise ConfigError(f"eval.num_thoughts={c.eval.num_thoughts}; held-out evaluation samples at least 2 "
                           "thoughts per position (or set eval.num_positions=0).")

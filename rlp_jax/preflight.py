@@ -1,6 +1,7 @@
 """Checks a run passes before its first step, so that a config that cannot work ends in one
 sentence (a `ConfigError`) instead of a traceback minutes in: the corpus suits the position
-strategy and the evaluation, and the plan's memory estimate fits the devices.
+strategy and the evaluation, the benchmark tasks have their data, and the plan's memory estimate
+fits the devices.
 """
 
 from __future__ import annotations
@@ -43,6 +44,25 @@ def check_corpus(config, corpus, tokenizer, sample: int = 256) -> None:
         raise ConfigError(f"corpus {corpus.name} has no validation split for the held-out evaluation; set "
                           "--config.data.validation_fraction (e.g. 0.05) or --config.data.validation_corpus, or "
                           "--config.eval.num_positions=0 to train without it.")
+
+
+def check_benchmarks(config) -> None:
+    """Every task of `eval.benchmark_tasks` exists, has its data (a local file where no package
+    ships the set) and has prompts the run's tokenizer encodes; its settings are valid."""
+    if not tuple(config.eval.benchmark_tasks):
+        return
+    from rlp_jax.benchmarks import training
+    from rlp_jax.benchmarks.tasks import BenchmarkError
+
+    try:
+        training.check(config)
+    except BenchmarkError as error:
+        message = str(error)
+        if "--data-dir" in message:  # the loaders speak to `rlp-jax evaluate`; a run sets the key
+            message = message.replace("pass that folder as --data-dir", "set --config.eval.benchmark_data_dir to "
+                                      "that folder").replace("or pass another --data-dir",
+                                                             "or set another --config.eval.benchmark_data_dir")
+        raise ConfigError(f"eval.benchmark_tasks: {message}") from None
 
 
 def check_tokenizer(config, tokenizer) -> None:

@@ -1,4 +1,5 @@
-"""The training loop: data → step → metrics / evaluation / checkpoints. Side effects live here.
+"""The training loop: data → step → metrics / evaluation / benchmarks / checkpoints. Side effects
+live here.
 
 `train(config, workdir)` runs the same on one CPU, one GPU host, or every host of a slice.
 Rerunning it on the same workdir resumes from the newest readable checkpoint (state, data
@@ -45,6 +46,7 @@ class RunResult:
     final_step: int
     stopped_by_signal: bool
     evals: list[dict]
+    benchmarks: list[dict] = dataclasses.field(default_factory=list)  # {"step", **scores} (bench.jsonl)
 
 
 def _print(text: str) -> None:
@@ -85,6 +87,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     identity = ckpt_lib.run_identity(config.to_dict(), json.loads(model_json), build.corpus_fingerprint(config),
                                      tokenizer_fingerprint(tokenizer))
     preflight.check_tokenizer(config, tokenizer)
+    preflight.check_benchmarks(config)
+    do_bench = bool(tuple(config.eval.benchmark_tasks))
     binding = run.bind(identity, force_new)  # refuses another run's workdir before anything is written
     memory_note = preflight.check_memory(config, model_config, mesh_shape, len(step_cfg.rollout.prompt_suffix_ids))
     mesh = sharding.make_mesh(mesh_shape, config.mesh.axes)
@@ -121,18 +125,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     writer = MetricsWriter(run.path, config.train.steps, echo, purge_step=start_step + 1)
     evaluate = lambda step: _run_eval(graphdef, state, start_params, held_out, eval_rollout, config, tokenizer,
                                       mesh, rules, step, writer, echo)
+    bench = None
+    if do_bench:  # benchmark accuracy (rlp_jax.benchmarks.training): bench.jsonl, bench_samples.jsonl, bench.png
+        from rlp_jax.benchmarks.training import PeriodicBenchmark
+
+        bench = PeriodicBenchmark(config, run.path, mesh, rules, writer, echo)
+    benchmark = lambda step: benchmarks.append(bench.run(graphdef, state.params, step))
 
     step_fn = None
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)) \
         if _in_main_thread() else None
     evals: list[dict] = []
+    benchmarks: list[dict] = []
     step = start_step
     config_json = config.to_json()
     pending: list[dict] = []
     try:
         if do_eval and start_step == 0:
             evals.append(evaluate(0))
+        if do_bench and start_step == 0:
+            benchmark(0)
         if step < config.train.steps:
             echo(f"training steps {step + 1}–{config.train.steps} (SIGTERM saves a checkpoint and stops)")
         steps_this_run = 0
@@ -167,19 +180,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
                 writer.progress(step, host[-1], _tokens_per_step(host[-1]))
             if do_eval and config.eval.every_steps and step % config.eval.every_steps == 0 and not last:
                 evals.append(evaluate(step))
+            every = config.eval.benchmark_every_steps
+            if do_bench and every and step % every == 0 and not last:
+                benchmark(step)
             if step % config.checkpoint.every_steps == 0 or last or interrupted:
                 checkpointer.save(step, state, {"train": train_iter.get_state()}, config_json)
             if interrupted:
                 checkpointer.wait()
                 echo(f"stopped at step {step} ({'SIGTERM' if stop['signal'] else 'stop_after'}); "
                      f"checkpoint saved — rerun the same command to resume")
-                return RunResult(run.path, step, True, evals)
+                return RunResult(run.path, step, True, evals, benchmarks)
         if do_eval:
             evals.append(evaluate(step))
+        if do_bench:
+            benchmark(step)
         checkpointer.wait()
-        totals = _write_summary(run.path, step, evals) if jax.process_index() == 0 else {}
-        echo(_summary_line(run, step, time.perf_counter() - t_start, evals, totals))
-        return RunResult(run.path, step, False, evals)
+        totals = _write_summary(run.path, step, evals, benchmarks) if jax.process_index() == 0 else {}
+        echo(_summary_line(run, step, time.perf_counter() - t_start, evals, totals, benchmarks))
+        return RunResult(run.path, step, False, evals, benchmarks)
     finally:
         checkpointer.close()
         writer.close()
@@ -195,7 +213,7 @@ def _cut_history(workdir: Path, start_step: int, total_steps: int) -> None:
 
     metrics_io.keep_steps(workdir / "metrics.jsonl", lambda s: s <= start_step)
     redo = start_step in (0, total_steps)
-    for name in ("eval.jsonl", "eval_samples.jsonl"):
+    for name in ("eval.jsonl", "eval_samples.jsonl", "bench.jsonl", "bench_samples.jsonl"):
         metrics_io.keep_steps(workdir / name, lambda s: s < start_step or (s == start_step and not redo))
 
 
@@ -211,25 +229,31 @@ def _corpus_line(corpus) -> str:
 TOTALED = ("flop_tokens", "context_tokens", "thought_tokens", "target_tokens", "tokens", "num_prompts")
 
 
-def _write_summary(workdir: Path, step: int, evals: list[dict]) -> dict:
+def _write_summary(workdir: Path, step: int, evals: list[dict], benchmarks: list[dict] = ()) -> dict:
     """WORKDIR/summary.json: the steps done, every counted quantity summed over metrics.jsonl
-    (each step once: a resumed run's history is cut at its checkpoint) and the last evaluation."""
+    (each step once: a resumed run's history is cut at its checkpoint), the last evaluation and
+    the last benchmark scores."""
     from rlp_jax import metrics_io
 
     totals = metrics_io.summed(workdir / "metrics.jsonl", TOTALED)
     summary = {"steps": step, "totals": totals,
                "last_eval": {k: v for k, v in evals[-1].items() if k != "samples"} if evals else None}
+    if benchmarks:
+        summary["last_bench"] = benchmarks[-1]
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return totals
 
 
-def _summary_line(run: ckpt_lib.RunDir, step: int, seconds: float, evals: list[dict], totals: dict) -> str:
+def _summary_line(run: ckpt_lib.RunDir, step: int, seconds: float, evals: list[dict], totals: dict,
+                  benchmarks: list[dict] = ()) -> str:
     counted = f", {totals['flop_tokens']:,.0f} tokens of compute (T_flop)" if "flop_tokens" in totals else ""
     parts = [f"done: step {step} in {seconds:.0f} s{counted}; in {run.path}: checkpoints/, metrics.jsonl, summary.json"]
     if evals:
         last = evals[-1]
         parts.append("eval.jsonl" + (f" (held-out gain vs start {last['gain_start']:+.3f} nats)"
                                      if "gain_start" in last else ""))
+    if benchmarks:
+        parts.append("bench.jsonl, bench_samples.jsonl, bench.png")
     return ", ".join(parts) + f"; export with: rlp-jax export --workdir {run.path} --out {run.path / 'hf'}"
 
 

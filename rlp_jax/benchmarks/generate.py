@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from rlp_jax import sampling, sharding
-from rlp_jax.benchmarks.loglik import bucket, place_on_mesh
+from rlp_jax.benchmarks.loglik import bucket, place_on_mesh, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, stop_ids
             with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
                 result = sampling.generate(model, place_on_mesh(tokens, mesh, rules),
                                            place_on_mesh(lengths, mesh, rules), batch_key, scfg, num_samples=G)
-        tokens_NxL, lengths_N, finished_N = jax.device_get((result.tokens_NxL, result.lengths_N, result.finished_N))
+        tokens_NxL, lengths_N, finished_N = to_host((result.tokens_NxL, result.lengths_N, result.finished_N))
         for b, j in enumerate(chosen):
             for g in range(G):
                 n = b * G + g

@@ -1,5 +1,6 @@
 """Answer extraction and grading: math answers (last `\\boxed{...}`, else the final number) judged by
-symbolic equivalence through `math-verify`, multiple-choice answers by their letter.
+symbolic equivalence through `math-verify`, multiple-choice answers by their letter, the toy tasks'
+answers (the number written right after the thought) by exact match.
 
 Grading reads the text after the last `</think>` when the model closed its thought (the answer it
 gave), else the whole generation. A response with no extractable answer is wrong.
@@ -11,7 +12,7 @@ import re
 import string
 import threading
 
-THINK_CLOSE = "</think>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 LETTERS = string.ascii_uppercase
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
@@ -110,6 +111,26 @@ def grade_math(gold: str, response: str) -> tuple[bool, str | None]:
     """(correct, extracted answer) for one math response."""
     predicted = extract_math_answer(response)
     return math_equal(gold, predicted), predicted
+
+
+# ---------------------------------------------------------------- toy tasks (the demo corpus)
+
+def extract_toy_answer(text: str) -> str | None:
+    """The number a demo model answered: the digits that open the answer region (`843` of
+    `<think>76013 58114 43108</think>843`, or of a bare `843`). None when a thought was opened
+    and never closed (a truncated thought is no answer) or no digit follows it."""
+    opened = text.find(THINK_OPEN)
+    if opened >= 0 and text.find(THINK_CLOSE, opened) < 0:
+        return None
+    match = re.match(r"\s*(\d+)", answer_region(text))
+    return match.group(1) if match else None
+
+
+def grade_toy(gold: str, response: str) -> tuple[bool, str | None, bool]:
+    """(the whole number is right, the extracted number, its first digit is right) for one toy
+    response: `843` is right for 843, `8431` and `84` are not, though their first digit is."""
+    extracted = extract_toy_answer(response)
+    return extracted == gold, extracted, bool(extracted) and extracted[0] == gold[:1]
 
 
 # ---------------------------------------------------------------- multiple choice

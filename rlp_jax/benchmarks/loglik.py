@@ -104,7 +104,7 @@ def score_continuations(model, contexts: list[list[int]], continuations: list[li
         else:
             with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
                 out = _score_batch(graphdef, params, *(place_on_mesh(a, mesh, rules) for a in arrays))
-        batch_logprob, batch_greedy = jax.device_get(out)
+        batch_logprob, batch_greedy = to_host(out)
         logprob[chosen] = batch_logprob[:len(chosen)]
         greedy[chosen] = batch_greedy[:len(chosen)]
     return OptionScores(logprob, np.array([len(c) for _, c in rows]), greedy)
@@ -119,6 +119,18 @@ def place_on_mesh(x: np.ndarray, mesh: jax.sharding.Mesh, rules) -> jax.Array:
     x = np.asarray(x)
     spec = sharding.fit_spec(x.shape, P(*sharding.logical_to_mesh(("batch",), rules), *(None,) * (x.ndim - 1)), mesh)
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+
+
+def to_host(tree):
+    """Host copies of (global) arrays; arrays split over several processes (a multi-host training
+    run's mesh) are gathered whole on every process."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
 
 
 @dataclasses.dataclass

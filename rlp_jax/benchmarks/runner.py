@@ -88,9 +88,7 @@ def load_model(hf_dir: str | None = None, workdir: str | None = None, step: int 
                                  "safetensors).")
         model = hf.load_hf(hf_dir, mesh=mesh, rules=rules, **overrides)
         return model, f"hf:{Path(hf_dir).absolute()}", str(hf_dir)
-    from rlp_jax import evaluation_run
-
-    config = evaluation_run.run_config(Path(workdir))
+    config = _run_config(Path(workdir))
     model, used_step = _run_model(Path(workdir), step)
     if dtype is not None:
         model.config = model.config.replace(dtype=dtype)
@@ -100,7 +98,19 @@ def load_model(hf_dir: str | None = None, workdir: str | None = None, step: int 
 
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         nnx.update(model, jax.device_put(nnx.state(model), replicated))
-    return model, f"run:{Path(workdir).absolute()}@step{used_step}", config.tokenizer
+    return model, f"run:{Path(workdir).absolute()}@step{used_step}", config["tokenizer"]
+
+
+def _run_config(workdir: Path) -> dict:
+    """A run's config.json (what `rlp_jax.evaluation_run.run_config` reads, without importing an
+    entry point)."""
+    from rlp_jax import checkpoint as ckpt_lib
+    from rlp_jax.config import ConfigError
+
+    path = ckpt_lib.RunDir(workdir).require_run().config
+    if not path.exists():
+        raise ConfigError(f"{workdir} has no config.json; pass the --workdir of an rlp-jax training run.")
+    return json.loads(path.read_text())
 
 
 def _run_model(workdir: Path, step: int | None):
@@ -137,12 +147,15 @@ def _run_model(workdir: Path, step: int | None):
 
 # ---------------------------------------------------------------- one task
 
-def _generation_config(settings: Settings, samples: int, greedy: bool) -> gen.GenerationConfig:
+def _generation_config(settings: Settings, samples: int, greedy: bool, task: Task | None = None
+                       ) -> gen.GenerationConfig:
+    max_new = min(settings.max_new_tokens, task.max_new_tokens or settings.max_new_tokens) if task \
+        else settings.max_new_tokens
     if greedy:
-        return gen.GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=0.0, num_samples=1,
+        return gen.GenerationConfig(max_new_tokens=max_new, temperature=0.0, num_samples=1,
                                     seed=settings.seed, batch_size=settings.batch_size,
                                     max_prompt_len=settings.max_prompt_len)
-    return gen.GenerationConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+    return gen.GenerationConfig(max_new_tokens=max_new, temperature=settings.temperature,
                                 top_p=settings.top_p, top_k=settings.top_k, num_samples=samples, seed=settings.seed + 1,
                                 batch_size=settings.batch_size, max_prompt_len=settings.max_prompt_len)
 
@@ -157,10 +170,19 @@ def _responses(model, tok, prompt_ids, cfg, label, mesh, rules, progress):
     return texts, out, lengths
 
 
-def _grade(item, response: str) -> tuple[bool, str | None]:
+def _grade(task: Task, item, response: str) -> tuple[bool, str | None, dict[str, bool]]:
+    """(correct, extracted answer, {further criterion: correct}) for one response."""
+    if task.grade is not None:
+        return task.grade(item, response)
     if item.is_choice:
-        return graders.grade_choice(item.answer_index, response, len(item.choices))
-    return graders.grade_math(item.answer, response)
+        return (*graders.grade_choice(item.answer_index, response, len(item.choices)), {})
+    return (*graders.grade_math(item.answer, response), {})
+
+
+def prompt_text(task: Task, item, settings: Settings) -> str:
+    """The prompt of `item`: the task's own (toy tasks: the bare problem) or prompts.generation_prompt."""
+    return task.prompt(item) if task.prompt is not None else \
+        prompts.generation_prompt(item, settings.prompt_format, settings.shots)
 
 
 def evaluate_task(model, tok, task: Task, items, settings: Settings, *, mesh=None, rules=sharding.DEFAULT_RULES,
@@ -171,21 +193,23 @@ def evaluate_task(model, tok, task: Task, items, settings: Settings, *, mesh=Non
     samples = settings.math_samples if task.kind == "math" else settings.choice_samples
     want_greedy = settings.math_greedy if task.kind == "math" else True
     want_greedy = want_greedy or samples == 0
-    prompt_ids = [tok.encode_prompt(prompts.generation_prompt(item, settings.prompt_format, settings.shots))
-                  for item in items]
+    prompt_ids = [tok.encode_prompt(prompt_text(task, item, settings)) for item in items]
     records = [{"id": item.id, "answer": item.answer if not item.is_choice else graders.LETTERS[item.answer_index]}
                for item in items]
     result: dict[str, Any] = {"kind": task.kind, "num_items": len(items)}
     runs = ([("greedy", 1)] if want_greedy else []) + ([("sampled", samples)] if samples else [])
     correct: dict[str, np.ndarray] = {}
+    further: dict[str, dict[str, np.ndarray]] = {}  # criterion -> run -> correct [item, sample]
     tokens, seconds, lengths_all, finished_all = 0, 0.0, [], []
     for name, count in runs:
-        cfg = _generation_config(settings, count, greedy=name == "greedy")
+        cfg = _generation_config(settings, count, greedy=name == "greedy", task=task)
         texts, out, lengths = _responses(model, tok, prompt_ids, cfg, f"{task.name} {name}", mesh, rules, progress)
-        grades = [[_grade(item, response) for response in per_item] for item, per_item in zip(items, texts)]
-        correct[name] = np.array([[ok for ok, _ in g] for g in grades], bool)
+        grades = [[_grade(task, item, response) for response in per_item] for item, per_item in zip(items, texts)]
+        correct[name] = np.array([[ok for ok, _, _ in g] for g in grades], bool)
+        for criterion in (grades[0][0][2] if grades and grades[0] else {}):
+            further.setdefault(criterion, {})[name] = np.array([[x[criterion] for _, _, x in g] for g in grades], bool)
         for record, per_item, g in zip(records, texts, grades):
-            record[name] = [{"response": r, "extracted": e, "correct": ok} for r, (ok, e) in zip(per_item, g)]
+            record[name] = [{"response": r, "extracted": e, "correct": ok, **x} for r, (ok, e, x) in zip(per_item, g)]
         tokens, seconds = tokens + out.num_tokens, seconds + out.seconds
         lengths_all.append(lengths.ravel())
         finished_all.append(out.finished.ravel())
@@ -195,6 +219,11 @@ def evaluate_task(model, tok, task: Task, items, settings: Settings, *, mesh=Non
         result["pass@1"] = metrics.pass_at_1(correct["sampled"])
         result["pass@1_se"] = metrics.standard_error(correct["sampled"])
         result[f"pass@{samples}"] = metrics.mean_pass_at_k(correct["sampled"], samples)
+    for criterion, by_run in further.items():  # e.g. the toy tasks' first answer digit
+        if "greedy" in by_run:
+            result[f"{criterion}_greedy"] = metrics.greedy_accuracy(by_run["greedy"][:, 0])
+        if "sampled" in by_run:
+            result[f"{criterion}_pass@1"] = metrics.pass_at_1(by_run["sampled"])
     if task.kind == "math":
         result["protocol"] = (f"pass@1 averaged over {samples} samples" if samples else "greedy accuracy")
         result["score"] = result["pass@1"] if samples else result["greedy"]
@@ -275,10 +304,72 @@ def to_markdown(result: dict) -> str:
             else (f"acc_norm {_pct(t['acc_norm'])}", "—")
         lines.append(f"| {name} | {t['num_items']} | {t['protocol']} | {_pct(t['score'])} | {_pct(se)} | "
                      f"{_pct(t.get('greedy'))} | {pass_k} | {extra[0]} | {extra[1]} |")
+    first = {name: t for name, t in result["tasks"].items() if "first_digit_greedy" in t or "first_digit_pass@1" in t}
+    if first:  # the toy tasks: the first answer digit, what the toy RLP stage trains
+        lines += ["", "| task | first answer digit: greedy | first answer digit: pass@1 |", "|---|---|---|"]
+        lines += [f"| {name} | {_pct(t.get('first_digit_greedy'))} | {_pct(t.get('first_digit_pass@1'))} |"
+                  for name, t in first.items()]
     if result["suites"]:
         lines += ["", "| suite | tasks | average score |", "|---|---|---|"]
         lines += [f"| {name} | {', '.join(v['tasks'])} | {_pct(v['score'])} |" for name, v in result["suites"].items()]
     return "\n".join(lines) + "\n"
+
+
+def fit_batch(settings: Settings, mesh) -> Settings:
+    """`settings` with its batch size rounded up to whole rows on every device of `mesh`."""
+    if mesh is not None and settings.batch_size % mesh.size:
+        settings = dataclasses.replace(settings, batch_size=-(-settings.batch_size // mesh.size) * mesh.size)
+    return settings
+
+
+def _tokenizer(spec: str, model) -> text.BenchmarkTokenizer:
+    try:
+        tok = text.load(spec)
+    except BenchmarkError:
+        raise
+    except (OSError, ValueError) as error:
+        raise BenchmarkError(f"tokenizer {spec!r} cannot be loaded ({error}); pass --tokenizer with a "
+                             "tokenizer.json.") from None
+    if tok.vocab_size > model.config.vocab_size:
+        raise BenchmarkError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}; "
+                             "pass --tokenizer with the model's own tokenizer.")
+    return tok
+
+
+def _run_seed(workdir) -> int:
+    """A run's `seed`, which seeds its demo corpus and so its toy tasks' items (0 without a run)."""
+    if workdir is None:
+        return 0
+    from rlp_jax.config import ConfigError
+
+    try:
+        return int(_run_config(Path(workdir)).get("seed", 0))
+    except ConfigError:  # not a run: load_model says so
+        return 0
+
+
+def evaluate_run_dir(run_dir: str | Path, task_names=("demo_addition",), settings: Settings | None = None, *,
+                     step: int | None = None, data_dir=None, mesh_mode: str = "auto", with_records: bool = False,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """A training run's checkpoint (`step`, default the newest) on benchmark tasks, in memory: the
+    numbers `rlp-jax evaluate --workdir` writes, nothing written. The toy tasks read the run's own
+    held-out problems (its corpus seed). Returns `{"model", "tokenizer", "step", "settings",
+    "tasks": {task: numbers}, "suites"}` (+ `"records"`, one per item, with `with_records`); a toy
+    task's numbers: `pass@1` (over `settings.math_samples` samples at `settings.temperature`),
+    `greedy` (with `settings.math_greedy`), `first_digit_pass@1`, `first_digit_greedy`, `score`."""
+    settings = settings or Settings()
+    task_list = tasks.resolve(list(task_names), demo_seed=_run_seed(run_dir))
+    for task in task_list:  # a missing local file is reported before the model is loaded
+        task.load(data_dir, 1)
+    mesh = _mesh(mesh_mode)
+    settings = fit_batch(settings, mesh)
+    model, description, tokenizer_spec = load_model(workdir=str(run_dir), step=step, mesh=mesh)
+    tok = _tokenizer(tokenizer_spec, model)
+    result, records = evaluate(model, tok, task_list, settings, data_dir=data_dir, mesh=mesh, progress=progress)
+    result = {"model": description, "tokenizer": tok.name, "step": int(description.rsplit("@step", 1)[1])} | result
+    if with_records:
+        result["records"] = records
+    return result
 
 
 def run(task_names: list[str], settings: Settings, out: str | Path, *, hf_dir=None, workdir=None, step=None,
@@ -286,23 +377,13 @@ def run(task_names: list[str], settings: Settings, out: str | Path, *, hf_dir=No
         progress: Callable[[str], None] | None = gen.print_progress) -> tuple[dict, str]:
     """Loads the model, evaluates, writes OUT.json, OUT.md and OUT.samples.jsonl; returns
     (result, markdown)."""
-    task_list = tasks.resolve(task_names)
+    task_list = tasks.resolve(task_names, demo_seed=_run_seed(workdir))
     for task in task_list:  # a missing local file is reported before the model is loaded
         task.load(data_dir, 1)
     mesh = _mesh(mesh_mode)
-    if mesh is not None and settings.batch_size % mesh.size:  # whole rows on every device
-        settings = dataclasses.replace(settings, batch_size=-(-settings.batch_size // mesh.size) * mesh.size)
+    settings = fit_batch(settings, mesh)
     model, description, default_tokenizer = load_model(hf_dir, workdir, step, mesh=mesh, dtype=dtype)
-    try:
-        tok = text.load(tokenizer or default_tokenizer)
-    except BenchmarkError:
-        raise
-    except (OSError, ValueError) as error:
-        raise BenchmarkError(f"tokenizer {tokenizer or default_tokenizer!r} cannot be loaded ({error}); pass "
-                             "--tokenizer with a tokenizer.json.") from None
-    if tok.vocab_size > model.config.vocab_size:
-        raise BenchmarkError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}; "
-                             "pass --tokenizer with the model's own tokenizer.")
+    tok = _tokenizer(tokenizer or default_tokenizer, model)
     result, records = evaluate(model, tok, task_list, settings, data_dir=data_dir, mesh=mesh, progress=progress)
     result = {"model": description, "tokenizer": tok.name} | result
     markdown = to_markdown(result)

