@@ -109,26 +109,51 @@ def _apply(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections
     return config
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """`{"a.b": value}` for every leaf of a nested config dict."""
+    out = {}
+    for key, value in tree.items():
+        out |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+    return out
+
+
 def _finished_elsewhere(root: Path, grid: str, config: ml_collections.ConfigDict, seed: int,
                         all_grids: dict) -> Path | None:
-    """A finished run of another grid's cell, same seed, that ran exactly `config`, if any."""
-    want = json.loads(config.to_json())
+    """A finished run of another grid's cell, same seed, that ran `config`: every setting its
+    saved config.json has equals `config`'s (keys added to the config since that run took their
+    defaults, as a workdir's identity treats them), if any."""
+    want = _leaves(json.loads(config.to_json()))
     for other, cells in all_grids.items():
         for twin in cells:
             run_dir = root / other / _slug(twin.name) / f"s{seed}"
             if other == grid or twin.matched_to is not None or not (run_dir / "eval.json").exists():
                 continue
-            saved = json.loads((run_dir / "config.json").read_text())
-            if {key: saved.get(key) for key in want} == want:
+            saved = _leaves(json.loads((run_dir / "config.json").read_text()))
+            if all(want.get(key, value) == value for key, value in saved.items()) and saved.keys() <= want.keys():
                 return run_dir
     return None
 
 
+def benchmark_numbers(run_dir: Path, task: str, items: int) -> dict:
+    """A finished cell's benchmark numbers on the task's held-out problems, as `rlp-jax evaluate`
+    reports them for real suites: the whole answer's pass@1 over 4 samples at temperature 1 (the
+    demo's sampling temperature) and its greedy accuracy, for the first `items` problems."""
+    from rlp_jax.benchmarks import runner
+
+    settings = runner.Settings(math_samples=4, math_greedy=True, temperature=1.0, top_p=1.0,
+                               limit=items, batch_size=64)
+    numbers = runner.evaluate_run_dir(run_dir, [f"demo_{task}"], settings)["tasks"][f"demo_{task}"]
+    return {"bench_pass@1": numbers["pass@1"], "bench_greedy": numbers["greedy"],
+            "bench_items": items}
+
+
 def run_grid(grid: str, workdir: str | Path, *, task: str = "addition", seeds=(0, 1),
              steps: int | None = None, warmup_steps: int | None = None,
-             eval_positions: int | None = None, echo: Callable[[str], None] = print) -> dict:
+             eval_positions: int | None = None, benchmark_items: int = 256,
+             echo: Callable[[str], None] = print) -> dict:
     """Runs every cell × seed of `grid` on demo task `task` not yet finished, then writes the
-    table and plot."""
+    table and plot. `benchmark_items` > 0 adds each cell's benchmark numbers
+    (`benchmark_numbers`, kept in the cell's `bench.json`) to the table."""
     from rlp_jax import evaluation_run, trainer
 
     workdir = Path(workdir).absolute()
@@ -165,7 +190,12 @@ def run_grid(grid: str, workdir: str | Path, *, task: str = "addition", seeds=(0
             if not eval_file.exists():
                 result = evaluation_run.evaluate_run(run_dir, config=eval_config, start_from=warm_dir)
                 eval_file.write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
-            return json.loads(eval_file.read_text())
+            numbers = json.loads(eval_file.read_text())
+            bench_file = run_dir / "bench.json"
+            if benchmark_items and not (bench_file.exists() and
+                                        json.loads(bench_file.read_text())["bench_items"] == benchmark_items):
+                bench_file.write_text(json.dumps(benchmark_numbers(run_dir, task, benchmark_items), indent=2))
+            return numbers | (json.loads(bench_file.read_text()) if benchmark_items else {})
 
         # The reference row: the warm-up itself, the point every cell of this seed starts from.
         results.setdefault(START_ROW, []).append(evaluated(warm_dir))
@@ -202,16 +232,20 @@ def run_grid(grid: str, workdir: str | Path, *, task: str = "addition", seeds=(0
 START_ROW = "start (NTP warm-up)"
 
 METRICS = (("gain_start", "gain vs start (nats)"), ("acc_greedy_think", "acc, greedy thought"),
-           ("acc_no_think", "acc, no thought"), ("nll_no_think", "NLL, no thought"))
+           ("acc_no_think", "acc, no thought"), ("nll_no_think", "NLL, no thought"),
+           ("bench_pass@1", "answer pass@1 (4 samples, T=1)"), ("bench_greedy", "answer, greedy"))
 
 
 def summary_table(grid: str, results: dict[str, list[dict]]) -> str:
-    """Markdown: per cell, the mean over seeds and the spread (min–max) of each metric."""
-    head = "| cell | seeds | " + " | ".join(label for _, label in METRICS) + " |"
-    lines = [f"### grid `{grid}`", "", head, "|---|---|" + "---|" * len(METRICS)]
+    """Markdown: per cell, the mean over seeds and the spread (min–max) of each metric that every
+    run has."""
+    shown = [(name, label) for name, label in METRICS
+             if all(name in r for runs in results.values() for r in runs)]
+    head = "| cell | seeds | " + " | ".join(label for _, label in shown) + " |"
+    lines = [f"### grid `{grid}`", "", head, "|---|---|" + "---|" * len(shown)]
     for cell, runs in results.items():
         cells = []
-        for name, _ in METRICS:
+        for name, _ in shown:
             values = np.array([r[name] for r in runs], float)
             cells.append(f"{values.mean():+.3f} [{values.min():+.3f}, {values.max():+.3f}]")
         lines.append(f"| {cell} | {len(runs)} | " + " | ".join(cells) + " |")

@@ -102,6 +102,10 @@ def _absolute_paths(config) -> None:
         for node, key in ((d, "data_dir"), (config.init, "path"), (config.rlp, "rpt_proxy")):
             if node[key]:
                 node[key] = _absolute(node[key])
+        if config.eval.benchmark_data_dir:
+            config.eval.benchmark_data_dir = _absolute(config.eval.benchmark_data_dir)
+        config.eval.benchmark_tasks = tuple(_absolute(t) if t.endswith(".jsonl") else t
+                                            for t in config.eval.benchmark_tasks)
         if config.tokenizer not in ("demo", "bytes") and not config.tokenizer.startswith("char:"):
             config.tokenizer = _absolute(config.tokenizer)
 
@@ -197,7 +201,8 @@ def _ablate(args: argparse.Namespace) -> int:
     seeds = tuple(range(args.seeds))
     try:
         ablate.run_grid(args.grid, args.workdir, task=args.task, seeds=seeds, steps=args.steps,
-                        warmup_steps=args.warmup_steps, eval_positions=args.eval_positions)
+                        warmup_steps=args.warmup_steps, eval_positions=args.eval_positions,
+                        benchmark_items=args.bench_items)
     except ValueError as error:  # ConfigError included
         return _fail("ablate", error)
     return 0
@@ -273,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "--samples sampled responses (\\boxed{} answers judged by math-verify). Multiple choice: the\n"
                     "mean of greedy accuracy and pass@1 over --choice-samples samples, or the options'\n"
                     "log-likelihood (--choice-mode loglik). Suites: math, science, paper (AIME25, AMC23, Minerva\n"
-                    "Math, MMLU-Pro and GPQA are local files: --data-dir), math_offline, science_offline.\n"
+                    "Math, MMLU-Pro and GPQA are local files: --data-dir), math_offline, science_offline,\n"
+                    "demo (demo_addition, demo_carry: a toy run's own held-out problems).\n"
                     "Held-out information gain is `rlp-jax eval`. See docs/evaluation.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     bm.add_argument("--hf", default=None, help="an HF model folder (config.json + safetensors + tokenizer.json)")
@@ -321,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--warmup-steps", type=int, default=None, help="NTP warm-up steps (default: the demo's)")
     ab.add_argument("--eval-positions", type=int, default=None, help="held-out positions per cell (default: the "
                                                                       "demo's)")
+    ab.add_argument("--bench-items", type=int, default=256,
+                    help="held-out problems per cell for the benchmark columns (answer pass@1 and greedy, as "
+                         "`rlp-jax evaluate` scores them; default 256, 0: off)")
     ab.set_defaults(run=_ablate)
 
     from rlp_jax import plan

@@ -51,7 +51,7 @@ def test_summary_table_mean_and_spread():
 
 def test_tiny_grid_runs_and_resumes_only_unfinished_cells(tmp_path):
     lines = []
-    results = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32,
+    results = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32, benchmark_items=0,
                               echo=lines.append)
     assert list(results) == [ablate.START_ROW, "dense (RLP)", "sparse (RPT)"]
     for runs in results.values():
@@ -65,7 +65,7 @@ def test_tiny_grid_runs_and_resumes_only_unfinished_cells(tmp_path):
     # Forget one cell's result: a rerun redoes that cell only (and resumes its finished training).
     (tmp_path / "reward" / ablate._slug("sparse (RPT)") / "s0" / "eval.json").unlink()
     lines.clear()
-    again = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32,
+    again = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32, benchmark_items=0,
                             echo=lines.append)
     started = [line for line in lines if line.startswith("reward / ")]
     assert started == ["reward / sparse (RPT) / seed 0: 2 steps"]
@@ -74,7 +74,7 @@ def test_tiny_grid_runs_and_resumes_only_unfinished_cells(tmp_path):
 
 
 def test_eval_cli_writes_json_and_markdown(tmp_path):
-    ablate.run_grid("reward", tmp_path, seeds=(0,), steps=1, warmup_steps=2, eval_positions=16,
+    ablate.run_grid("reward", tmp_path, seeds=(0,), steps=1, warmup_steps=2, eval_positions=16, benchmark_items=0,
                     echo=lambda *_: None)
     run = tmp_path / "reward" / ablate._slug("dense (RLP)") / "s0"
     result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "eval", "--workdir", str(run),
@@ -100,7 +100,7 @@ def test_carry_task_grid_lives_under_its_own_root_and_cpt_reuses_the_dense_run(t
     """`--task carry` runs under WORKDIR/carry with the 6-digit corpus and 40-token thoughts; the
     cpt grid's RLP cell is the reward grid's dense run (same settings), read, not rerun; the CPT
     cell trains on 22-token plain documents for the dense run's processed tokens."""
-    kwargs = dict(task="carry", seeds=(0,), steps=2, warmup_steps=3, eval_positions=16)
+    kwargs = dict(task="carry", seeds=(0,), steps=2, warmup_steps=3, eval_positions=16, benchmark_items=8)
     ablate.run_grid("reward", tmp_path, echo=lambda *_: None, **kwargs)
     root = tmp_path / "carry"
     dense = root / "reward" / ablate._slug("dense (RLP)") / "s0"
@@ -111,8 +111,13 @@ def test_carry_task_grid_lives_under_its_own_root_and_cpt_reuses_the_dense_run(t
     results = ablate.run_grid("cpt", tmp_path, echo=lines.append, **kwargs)
     assert "cpt / RLP / seed 0: the same run as reward/dense_RLP/s0" in lines
     assert not (root / "cpt" / "RLP").exists()
-    assert results["RLP"][0] == json.loads((dense / "eval.json").read_text())
+    assert results["RLP"][0] == json.loads((dense / "eval.json").read_text()) | json.loads(
+        (dense / "bench.json").read_text())
     processed = ablate.measured_flop_tokens(dense)
     cpt = json.loads((root / "cpt" / ablate._slug("CPT, equal T_flop") / "s0" / "config.json").read_text())
     assert cpt["data"]["seq_len"] == 24 and cpt["train"]["steps"] == -(-int(processed) // (64 * 22))
     assert ablate.plain_document_tokens(ablate.demo_configs.stages("carry")[1]) == 22
+    # The benchmark columns: the cell's bench.json is what rlp-jax evaluate's runner gives for it.
+    assert json.loads((dense / "bench.json").read_text()) == ablate.benchmark_numbers(dense, "carry", 8)
+    assert results["RLP"][0]["bench_items"] == 8 and 0 <= results["RLP"][0]["bench_pass@1"] <= 1
+    assert "answer pass@1 (4 samples, T=1)" in (root / "cpt" / "table.md").read_text()

@@ -166,3 +166,13 @@ def test_carry_task_stages_and_report(tmp_path):
     summary = demo.write_report(workdir)
     assert summary["config"]["task"] == "carry"
     assert "RLP on 6-digit additions whose leading digit hangs on a long carry chain" in (workdir / "report.md").read_text()
+
+
+def test_report_carries_the_benchmark_table(tmp_path):
+    workdir = _run_folder(tmp_path, [_eval(0, -1.0, 0.1, 0.5, 0.3), _eval(120, 0.5, 0.1, 0.8, 0.3)])
+    bench = {"warmup": {"bench_pass@1": 0.125, "bench_greedy": 0.25, "bench_items": 64},
+             "rlp": {"bench_pass@1": 0.375, "bench_greedy": 0.5, "bench_items": 64}}
+    summary = demo.write_report(workdir, bench=bench)
+    assert summary["benchmark"] == bench
+    report = (workdir / "report.md").read_text()
+    assert "| pass@1, 4 samples at T=1 | 0.125 | 0.375 |" in report and "| greedy | 0.250 | 0.500 |" in report

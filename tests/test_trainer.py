@@ -201,4 +201,7 @@ def test_demo_writes_report_and_plots_from_real_evaluations(tmp_path):
     assert summary["before"]["gain_start"] == pytest.approx(summary["before"]["gain_ema"], abs=1e-6)
     for png in ("reward.png", "gain.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The benchmark table: the whole answers of the first 64 held-out problems, before and after.
+    assert summary["benchmark"]["rlp"]["bench_items"] == 64
+    assert all(0 <= summary["benchmark"][stage]["bench_pass@1"] <= 1 for stage in ("warmup", "rlp"))
 
