@@ -118,7 +118,10 @@ def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBat
     next token(s) after each thought on the rollout's own KV cache (`score_after_thoughts`).
     `greedy` decodes the thought by argmax instead (evaluation); behaviour log-probs are then
     taken at temperature 1."""
-    weights = decode.decode_weights(nnx.merge(graphdef, params))  # cast once for the whole rollout
+    model = nnx.merge(graphdef, params)
+    if is_hybrid(model):
+        return _hybrid_sample_and_score(model, batch, key, cfg, greedy)
+    weights = decode.decode_weights(model)  # cast once for the whole rollout
     L, K = cfg.max_thought_len, batch.target_BxK.shape[1]
     prompt_BxP, prompt_len_B = build_prompts(batch.context_BxT, batch.context_len_B, cfg)
     sampling_cfg = cfg.sampling_config()
@@ -199,6 +202,79 @@ def score_after_thoughts(weights: decode.DecodeWeights, out: sampling.SampleOutp
     logits_NxKxV = _scoring_logits(decode.logits(weights, hidden[:, :K]), cfg)
     return (losses.token_logprobs(logits_NxKxV, target_NxK),
             jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32), cache)
+
+
+# ---------------------------------------------------------------- the Nemotron-H hybrid
+
+def is_hybrid(model: nnx.Module) -> bool:
+    """Whether `model` is the Nemotron-H hybrid: its rollouts run on its recurrent state
+    (rlp_jax.hybrid_sampling) rather than on the attention rollout cache."""
+    from rlp_jax.models.nemotron_h import NemotronH
+    return isinstance(model, NemotronH)
+
+
+def _hybrid_sample_and_score(model: nnx.Module, batch: PromptBatch, key: Array, cfg: RolloutConfig,
+                             greedy: bool) -> Rollouts:
+    """`sample_and_score` for the hybrid: the same prompts, keys, sampling and outputs, on the
+    recurrent state (each prompt prefilled once, its state repeated to its G rows)."""
+    from rlp_jax import hybrid_sampling
+
+    weights = hybrid_sampling.decode_weights(model.weights())
+    L, K = cfg.max_thought_len, batch.target_BxK.shape[1]
+    prompt_BxP, prompt_len_B = build_prompts(batch.context_BxT, batch.context_len_B, cfg)
+    sampling_cfg = cfg.sampling_config()
+    if greedy:
+        sampling_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
+    M = cfg.prediction_len
+    thought_key, prediction_key = jax.random.split(key) if M else (key, None)
+    out = hybrid_sampling.sample(weights, prompt_BxP, prompt_len_B, thought_key, sampling_cfg,
+                                 num_samples=cfg.num_rollouts, extra_slots=1 + max(K, M))
+    s_pred_NxK, predicted_NxK = hybrid_score_after_thoughts(weights, out, batch.target_BxK, cfg)
+    thought_mask_NxL = jnp.arange(L)[None, :] < out.lengths_N[:, None]
+    roll = Rollouts(prompt_BxP, prompt_len_B, out.tokens_NxL, thought_mask_NxL, ~out.finished_N,
+                    out.logprobs_NxL, s_pred_NxK, predicted_NxK)
+    if not M:
+        return roll
+    prediction_NxM, logprobs_NxM = hybrid_sample_prediction(weights, out.cache, cfg.think_close_id, prediction_key,
+                                                            sampling_cfg, M)
+    return with_prediction(roll, prediction_NxM, logprobs_NxM, cfg.think_close_id)
+
+
+def hybrid_score_after_thoughts(weights, out: sampling.SampleOutput, target_BxK: Array,
+                                cfg: RolloutConfig) -> tuple[Array, Array]:
+    """Eq. 3 on the hybrid: `[</think>, x_t, …]` fed from each row's state after its thought (the
+    state never holds a sampled `</think>`: hybrid_sampling), so no second forward over context
+    and thought. Returns the log-probs and argmax predictions of the K targets."""
+    from rlp_jax import hybrid_sampling
+    from rlp_jax.models import nemotron_h as nh
+
+    N, K = out.tokens_NxL.shape[0], target_BxK.shape[1]
+    target_NxK = jnp.repeat(target_BxK, N // target_BxK.shape[0], axis=0)
+    feed_NxK1 = jnp.concatenate([jnp.full((N, 1), cfg.think_close_id, jnp.int32), target_NxK], axis=1)
+    hidden_NxK1xD, _ = hybrid_sampling.extend(weights, out.cache, feed_NxK1)
+    logits_NxKxV = _scoring_logits(nh.logits(weights, hidden_NxK1xD[:, :K]), cfg)
+    return losses.token_logprobs(logits_NxKxV, target_NxK), jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32)
+
+
+def hybrid_sample_prediction(weights, state, close_id: int, key: Array, cfg: sampling.SamplingConfig,
+                             num_tokens: int) -> tuple[Array, Array]:
+    """RPT's prediction on the hybrid: `</think>` fed from each row's state after its thought, then
+    `num_tokens` tokens sampled as `sample_prediction` samples them (same keys, no stop, no minimum)."""
+    from rlp_jax.models import nemotron_h as nh
+
+    cfg = dataclasses.replace(cfg, stop_tokens=(), min_new_tokens=0)
+
+    def step(carry, m):
+        state, fed_N = carry
+        hidden_Nx1xD, state = nh.decode_step(weights, state, fed_N[:, None])
+        token_N, logprob_N = sampling.next_token(nh.logits(weights, hidden_Nx1xD)[:, 0].astype(jnp.float32),
+                                                 jax.random.fold_in(key, m), m, cfg)
+        return (state, token_N), (token_N, logprob_N)
+
+    N = state.lengths_B.shape[0]
+    _, (tokens_MxN, logprobs_MxN) = jax.lax.scan(step, (state, jnp.full((N,), close_id, jnp.int32)),
+                                                 jnp.arange(num_tokens))
+    return tokens_MxN.T, logprobs_MxN.T
 
 
 def context_then_targets(batch: PromptBatch) -> tuple[Array, Array]:

@@ -126,8 +126,13 @@ def sample(weights: DecodeWeights, prompts_BxP: Array, prompt_lengths_B: Array, 
     """Samples `num_samples` continuations of each prompt. Pure; jit it (cfg static).
 
     `weights`: `decode.decode_weights(model)`, made once outside any loop. `extra_slots`: room in
-    the cache for tokens a caller appends afterwards (`1 + target_len` for RLP scoring).
+    the cache for tokens a caller appends afterwards (`1 + target_len` for RLP scoring). The
+    Nemotron-H hybrid's weights (`hybrid_sampling.decode_weights(model.weights())`) sample on its
+    recurrent state instead (rlp_jax.hybrid_sampling; `cache` is then that state).
     """
+    if not isinstance(weights, DecodeWeights):
+        from rlp_jax import hybrid_sampling
+        return hybrid_sampling.sample(weights, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots)
     c = weights.config
     B, P = prompts_BxP.shape
     # Blocks no longer than the suffix needs: a short thought must not read a long block.
@@ -193,7 +198,12 @@ sample_jit = jax.jit(sample, static_argnames=("cfg", "num_samples", "extra_slots
 
 def generate(model: nnx.Module, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
              cfg: SamplingConfig, num_samples: int = 1, extra_slots: int = 0) -> SampleOutput:
-    """Jitted `sample` for a live NNX model (compiled once per shape and config)."""
+    """Jitted `sample` for a live NNX model (compiled once per shape and config); the Nemotron-H
+    hybrid samples on its recurrent state (rlp_jax.hybrid_sampling.generate)."""
+    from rlp_jax.models.nemotron_h import NemotronH
+    if isinstance(model, NemotronH):
+        from rlp_jax import hybrid_sampling
+        return hybrid_sampling.generate(model, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots)
     graphdef, params = nnx.split(model)
     return _generate(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B), key, cfg,
                      num_samples, extra_slots)

@@ -248,6 +248,21 @@ class NemotronH(nnx.Module):
         w = self.weights()
         return logits(w, hidden_states(w, tokens_BxT, valid_BxT))
 
+    # The Transformer's forward pieces, so that the RLP step's teacher-forced forwards (rollouts.
+    # thought_logprobs, no_think_logprobs) and its chunked LM head run on either model.
+    def hidden_states(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+                      valid_BxT: Array | None = None) -> Array:
+        """Final-norm hidden states `[B, T, D]` (before the LM head); positions are ignored."""
+        del positions_BxT
+        return hidden_states(self.weights(), tokens_BxT, valid_BxT)
+
+    def head_weights(self) -> Array:
+        """The LM head `[D, V]` (never tied for this model)."""
+        return self.lm_head[...]
+
+    def logits(self, hidden_BxTxD: Array) -> Array:
+        return tfm.head_logits(hidden_BxTxD, self.lm_head[...])
+
 
 def init_model(config: NemotronHConfig, seed: int = 0, init_std: float = 0.02) -> NemotronH:
     """A randomly initialised, unsharded model (its initialisers compiled as one program: run

@@ -1,0 +1,126 @@
+"""Sampling from the Nemotron-H hybrid (rlp_jax.models.nemotron_h) on its recurrent state: the
+hybrid counterpart of `rlp_jax.sampling.sample`, with the same `SamplingConfig` semantics.
+
+`sample(weights, prompts, ...)` is pure (jit it, cfg static); `generate(model, ...)` is the jitted
+convenience for a live NNX model.
+
+Conventions (as `sampling`, except where the state differs from an attention cache)
+- Prompts are right-padded `[B, P]` with lengths `[B]`; each prompt is prefilled ONCE (B rows) and
+  its state repeated to its G samples (`nemotron_h.repeat_rows`: rows `b·G … b·G+G−1`).
+- Thoughts are decoded token by token (`nemotron_h.decode_step`); the draw at step u is
+  `sampling.next_token(logits, fold_in(key, u), u, cfg)` over all N rows at once, exactly as the
+  attention sampler draws: the same logits give the same tokens and behaviour log-probs.
+- A recurrent state cannot take a token back, so a row's state holds only what a caller will
+  continue from: every generated token EXCEPT a sampled stop token (the Mamba state has no slot
+  to rewrite). `cache.lengths_B = prompt_len + lengths − finished` is where the stop token (RLP:
+  `</think>`) goes next, for sampled and forced closes alike (`extend`). Rows that have finished
+  keep their conv and SSM state unchanged; their attention slot at `lengths_B` is scratch that the
+  next token fed there overwrites before any query reads it.
+- Attention slots: `P + max_new_tokens + extra_slots`; decode attends over all of them under a
+  mask (no block structure as in `rlp_jax.models.decode`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlp_jax.models import nemotron_h as nh
+from rlp_jax.sampling import SampleOutput, SamplingConfig, next_token
+from rlp_jax.sharding import constrain
+
+Array = jax.Array
+
+
+def decode_weights(w: nh.Weights) -> nh.Weights:
+    """The weights cast to the compute dtype once per rollout (the Mamba A_log, D and dt_bias stay
+    float32, as the model keeps them) and, under a mesh, not split over `embed` (the FSDP axis):
+    a sharded model gathers each weight once, outside the decode loop. Same numbers as `w`."""
+    dtype = jnp.dtype(w.config.dtype)
+    unsplit = lambda axes: tuple(None if a == "embed" else a for a in axes)
+    cast = lambda name, a: a if name in nh._FLOAT32_WEIGHTS else a.astype(dtype)
+    blocks = {t: {name: constrain(cast(name, a), unsplit(nh.AXES[t][name])) for name, a in stack.items()}
+              for t, stack in w.blocks.items()}
+    head = constrain(w.head_DxV.astype(dtype), (None, "vocab"))
+    return nh.Weights(w.config, w.embed_VxD, w.final_norm_D, head, blocks)
+
+
+def advance(w: nh.Weights, state: nh.State, tokens_N: Array, feed_N: Array) -> tuple[Array, nh.State]:
+    """`decode_step` for the rows with `feed_N`; the others keep their conv, SSM state and length
+    (the key and value they wrote at their slot `lengths_B` is overwritten by their next token).
+    Returns the final-norm hidden states `[N, D]` (meaningless on rows not fed) and the state."""
+    hidden_Nx1xD, new = nh.decode_step(w, state, tokens_N[:, None])
+    row = lambda a: feed_N.reshape((1, -1) + (1,) * (a.ndim - 2))
+    state = nh.State(conv={k: jnp.where(row(a), a, state.conv[k]) for k, a in new.conv.items()},
+                     ssm=jnp.where(row(new.ssm), new.ssm, state.ssm), k=new.k, v=new.v,
+                     lengths_B=jnp.where(feed_N, new.lengths_B, state.lengths_B))
+    return hidden_Nx1xD[:, 0], nh.constrain_state(state)
+
+
+def extend(w: nh.Weights, state: nh.State, tokens_NxK: Array) -> tuple[Array, nh.State]:
+    """`K` tokens per row fed one after another from `state` (every row): the final-norm hidden
+    states `[N, K, D]` after each, and the state after all of them."""
+    def step(st, tokens_N):
+        hidden_Nx1xD, st = nh.decode_step(w, st, tokens_N[:, None])
+        return st, hidden_Nx1xD[:, 0]
+
+    state, hidden_KxNxD = jax.lax.scan(step, state, tokens_NxK.T)
+    return hidden_KxNxD.swapaxes(0, 1), state
+
+
+def sample(weights: nh.Weights, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
+           cfg: SamplingConfig, num_samples: int = 1, extra_slots: int = 0) -> SampleOutput:
+    """Samples `num_samples` continuations of each prompt; `SampleOutput.cache` is the rows'
+    `nemotron_h.State` (see the module docstring). Pure; jit it (cfg static). `weights`:
+    `decode_weights(model.weights())`, made once outside any loop. `extra_slots`: attention room
+    for tokens a caller appends afterwards (`1 + target_len` for RLP scoring)."""
+    B, P = prompts_BxP.shape
+    G, L = num_samples, cfg.max_new_tokens
+    N = B * G
+    prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
+    hidden_BxPxD, state = nh.prefill(weights, prompts_BxP, prompt_lengths_B, capacity=P + L + extra_slots)
+    last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (prompt_lengths_B - 1)[:, None, None], axis=1)
+    logits_NxV = jnp.repeat(nh.logits(weights, last_Bx1xD)[:, 0], G, axis=0)
+    state = nh.constrain_state(nh.repeat_rows(state, G))
+    stop_ids = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, finished_N = carry[0], carry[4]
+        return (step < L) & ~jnp.all(finished_N)
+
+    def body(carry):
+        step, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N, state = carry
+        token_N, logprob_N = next_token(logits_NxV, jax.random.fold_in(key, step), step, cfg)
+        active_N = ~finished_N
+        token_N = jnp.where(active_N, token_N, cfg.pad_id)
+        tokens_NxL = tokens_NxL.at[:, step].set(token_N)
+        logprobs_NxL = logprobs_NxL.at[:, step].set(jnp.where(active_N, logprob_N, 0.0))
+        lengths_N = lengths_N + active_N
+        stopped_N = active_N & jnp.isin(token_N, stop_ids)
+        finished_N = finished_N | stopped_N
+        hidden_NxD, state = advance(weights, state, token_N, active_N & ~stopped_N)
+        logits_NxV = nh.logits(weights, hidden_NxD[:, None])[:, 0]
+        return step + 1, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N, state
+
+    carry = (jnp.int32(0), logits_NxV, jnp.full((N, L), cfg.pad_id, jnp.int32), jnp.zeros((N, L), jnp.float32),
+             jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32), state)
+    _, _, tokens_NxL, logprobs_NxL, finished_N, lengths_N, state = jax.lax.while_loop(cond, body, carry)
+    return SampleOutput(tokens_NxL, logprobs_NxL, lengths_N, finished_N, state,
+                        jnp.repeat(prompt_lengths_B, G) + lengths_N)
+
+
+def generate(model: nh.NemotronH, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
+             cfg: SamplingConfig, num_samples: int = 1, extra_slots: int = 0) -> SampleOutput:
+    """Jitted `sample` for a live NemotronH model (compiled once per shape and config)."""
+    graphdef, params = nnx.split(model)
+    return _generate(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B), key, cfg,
+                     num_samples, extra_slots)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "num_samples", "extra_slots"))
+def _generate(graphdef, params, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots):
+    weights = decode_weights(nnx.merge(graphdef, params).weights())
+    return sample(weights, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots)
