@@ -3,9 +3,11 @@ digit hangs on a long carry chain (rlp_jax.data.demo_corpus), where thinking is 
 
 Same model, tokenizer and recipe as configs/demo.py; longer documents and thoughts. The worked
 thought is 35 characters (6 columns), so thoughts get 40 tokens; the prompt is BOS + the 14
-characters up to `=`. The warm-up is 250 steps (150 for `addition`): at 150 its greedy thoughts
-got 43% of held-out leading digits right, at 250 53%, at 400 97% (256 positions each; without a
-thought 34–36% at all three), and 250 leaves RLP the partly-right thoughts it learns from.
+characters up to `=`. The warm-up is 250 steps (150 for `addition`), chosen on a first version of
+the generator (chains of 0–5 columns): its greedy thoughts got 43% of 256 held-out leading digits
+right after 150 steps, 53% after 250 and 97% after 400 (without a thought 34–36% at all three);
+250 leaves RLP partly-right thoughts to learn from. With the bundled generator the 250-step
+warm-ups of seeds 0–2 score 67%, 69% and 34% (512 positions; docs/ablations.md).
 """
 
 from rlp_jax.configs import demo
