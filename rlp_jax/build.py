@@ -41,57 +41,35 @@ def tokenizer(config):
                           "to 'demo', 'bytes' or a tokenizer.json (or the folder holding it).") from None
 
 
-def _is_nemotron_h(path: str) -> bool:
-    """Whether `path` holds a Nemotron-H model: an HF folder whose config.json has model_type
-    `nemotron_h`, or an rlp-jax params folder whose model_config.json records that family."""
-    for name, key in (("config.json", "model_type"), ("model_config.json", "family")):
-        try:
-            if json.loads((Path(path) / name).read_text()).get(key) == "nemotron_h":
-                return True
-        except (OSError, ValueError, AttributeError):  # absent or not a JSON object: other checks report it
-            pass
-    return False
-
-
-def refuse_hybrid(config) -> None:
-    """A ConfigError when the run's model (`model.preset` of a run from scratch, `init.path` or
-    `rlp.rpt_proxy`) is the Nemotron-H hybrid, which rlp_jax.models.nemotron_h implements but the
-    RLP step does not run yet."""
+def model_config(config, tok):
+    """The model's shapes (a ModelConfig, or a NemotronHConfig for the Nemotron-H hybrid): from the
+    HF folder, params folder or run of `init.path`, or the `model.preset`; dtypes and remat from
+    `model`. An HF folder is the hybrid when its config.json has model_type `nemotron_h`."""
+    from rlp_jax.models import convert
     from rlp_jax.models import nemotron_h
 
-    if config.init.kind == "scratch" and config.model.preset in nemotron_h.PRESETS:
-        what = f"model.preset={config.model.preset!r}"
-    elif config.init.kind != "scratch" and config.init.path and _is_nemotron_h(config.init.path):
-        what = f"init.path {config.init.path!r}"
-    elif config.rlp.objective == "rpt" and config.rlp.rpt_proxy and _is_nemotron_h(config.rlp.rpt_proxy):
-        what = f"rlp.rpt_proxy {config.rlp.rpt_proxy!r}"
-    else:
-        return
-    raise ConfigError(f"{what} is a Nemotron-H hybrid, which the RLP step and its sampler do not run yet; train "
-                      "a Qwen3 or Llama model, and use Nemotron-H with `rlp-jax convert`, `rlp-jax plan` and the "
-                      "HF parity tests (tests/test_nemotron_h.py).")
-
-
-def model_config(config, tok) -> ModelConfig:
-    """The model's shapes: from the HF folder, params folder or run of `init.path`, or the
-    `model.preset`; dtypes and remat from `model`. A Nemotron-H model is refused (`refuse_hybrid`)."""
-    refuse_hybrid(config)
     overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
                      attention=config.model.attention)
-    from rlp_jax.models import convert
-
     try:
         if config.init.kind == "hf":
-            from rlp_jax.models import hf
-
             hf_json = json.loads((Path(config.init.path) / "config.json").read_text())
-            result = hf.config_from_hf(hf_json, **overrides)
+            if hf_json.get("model_type") == convert.NEMOTRON_H:
+                from rlp_jax.models import nemotron_h_hf
+
+                result = nemotron_h_hf.config_from_hf(hf_json, **overrides)
+            else:
+                from rlp_jax.models import hf
+
+                result = hf.config_from_hf(hf_json, **overrides)
         elif config.init.kind == "params":
             result = convert.config_from_json((Path(config.init.path) / convert.CONFIG_FILE).read_text()
                                               ).replace(**overrides)
         elif config.init.kind == "checkpoint":
             result = convert.config_from_json(ckpt_lib.RunDir(config.init.path).model_config.read_text()
                                               ).replace(**overrides)
+        elif config.model.preset in nemotron_h.PRESETS:
+            result = nemotron_h.preset(config.model.preset, vocab_size=config.model.vocab_size or tok.vocab_size,
+                                       **overrides)
         else:
             result = preset(config.model.preset, vocab_size=config.model.vocab_size or tok.vocab_size,
                             **overrides)
@@ -376,12 +354,12 @@ def _load_params(kind: str, path: str, abstract_params, params_sharding, model_c
     """The params of an HF folder (`hf`), an rlp-jax params folder (`params`) or a run's newest
     checkpoint (`checkpoint`), placed in `params_sharding` (the model's shapes must agree)."""
     if kind == "hf":
-        from rlp_jax.models import hf
+        from rlp_jax.models import convert  # by config.json's model_type: a NemotronH or a Transformer
 
         try:
-            model = hf.load_hf(path, mesh=mesh, rules=logical_rules, dtype=model_config_.dtype,
-                               param_dtype=model_config_.param_dtype, remat=model_config_.remat,
-                               attention=model_config_.attention)
+            model = convert.load_hf(path, mesh=mesh, rules=logical_rules, dtype=model_config_.dtype,
+                                    param_dtype=model_config_.param_dtype, remat=model_config_.remat,
+                                    attention=model_config_.attention)
         except (OSError, ValueError) as error:
             raise ConfigError(f"{path}: {error}") from None
         return nnx.state(model, nnx.Param)
@@ -403,8 +381,10 @@ def _load_params(kind: str, path: str, abstract_params, params_sharding, model_c
 
 
 def model_from_run(workdir: str | Path):
-    """The Transformer with the params of the newest checkpoint of a run (host, unsharded)."""
+    """The model (a Transformer, or a NemotronH for a Nemotron-H run) with the params of the newest
+    checkpoint of a run (host, unsharded)."""
     from rlp_jax.models import convert
+    from rlp_jax.models.nemotron_h import NemotronH, NemotronHConfig
     from rlp_jax.models.transformer import Transformer
 
     run = ckpt_lib.RunDir(workdir).require_run()
@@ -414,7 +394,8 @@ def model_from_run(workdir: str | Path):
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
     with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
+        model_class = NemotronH if isinstance(config, NemotronHConfig) else Transformer
+        model = nnx.eval_shape(lambda: model_class(config, nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
     nnx.update(model, state)

@@ -141,11 +141,11 @@ def _demo(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from rlp_jax import build
     from rlp_jax import config as config_lib
-    from rlp_jax.models import hf
+    from rlp_jax.models import convert
 
     try:
         model = build.model_from_run(args.workdir)
-        out = hf.save_hf(model, args.out, dtype=args.dtype)
+        out = convert.save_hf(model, args.out, dtype=args.dtype)  # either family
     except (config_lib.ConfigError, FileExistsError) as error:
         return _fail("export", error)
     print(f"wrote an HF folder (config.json + safetensors) to {out}")
@@ -190,8 +190,11 @@ def _evaluate(args: argparse.Namespace) -> int:
                                  dtype=args.dtype)
     except (runner.BenchmarkError, ConfigError, HFFormatError, FileNotFoundError) as error:
         return _fail("evaluate", error)
-    print(markdown)
-    print(f"wrote {out}.json, {out}.md and {out}.samples.jsonl")
+    import jax
+
+    if jax.process_index() == 0:  # the one process that writes the files
+        print(markdown)
+        print(f"wrote {out}.json, {out}.md and {out}.samples.jsonl")
     return 0
 
 
@@ -310,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     bm.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype")
     bm.add_argument("--mesh", default="auto", choices=["auto", "none"],
-                    help="auto: split batches over all local devices (default); none: one device")
+                    help="auto: split batches over every device of every process, the model replicated (default); "
+                         "none: one device per process")
     bm.add_argument("--out", default=None, help="output prefix for .json, .md, .samples.jsonl "
                                                 "(default: WORKDIR/benchmarks or ./benchmarks)")
     bm.set_defaults(run=_evaluate)

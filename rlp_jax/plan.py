@@ -16,10 +16,10 @@ is `state + rollout buffers + max(phase)`; the phases of a step never overlap:
 
 See docs/launch.md for the formulas and the table of configs.
 
-For the Nemotron-H hybrid (a Nemotron `model.preset`, or a Nemotron folder at `init.path`), which
-the RLP step does not run yet, the plan is the exact train state plus the rollout's recurrent
-state per row (Mamba conv and SSM states, attention keys and values): a lower bound
-(`hybrid_estimate`; docs/models.md).
+For the Nemotron-H hybrid (a Nemotron `model.preset`, or a Nemotron folder at `init.path`), the
+plan is the exact train state plus the rollout's recurrent state per row (Mamba conv and SSM
+states, attention keys and values): a lower bound, as the hybrid step's activations, logits and
+FLOPs are not estimated yet (`hybrid_estimate`; docs/models.md).
 """
 
 from __future__ import annotations
@@ -432,8 +432,8 @@ class HybridEstimate:
 
 
 def hybrid_estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict | None = None) -> HybridEstimate:
-    """What `rlp-jax plan` can say of the hybrid while the RLP step does not run it: the exact train
-    state (`state_bytes`), the gradients, and the rollout's recurrent state for one chunk of
+    """What `rlp-jax plan` can say of the hybrid (its step's activations are not modelled yet): the
+    exact train state (`state_bytes`), the gradients, and the rollout's recurrent state for one chunk of
     `train.batch_size / rlp.rollout_microbatches` prompts × G rows, each with S = P + L + 1 + K
     attention slots (prompt, thought, </think>, targets: the hybrid's State keeps each row's own)."""
     mesh = abstract_mesh(mesh_shape, config.mesh.axes)
@@ -469,8 +469,8 @@ def _hybrid_plan(config, config_path, model_config, mesh_shape, devices, spec, h
     m = model_config
     path = config.init.path
     from_folder = config.init.kind in ("hf", "params") and bool(path) and Path(path).exists()
-    notes.append("the RLP step and its sampler do not run the Nemotron-H hybrid yet: activations, logits and "
-                 "FLOPs are not estimated, so the peak is a lower bound")
+    notes.append("the Nemotron-H hybrid's activations, logits and FLOPs in the RLP step are not estimated yet, "
+                 "so the peak is a lower bound")
     out = {"config": config_path, "platform": spec.name if spec else None, "devices": devices,
            "mesh_shape": list(mesh_shape), "mesh_axes": list(config.mesh.axes), "hybrid": True,
            "model": {"preset": path if from_folder else config.model.preset, "family": "nemotron_h", "num_params": m.num_params(),

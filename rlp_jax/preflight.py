@@ -11,6 +11,7 @@ import os
 import jax
 
 from rlp_jax.config import ConfigError
+from rlp_jax.models.nemotron_h import NemotronHConfig
 
 
 def check_corpus(config, corpus, tokenizer, sample: int = 256) -> None:
@@ -115,9 +116,18 @@ def check_memory(config, model_config, mesh_shape, suffix_len: int) -> str | Non
         return None
     available, what = memory
     backend = jax.default_backend()
-    est = plan.estimate(config, model_config, mesh_shape, suffix_len, platform=backend)
     usable = available * plan.USABLE_FRACTION
     gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
+    if isinstance(model_config, NemotronHConfig):  # the planner bounds the hybrid from below only
+        est = plan.hybrid_estimate(config, model_config, mesh_shape, suffix_len)
+        if est.peak_bytes > usable:
+            raise ConfigError(
+                f"this config needs at least {gib(est.peak_bytes)} per device ({est.peak_phase}) but {gib(usable)} "
+                f"is usable ({what}); shard over more devices or lower train.batch_size / raise "
+                "rlp.rollout_microbatches, or pass --config.train.check_memory=False to start anyway.")
+        return (f"memory: at least {gib(est.peak_bytes)} per device at the peak ({est.peak_phase}) of {gib(usable)} "
+                "usable (the hybrid's activations are not estimated)")
+    est = plan.estimate(config, model_config, mesh_shape, suffix_len, platform=backend)
     if est.peak_bytes > usable:
         knob = plan.suggest(config, model_config, mesh_shape, usable, est, suffix_len, backend)
         raise ConfigError(

@@ -89,15 +89,9 @@ def load_model(hf_dir: str | None = None, workdir: str | None = None, step: int 
         model = hf.load_hf(hf_dir, mesh=mesh, rules=rules, **overrides)
         return model, f"hf:{Path(hf_dir).absolute()}", str(hf_dir)
     config = _run_config(Path(workdir))
-    model, used_step = _run_model(Path(workdir), step)
+    model, used_step = _run_model(Path(workdir), step, mesh)
     if dtype is not None:
         model.config = model.config.replace(dtype=dtype)
-    if mesh is not None:  # data parallel: every device holds the whole model
-        import jax
-        from flax import nnx
-
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        nnx.update(model, jax.device_put(nnx.state(model), replicated))
     return model, f"run:{Path(workdir).absolute()}@step{used_step}", config["tokenizer"]
 
 
@@ -113,14 +107,18 @@ def _run_config(workdir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _run_model(workdir: Path, step: int | None):
-    """A run's Transformer at checkpoint `step` (default: the newest) and that step."""
+def _run_model(workdir: Path, step: int | None, mesh=None):
+    """A run's model (a Transformer, or a NemotronH) at checkpoint `step` (default: the newest) and
+    that step. With `mesh` (data parallel), every device of the mesh holds the whole model: the
+    checkpoint is restored replicated onto it, whatever topology saved it (a multi-host run's
+    processes each read it)."""
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
 
     from rlp_jax import checkpoint as ckpt_lib
     from rlp_jax.models import convert
+    from rlp_jax.models.nemotron_h import NemotronH, NemotronHConfig
     from rlp_jax.models.transformer import Transformer
 
     run = ckpt_lib.RunDir(workdir).require_run()
@@ -135,10 +133,21 @@ def _run_model(workdir: Path, step: int | None):
     if step not in steps:
         raise BenchmarkError(f"{workdir} has no checkpoint at step {step}; its saved steps are "
                              f"{', '.join(map(str, steps))}.")
-    pure = ckpt_lib.pure_params(ocp.StandardCheckpointer().restore(run.checkpoints / str(step) / "state")["params"])
+    path = run.checkpoints / str(step) / "state"
+    # The params only, onto our devices (the stored shardings are those of the devices that saved them).
+    onto = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None \
+        else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    stored = ocp.StandardCheckpointer().metadata(path).item_metadata.tree["params"]
+    target = {"params": jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=onto),
+                                     stored)}
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=onto), target),
+        partial_restore=True))
+    pure = ckpt_lib.pure_params(restored["params"])
     config = convert.config_from_json(run.model_config.read_text())
     with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
+        model_class = NemotronH if isinstance(config, NemotronHConfig) else Transformer  # the hybrid, or not
+        model = nnx.eval_shape(lambda: model_class(config, nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
     nnx.update(model, state)
@@ -384,9 +393,13 @@ def run(task_names: list[str], settings: Settings, out: str | Path, *, hf_dir=No
     settings = fit_batch(settings, mesh)
     model, description, default_tokenizer = load_model(hf_dir, workdir, step, mesh=mesh, dtype=dtype)
     tok = _tokenizer(tokenizer or default_tokenizer, model)
+    if not _is_main_process():
+        progress = None  # one progress report, process 0's
     result, records = evaluate(model, tok, task_list, settings, data_dir=data_dir, mesh=mesh, progress=progress)
     result = {"model": description, "tokenizer": tok.name} | result
     markdown = to_markdown(result)
+    if not _is_main_process():  # every process holds the same results; process 0 writes them
+        return result, markdown
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=2))
@@ -397,15 +410,24 @@ def run(task_names: list[str], settings: Settings, out: str | Path, *, hf_dir=No
     return result, markdown
 
 
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _mesh(mode: str):
-    """`auto`: batches split over every local device (params replicated) when there is more than
-    one; `none`: one device."""
+    """`auto`: batches split over every device of every process (params replicated) when there is
+    more than one; `none`: one device (each process computes everything on its own device).
+
+    Multi-host (jax.distributed, e.g. the RLP_JAX_* variables of rlp_jax.distributed): every
+    process loads the same items and builds the same whole batches; each batch is placed as a
+    global array over the mesh (`loglik.place_on_mesh`), and the outputs are gathered whole on
+    every process (`loglik.to_host`), so every process holds the same results."""
     import jax
 
     if mode not in ("auto", "none"):
         raise BenchmarkError(f"mesh mode {mode!r} is unknown; use 'auto' or 'none'.")
     if mode == "none" or jax.device_count() == 1:
         return None
-    if jax.process_count() > 1:
-        raise BenchmarkError("rlp-jax evaluate runs on one host; start it as a single process (or pass --mesh none).")
     return sharding.make_mesh((jax.device_count(), 1, 1))
