@@ -83,6 +83,9 @@ def model_config_for(config, notes: list[str]):
     path_ok = config.init.kind == "scratch" or (config.init.path and Path(config.init.path).exists())
     if tokenizer is not None and path_ok:
         return build.model_config(config, tokenizer), tokenizer
+    hybrid = hybrid_model_config(config, notes)
+    if hybrid is not None:
+        return hybrid, tokenizer
     base = preset(config.model.preset)
     vocab = config.model.vocab_size or (tokenizer.vocab_size if tokenizer and config.init.kind == "scratch"
                                         else base.vocab_size)
