@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -42,11 +43,24 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+# A CPU-sized Nemotron-H hybrid (rlp_jax.models.nemotron_h): Mamba-2, attention and ReLU² MLP
+# blocks at the bench-cpu model's width. 19.1M parameters (8.4M of them embedding and LM head).
+BENCH_HYBRID_MODELS: dict[str, dict[str, Any]] = {
+    "bench-hybrid-cpu": dict(vocab_size=8192, hidden_size=512, pattern="M-M*-M-", num_heads=8, num_kv_heads=4,
+                             head_dim=64, intermediate_size=1536, mamba_num_heads=16, mamba_head_dim=64,
+                             ssm_state_size=64, n_groups=2, chunk_size=64),
+}
+
+
 def model_config(name: str, vocab_size: int | None, dtype: str, remat: str = "none"):
-    """The ModelConfig of a bench model or preset, in `dtype`, with `remat` in the update."""
+    """The ModelConfig (a NemotronHConfig for a Nemotron-H hybrid) of a bench model or preset, in
+    `dtype`, with `remat` in the update."""
+    from rlp_jax.models import nemotron_h
     from rlp_jax.models.config import PRESETS, ModelConfig
 
-    table = {n: ModelConfig(**fields) for n, fields in BENCH_MODELS.items()} | PRESETS
+    table = ({n: ModelConfig(**fields) for n, fields in BENCH_MODELS.items()} | PRESETS
+             | {n: nemotron_h.NemotronHConfig(**fields) for n, fields in BENCH_HYBRID_MODELS.items()}
+             | nemotron_h.PRESETS)
     if name not in table:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(table)}.")
     config = table[name].replace(dtype=dtype, param_dtype=dtype, remat=remat)
@@ -73,7 +87,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "RLP step on Qwen3-1.7B); a flag given explicitly wins")
     p.add_argument("--model", default=None,
                    help="bench-cpu (the cpu shape's model; docs/benchmarks.md) or any rlp_jax.models preset, "
-                        "e.g. tiny, demo, qwen3-0.6b, qwen3-1.7b")
+                        "e.g. tiny, demo, qwen3-0.6b, qwen3-1.7b; the Nemotron-H hybrid: bench-hybrid-cpu, "
+                        "nemotron-h-tiny, nemotron-nano-12b-v2, ...")
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="parameter and compute dtype of both frameworks")
@@ -156,9 +171,10 @@ def measure_all(config, args: argparse.Namespace) -> dict[str, Any]:
         bandwidth_mib=args.bandwidth_mib or (256 if measure.machine()["backend"] == "cpu" else 4096))
     result: dict[str, Any] = {
         "machine": measure.machine(),
-        "model": {"name": args.model, "dtype": config.dtype, "num_params": config.num_params(),
+        "model": {"name": args.model, "family": "nemotron_h" if measure.is_hybrid(config) else config.family,
+                  "hybrid": measure.is_hybrid(config), "dtype": config.dtype, "num_params": config.num_params(),
                   "matmul_params": measure.matmul_params(config),
-                  "config": {k: v for k, v in vars(config).items() if k != "rope_scaling"}},
+                  "config": {k: _json_value(v) for k, v in vars(config).items() if k != "rope_scaling"}},
         "shapes": {"batch": shapes.batch, "rollouts": shapes.rollouts, "context": shapes.context,
                    "thought": shapes.thought, "targets": shapes.targets, "rows": shapes.rows,
                    "update_seq_len": shapes.seq_len, "decode_prompt": shapes.decode_prompt,
@@ -226,6 +242,15 @@ def measure_all(config, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _json_value(value):
+    """A config field as strict JSON takes it (the hybrid's time_step_limit holds an infinity)."""
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
 def ratios(result: dict[str, Any]) -> dict[str, float | None]:
     """rlp-jax throughput / PyTorch throughput (> 1: rlp-jax is faster); None where either side
     has no number."""
@@ -278,7 +303,9 @@ def format_table(r: dict[str, Any]) -> str:
         + (f", torch {torch['torch']} on {torch['device']} ({torch['threads']} threads), transformers {torch['transformers']}"
            if torch else ", PyTorch skipped"),
         f"load average (1/5/15 min) before {m['load_before']}, after {m['load_after']}",
-        f"model {model['name']} ({model['dtype']}, remat {model['config']['remat']}): {model['num_params']:,} params, "
+        f"model {model['name']} ({model['dtype']}, remat {model['config']['remat']}"
+        + (f", Nemotron-H hybrid, layers {model['config']['pattern']}" if model.get("hybrid") else "")
+        + f"): {model['num_params']:,} params, "
         f"{model['matmul_params']:,} in body matmuls; step B={s['batch']} G={s['rollouts']} "
         f"context {s['context']} thought {s['thought']}; decode prompt {s['decode_prompt']} "
         f"+ {s['decode_new']} new; median of {s['repeats']}",
@@ -317,6 +344,10 @@ def format_table(r: dict[str, Any]) -> str:
         rows.append(("  ms per step; MB it must read; of bandwidth", f"{_fmt(ours['decode_ms_per_step'], 2)}; "
                      f"{ours['step_bytes'] / 1e6:.0f}; " + ("-" if fraction is None else f"{fraction:.0%}"),
                      _fmt(theirs.get("decode_ms_per_step"), 2), ""))
+        parts = ours.get("step_bytes_parts", {})
+        if "recurrent_state" in parts:  # the hybrid: what those bytes are
+            rows.append(("  MB: weights / Mamba conv+SSM state / attention KV",
+                         " / ".join(f"{parts[k] / 1e6:.2f}" for k in ("weights", "recurrent_state", "kv")), "", ""))
     width = max(len(row[0]) for row in rows) + 2
     head = f"{'':{width}}{'rlp-jax':>16}{'PyTorch':>16}{'ratio':>8}"
     lines += ["", head] + [f"{a:{width}}{b:>16}{c:>16}{d:>8}" for a, b, c, d in rows]

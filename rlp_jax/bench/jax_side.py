@@ -17,12 +17,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rlp_jax import losses, rollouts, sampling, sharding
+from rlp_jax import hybrid_sampling, losses, rollouts, sampling, sharding
 from rlp_jax import train_step as ts
 from rlp_jax.batch import PromptBatch, prompt_batch
 from rlp_jax.bench import measure
 from rlp_jax.models import decode as decode_lib
 from rlp_jax.models.config import ModelConfig
+from rlp_jax.models.nemotron_h import NemotronH
 from rlp_jax.models.transformer import Transformer
 
 THINK_OPEN, THINK_CLOSE = 1, 2
@@ -154,7 +155,7 @@ def prepare(config: ModelConfig, shapes: Shapes, seed: int = 0) -> Prepared:
                     sample_and_score, state, state_sharding)
 
 
-def model_of(p: Prepared) -> Transformer:
+def model_of(p: Prepared) -> Transformer | NemotronH:
     return nnx.merge(p.graphdef, p.params)
 
 
@@ -225,8 +226,9 @@ def decode_result(config, batch_size, P, n, t_n, t_1, read_bytes_per_s: float | 
     tokens_per_s = batch_size * (n - 1) / decode_s if ok else None
     # Mean context of the decode steps: P + 1 … P + n − 1 cached keys.
     flops_per_token = measure.decode_flops_per_token(config, P + n / 2)
-    step_bytes = measure.decode_step_bytes(config, prompts=batch_size, prompt_tokens=P, rows=batch_size,
-                                           suffix_tokens=n / 2)
+    parts = measure.decode_step_bytes_parts(config, prompts=batch_size, prompt_tokens=P, rows=batch_size,
+                                            suffix_tokens=n / 2)
+    step_bytes = sum(parts.values())
     step_s = decode_s / (n - 1) if ok else None
     return {"batch": batch_size, "prompt": P, "new_tokens": n,
             "generate": t_n.as_dict(), "prefill_plus_one": t_1.as_dict(),
@@ -234,7 +236,7 @@ def decode_result(config, batch_size, P, n, t_n, t_1, read_bytes_per_s: float | 
             "generate_tokens_per_s": batch_size * n / t_n.median_s,
             "decode_ms_per_step": 1e3 * step_s if ok else None,
             "decode_gflops": tokens_per_s * flops_per_token / 1e9 if ok else None,
-            "step_bytes": step_bytes,
+            "step_bytes": step_bytes, "step_bytes_parts": parts,
             "bandwidth_fraction": (step_bytes / step_s / read_bytes_per_s
                                    if ok and read_bytes_per_s else None)}
 
@@ -257,7 +259,11 @@ def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]
     s, rcfg, gd = p.shapes, p.rcfg, p.graphdef
     key = jax.random.key(1)
     prompt_BxP, prompt_len_B = rollouts.build_prompts(p.batch.context_BxT, p.batch.context_len_B, rcfg)
-    weights_of = lambda params: decode_lib.decode_weights(nnx.merge(gd, params))
+    hybrid = measure.is_hybrid(p.config)
+    if hybrid:  # the Nemotron-H hybrid samples on its recurrent state (sampling.sample dispatches)
+        weights_of = lambda params: hybrid_sampling.decode_weights(nnx.merge(gd, params).weights())
+    else:
+        weights_of = lambda params: decode_lib.decode_weights(nnx.merge(gd, params))
 
     sample = jax.jit(lambda params, k: sampling.sample(weights_of(params), prompt_BxP, prompt_len_B, k,
                                                         rcfg.sampling_config(), s.rollouts, 1 + s.targets))
@@ -266,13 +272,19 @@ def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]
 
     out = sample(p.params, key)
     weights = jax.jit(weights_of)(p.params)
-    # The scoring half of sample_and_score on a finished rollout; its cache donated (written in
-    # place), a fresh copy made outside the timed call.
-    score = jax.jit(lambda w, cache, o, t: rollouts.score_after_thoughts(
-        w, dataclasses.replace(o, cache=cache), t, rcfg)[::2], donate_argnums=(1,))
-    rest = dataclasses.replace(out, cache=None)
-    fresh = lambda: (weights, jax.tree.map(jnp.copy, out.cache), rest, p.batch.target_BxK)
-    t_score_alone = measure.timeit(score, s.repeats, setup=fresh)
+    if hybrid:
+        # The hybrid's scoring: `[</think>, x_t, …]` fed from each row's recurrent state (which it
+        # reads, not rewrites: nothing to donate).
+        score = jax.jit(lambda w, o, t: rollouts.hybrid_score_after_thoughts(w, o, t, rcfg))
+        t_score_alone = measure.timeit(lambda: score(weights, out, p.batch.target_BxK), s.repeats)
+    else:
+        # The scoring half of sample_and_score on a finished rollout; its cache donated (written in
+        # place), a fresh copy made outside the timed call.
+        score = jax.jit(lambda w, cache, o, t: rollouts.score_after_thoughts(
+            w, dataclasses.replace(o, cache=cache), t, rcfg)[::2], donate_argnums=(1,))
+        rest = dataclasses.replace(out, cache=None)
+        fresh = lambda: (weights, jax.tree.map(jnp.copy, out.cache), rest, p.batch.target_BxK)
+        t_score_alone = measure.timeit(score, s.repeats, setup=fresh)
 
     ema = jax.tree.map(lambda x: x.astype(jnp.float32), p.params)
     baseline = jax.jit(functools.partial(rollouts.no_think_logprobs, gd, cfg=rcfg))
@@ -324,7 +336,10 @@ def profile_decode(model: Transformer, shapes: Shapes, batch_size: int, folder: 
     """Where `decode_new` sampler steps at one batch size spend their time."""
     from rlp_jax.bench import profile
 
-    weights = jax.jit(decode_lib.decode_weights)(model)
+    if rollouts.is_hybrid(model):  # sampling.sample_jit dispatches on the weights' type
+        weights = jax.jit(lambda m: hybrid_sampling.decode_weights(m.weights()))(model)
+    else:
+        weights = jax.jit(decode_lib.decode_weights)(model)
     P = shapes.decode_prompt
     prompts = jnp.asarray(np.random.RandomState(0).randint(3, model.config.vocab_size, (batch_size, P)), jnp.int32)
     lengths = jnp.full((batch_size,), P, jnp.int32)

@@ -22,7 +22,8 @@ def _block_cuda(_out: Any) -> None:
 
 
 class Peer:
-    """An HF `AutoModelForCausalLM` loaded from an rlp-jax export, with `threads` intra-op threads,
+    """An HF `AutoModelForCausalLM` (for the Nemotron-H hybrid: `NemotronHForCausalLM`, whose
+    `generate` decodes on its own hybrid Mamba/attention cache) loaded from an rlp-jax export, with `threads` intra-op threads,
     on the GPU when torch sees one (a CUDA build of torch), else on the CPU."""
 
     def __init__(self, model, threads: int):
@@ -34,10 +35,10 @@ class Peer:
         self.torch = torch
         self.threads = threads
         dtype = torch.bfloat16 if model.config.dtype == "bfloat16" else torch.float32
-        from rlp_jax.models import hf
+        from rlp_jax.models import convert
 
-        with tempfile.TemporaryDirectory() as folder:
-            hf.save_hf(model, folder, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        with tempfile.TemporaryDirectory() as folder:  # a Transformer, or the hybrid (NemotronHForCausalLM)
+            convert.save_hf(model, folder, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
             self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.block = _block_cuda if self.device == "cuda" else _block_cpu
@@ -49,7 +50,7 @@ class Peer:
         import transformers
 
         return {"torch": self.torch.__version__, "transformers": transformers.__version__,
-                "threads": self.threads, "device": self.device,
+                "threads": self.threads, "device": self.device, "hf_class": type(self.model).__name__,
                 "attn_implementation": getattr(self.model.config, "_attn_implementation", None)}
 
     def max_logit_diff(self, model) -> float:
