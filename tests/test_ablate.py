@@ -100,7 +100,7 @@ def test_carry_task_grid_lives_under_its_own_root_and_cpt_reuses_the_dense_run(t
     """`--task carry` runs under WORKDIR/carry with the 6-digit corpus and 40-token thoughts; the
     cpt grid's RLP cell is the reward grid's dense run (same settings), read, not rerun; the CPT
     cell trains on 22-token plain documents for the dense run's processed tokens."""
-    kwargs = dict(task="carry", seeds=(0,), steps=2, warmup_steps=3, eval_positions=16, benchmark_items=8)
+    kwargs = dict(task="carry", seeds=(0,), steps=1, warmup_steps=2, eval_positions=8, benchmark_items=4)
     ablate.run_grid("reward", tmp_path, echo=lambda *_: None, **kwargs)
     root = tmp_path / "carry"
     dense = root / "reward" / ablate._slug("dense (RLP)") / "s0"
@@ -118,6 +118,6 @@ def test_carry_task_grid_lives_under_its_own_root_and_cpt_reuses_the_dense_run(t
     assert cpt["data"]["seq_len"] == 24 and cpt["train"]["steps"] == -(-int(processed) // (64 * 22))
     assert ablate.plain_document_tokens(ablate.demo_configs.stages("carry")[1]) == 22
     # The benchmark columns: the cell's bench.json is what rlp-jax evaluate's runner gives for it.
-    assert json.loads((dense / "bench.json").read_text()) == ablate.benchmark_numbers(dense, "carry", 8)
-    assert results["RLP"][0]["bench_items"] == 8 and 0 <= results["RLP"][0]["bench_pass@1"] <= 1
+    assert json.loads((dense / "bench.json").read_text()) == ablate.benchmark_numbers(dense, "carry", 4)
+    assert results["RLP"][0]["bench_items"] == 4 and 0 <= results["RLP"][0]["bench_pass@1"] <= 1
     assert "answer pass@1 (4 samples, T=1)" in (root / "cpt" / "table.md").read_text()
