@@ -21,16 +21,13 @@ Memory: `rlp-jax plan --config configs/rlp_nemotron_nano_12b_h100x8.py` (docs/la
   lower bound for the hybrid (its step's activations are not estimated yet).
 """
 
-from rlp_jax.configs import rlp_paper
+from rlp_jax.configs import rlp_nemotron_nano_12b_h100x32 as cluster
 
 PLATFORM = "h100"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
 
 
 def get_config():
-    c = rlp_paper.get_config()
-    c.model.preset = "nemotron-nano-12b-v2"  # shapes for `rlp-jax plan`; the run reads them from init.path
-    c.train.steps = 294
+    c = cluster.get_config()  # the model, steps and recipe; this file sets the layout
     c.mesh.shape = (1, 8, 1)
     c.rlp.rollout_microbatches = 16
-    c.rlp.grad_accum_steps = 32
     return c

@@ -491,15 +491,13 @@ def _hybrid_plan(config, config_path, model_config, mesh_shape, devices, spec, h
     return out
 
 
-def _format_hybrid_plan(p: dict) -> str:
+def _state_lines(p: dict, model_line: str):
+    """The plan's heading, notes and train-state memory lines (shared by both model kinds), the
+    number formatter, and the unit and scale it chose."""
     unit, scale = ("GiB", 1) if p["peak_gib"] >= 1 else ("MiB", 1024)
     g = lambda x: f"{x * scale:9.3f}"  # noqa: E731
-    mem, model, row = p["memory_gib"], p["model"], p["row_bytes"]
-    lines = [f"rlp-jax plan: {p['config'] or 'config'}",
-             f"model {model['preset']} (Nemotron-H hybrid: {model['mamba_layers']} Mamba, {model['attention_layers']} "
-             f"attention, {model['mlp_layers']} MLP layers): {model['num_params']:,} params, vocab "
-             f"{model['vocab_size']:,}; params {model['param_dtype']}, compute {model['dtype']}, SSM state "
-             f"{model['mamba_ssm_cache_dtype']}",
+    mem = p["memory_gib"]
+    lines = [f"rlp-jax plan: {p['config'] or 'config'}", model_line,
              f"mesh {tuple(p['mesh_shape'])} over {tuple(p['mesh_axes'])} = {p['devices']} devices"
              + (f" of {p['platform']}" if p["platform"] else "")]
     lines += [f"note: {n}" for n in p["notes"]]
@@ -507,8 +505,18 @@ def _format_hybrid_plan(p: dict) -> str:
               f"  params                       {g(mem['params'])}",
               f"  EMA teacher (float32)        {g(mem['ema'])}",
               f"  optimizer (AdamW moments)    {g(mem['optimizer'])}",
-              f"  reference policy (KL)        {g(mem['reference'])}",
-              f"  rollout state, one row: Mamba conv {row['mamba_conv']:,} B, SSM {row['mamba_ssm']:,} B, "
+              f"  reference policy (KL)        {g(mem['reference'])}"]
+    return lines, g, unit, scale
+
+
+def _format_hybrid_plan(p: dict) -> str:
+    model, row = p["model"], p["row_bytes"]
+    lines, g, unit, scale = _state_lines(p, f"model {model['preset']} (Nemotron-H hybrid: {model['mamba_layers']} Mamba, "
+                               f"{model['attention_layers']} attention, {model['mlp_layers']} MLP layers): "
+                               f"{model['num_params']:,} params, vocab {model['vocab_size']:,}; params "
+                               f"{model['param_dtype']}, compute {model['dtype']}, SSM state "
+                               f"{model['mamba_ssm_cache_dtype']}")
+    lines += [f"  rollout state, one row: Mamba conv {row['mamba_conv']:,} B, SSM {row['mamba_ssm']:,} B, "
               f"KV {row['kv']:,} B ({p['slots_per_row']} slots); {p['rollout_rows_per_device']} rows per device",
               "  phases (only the largest counts; they never overlap):"]
     for phase, terms in p["phases_gib"].items():
@@ -682,21 +690,11 @@ def _validate_without_paths(config, devices: int):
 def format_plan(p: dict) -> str:
     if p.get("hybrid"):
         return _format_hybrid_plan(p)
-    unit, scale = ("GiB", 1) if p["peak_gib"] >= 1 else ("MiB", 1024)
-    g = lambda x: f"{x * scale:9.3f}"  # noqa: E731
     mem, model = p["memory_gib"], p["model"]
-    lines = [f"rlp-jax plan: {p['config'] or 'config'}",
-             f"model {model['preset']}: {model['num_params']:,} params, vocab {model['vocab_size']:,}; params "
-             f"{model['param_dtype']}, compute {model['dtype']}, remat {model['remat']}",
-             f"mesh {tuple(p['mesh_shape'])} over {tuple(p['mesh_axes'])} = {p['devices']} devices"
-             + (f" of {p['platform']}" if p["platform"] else "")]
-    lines += [f"note: {n}" for n in p["notes"]]
-    lines += ["", f"per-device memory ({unit})",
-              f"  params                       {g(mem['params'])}",
-              f"  EMA teacher (float32)        {g(mem['ema'])}",
-              f"  optimizer (AdamW moments)    {g(mem['optimizer'])}",
-              f"  reference policy (KL)        {g(mem['reference'])}",
-              f"  rollout buffers              {g(mem['buffers'])}",
+    lines, g, unit, scale = _state_lines(p, f"model {model['preset']}: {model['num_params']:,} params, vocab "
+                               f"{model['vocab_size']:,}; params {model['param_dtype']}, compute {model['dtype']}, "
+                               f"remat {model['remat']}")
+    lines += [f"  rollout buffers              {g(mem['buffers'])}",
               "  phases (only the largest counts; they never overlap):"]
     for phase, terms in p["phases_gib"].items():
         detail = ", ".join(f"{k} {v * scale:.2f}" for k, v in terms.items())
