@@ -368,7 +368,8 @@ def _quiet_logs(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # TFDS warns about every builder config it has not registered: ours are all local.
     logging.getLogger("absl").addFilter(lambda record: not record.getMessage().startswith(
-        "Using custom data configuration"))
+        ("Using custom data configuration", "Metadata file does not exist")))  # the latter: Orbax
+    # restoring only the params of a checkpoint (rlp-jax evaluate, the demo's benchmark table)
     try:
         from absl import logging as absl_logging
 

@@ -51,6 +51,10 @@ def test_readme_numbers_are_the_recorded_runs():
     assert think == (f"{100 * before['acc_greedy_think']:.1f}", f"{100 * after['acc_greedy_think']:.1f}")
     no_think = _find(rf"without a thought {NUM}% → {NUM}%", text)
     assert no_think == (f"{100 * before['acc_no_think']:.1f}", f"{100 * after['acc_no_think']:.1f}")
+    whole = _find(rf"greedy {NUM}% → {NUM}%", text)
+    bench = summary["benchmark"]
+    assert whole == (f"{100 * bench['warmup']['bench_greedy']:.1f}", f"{100 * bench['rlp']['bench_greedy']:.1f}")
+    assert f"answer of {bench['rlp']['bench_items']} held-out problems" in text
     seconds, = _find(r"\((\d+) s in all", text)
     assert seconds == f"{summary['total_seconds']:.0f}"
 
