@@ -112,6 +112,24 @@ def _scoring_logits(logits_NxKxV: Array, cfg: RolloutConfig) -> Array:
     return logits
 
 
+def _rollout_inputs(batch: PromptBatch, key: Array, cfg: RolloutConfig, greedy: bool):
+    """What both samplers (attention cache, hybrid state) start from: the prompts, the sampling
+    config (argmax when `greedy`) and the keys of the thoughts and of RPT's prediction."""
+    prompt_BxP, prompt_len_B = build_prompts(batch.context_BxT, batch.context_len_B, cfg)
+    sampling_cfg = cfg.sampling_config()
+    if greedy:
+        sampling_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
+    thought_key, prediction_key = jax.random.split(key) if cfg.prediction_len else (key, None)
+    return prompt_BxP, prompt_len_B, sampling_cfg, thought_key, prediction_key
+
+
+def _rollouts_of(prompt_BxP: Array, prompt_len_B: Array, out: sampling.SampleOutput, s_pred_NxK: Array,
+                 predicted_NxK: Array, max_thought_len: int) -> Rollouts:
+    thought_mask_NxL = jnp.arange(max_thought_len)[None, :] < out.lengths_N[:, None]
+    return Rollouts(prompt_BxP, prompt_len_B, out.tokens_NxL, thought_mask_NxL, ~out.finished_N,
+                    out.logprobs_NxL, s_pred_NxK, predicted_NxK)
+
+
 def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBatch, key: Array,
                      cfg: RolloutConfig, greedy: bool = False) -> Rollouts:
     """Samples G thoughts per prompt from `params` (the behaviour policy θ_old) and scores the true
@@ -122,19 +140,12 @@ def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBat
     if is_hybrid(model):
         return _hybrid_sample_and_score(model, batch, key, cfg, greedy)
     weights = decode.decode_weights(model)  # cast once for the whole rollout
-    L, K = cfg.max_thought_len, batch.target_BxK.shape[1]
-    prompt_BxP, prompt_len_B = build_prompts(batch.context_BxT, batch.context_len_B, cfg)
-    sampling_cfg = cfg.sampling_config()
-    if greedy:
-        sampling_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
-    M = cfg.prediction_len
-    thought_key, prediction_key = jax.random.split(key) if M else (key, None)
+    L, K, M = cfg.max_thought_len, batch.target_BxK.shape[1], cfg.prediction_len
+    prompt_BxP, prompt_len_B, sampling_cfg, thought_key, prediction_key = _rollout_inputs(batch, key, cfg, greedy)
     out = sampling.sample(weights, prompt_BxP, prompt_len_B, thought_key, sampling_cfg, num_samples=cfg.num_rollouts,
                           extra_slots=1 + max(K, M))
     s_pred_NxK, predicted_NxK, cache = score_after_thoughts(weights, out, batch.target_BxK, cfg)
-    thought_mask_NxL = jnp.arange(L)[None, :] < out.lengths_N[:, None]
-    roll = Rollouts(prompt_BxP, prompt_len_B, out.tokens_NxL, thought_mask_NxL, ~out.finished_N,
-                    out.logprobs_NxL, s_pred_NxK, predicted_NxK)
+    roll = _rollouts_of(prompt_BxP, prompt_len_B, out, s_pred_NxK, predicted_NxK, L)
     if not M:
         return roll
     close_slot_N = out.lengths_N - out.finished_N.astype(jnp.int32)
@@ -220,19 +231,12 @@ def _hybrid_sample_and_score(model: nnx.Module, batch: PromptBatch, key: Array, 
     from rlp_jax import hybrid_sampling
 
     weights = hybrid_sampling.decode_weights(model.weights())
-    L, K = cfg.max_thought_len, batch.target_BxK.shape[1]
-    prompt_BxP, prompt_len_B = build_prompts(batch.context_BxT, batch.context_len_B, cfg)
-    sampling_cfg = cfg.sampling_config()
-    if greedy:
-        sampling_cfg = dataclasses.replace(sampling_cfg, temperature=0.0)
-    M = cfg.prediction_len
-    thought_key, prediction_key = jax.random.split(key) if M else (key, None)
+    L, K, M = cfg.max_thought_len, batch.target_BxK.shape[1], cfg.prediction_len
+    prompt_BxP, prompt_len_B, sampling_cfg, thought_key, prediction_key = _rollout_inputs(batch, key, cfg, greedy)
     out = hybrid_sampling.sample(weights, prompt_BxP, prompt_len_B, thought_key, sampling_cfg,
                                  num_samples=cfg.num_rollouts, extra_slots=1 + max(K, M))
     s_pred_NxK, predicted_NxK = hybrid_score_after_thoughts(weights, out, batch.target_BxK, cfg)
-    thought_mask_NxL = jnp.arange(L)[None, :] < out.lengths_N[:, None]
-    roll = Rollouts(prompt_BxP, prompt_len_B, out.tokens_NxL, thought_mask_NxL, ~out.finished_N,
-                    out.logprobs_NxL, s_pred_NxK, predicted_NxK)
+    roll = _rollouts_of(prompt_BxP, prompt_len_B, out, s_pred_NxK, predicted_NxK, L)
     if not M:
         return roll
     prediction_NxM, logprobs_NxM = hybrid_sample_prediction(weights, out.cache, cfg.think_close_id, prediction_key,
