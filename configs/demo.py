@@ -4,8 +4,9 @@
 model can open a thought and write partly-right column sums (a warm-up that is too good leaves RLP
 nothing to learn). `get_config()`: the RLP stage from the warm-started weights, prompts at the
 first answer digit. `configs/rlp_cpu_sim.py` and the trainer tests' config start from it.
-`stages(task)`: both stages of a demo task, `addition` (this file) or `carry`
-(configs/demo_carry.py), for `rlp-jax demo --task` and `rlp-jax ablate --task`.
+`stages(task)`: both stages of a demo task, `addition` (this file), `carry`
+(configs/demo_carry.py) or `cups` (configs/demo_cups.py), for `rlp-jax demo --task` and
+`rlp-jax ablate --task`.
 """
 
 from rlp_jax.config import base_config
@@ -65,7 +66,7 @@ def get_config():
     return c
 
 
-DEMO_TASKS = ("addition", "carry")
+DEMO_TASKS = ("addition", "carry", "cups")
 
 
 def stages(task: str = "addition"):
@@ -76,4 +77,8 @@ def stages(task: str = "addition"):
         from rlp_jax.configs import demo_carry
 
         return demo_carry.warmup_config(), demo_carry.get_config()
+    if task == "cups":
+        from rlp_jax.configs import demo_cups
+
+        return demo_cups.warmup_config(), demo_cups.get_config()
     raise ValueError(f"unknown demo task {task!r}; use one of {', '.join(DEMO_TASKS)}.")

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from rlp_jax.configs import demo as demo_configs
-from rlp_jax.data.demo_corpus import DEMO_VARIANTS
+from rlp_jax.data.demo_corpus import DEMO_VARIANTS, plain_document_chars
 
 
 def t_flop(n_rollouts: int, l_seq: int, batch_size: int, iters: int, t_inp: int) -> int:
@@ -56,9 +56,8 @@ class Cell:
 
 def plain_document_tokens(config: ml_collections.ConfigDict) -> int:
     """Tokens of one plain document of the config's demo corpus, BOS and EOS included:
-    `457+386=843` is 13, a 6-digit `471596+215403=687000` is 22."""
-    n = DEMO_VARIANTS[config.data.demo_variant].num_digits
-    return 3 * n + 4
+    `457+386=843` is 13, a 6-digit `471596+215403=687000` is 22, `lrolrrolol=3` 14."""
+    return plain_document_chars(DEMO_VARIANTS[config.data.demo_variant]) + 2
 
 
 _CPT_BATCH = 64

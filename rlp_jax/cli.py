@@ -212,6 +212,8 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rlp_jax.configs.demo import DEMO_TASKS
+
     parser = argparse.ArgumentParser(prog="rlp-jax", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -248,11 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the bundled CPU demo: warm-up, RLP, report (minutes)")
     demo.add_argument("--workdir", default="rlp_demo_run", help="where the demo writes (default: ./rlp_demo_run)")
-    demo.add_argument("--task", default="addition", choices=("addition", "carry"),
+    demo.add_argument("--task", default="addition", choices=DEMO_TASKS,
                       help="addition: 3-digit sums (default); carry: 6-digit sums whose leading digit hangs on "
-                           "a long carry chain, where thinking is necessary")
+                           "a long carry chain; cups: the cup a ball ends under after 10 swaps, where "
+                           "thinking is necessary")
     demo.add_argument("--steps", type=int, default=None, help="RLP steps (default 300)")
-    demo.add_argument("--warmup-steps", type=int, default=None, help="NTP warm-up steps (default 150; carry: 250)")
+    demo.add_argument("--warmup-steps", type=int, default=None, help="NTP warm-up steps (default: the task's, 150 for addition)")
     demo.add_argument("--eval-positions", type=int, default=None, help="held-out positions (default 512)")
     demo.set_defaults(run=_demo)
 
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "mean of greedy accuracy and pass@1 over --choice-samples samples, or the options'\n"
                     "log-likelihood (--choice-mode loglik). Suites: math, science, paper (AIME25, AMC23, Minerva\n"
                     "Math, MMLU-Pro and GPQA are local files: --data-dir), math_offline, science_offline,\n"
-                    "demo (demo_addition, demo_carry: a toy run's own held-out problems).\n"
+                    "demo (demo_addition, demo_carry, demo_cups: a toy run's own held-out problems).\n"
                     "Held-out information gain is `rlp-jax eval`. See docs/evaluation.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     bm.add_argument("--hf", default=None, help="an HF model folder (config.json + safetensors + tokenizer.json)")
@@ -324,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab = commands.add_parser("ablate", help="the paper's ablations at toy scale on the demo task")
     ab.add_argument("--grid", required=True, choices=ablate.GRID_NAMES, help="which ablation grid to run")
     ab.add_argument("--workdir", required=True, help="where each cell's run and the grid's table go")
-    ab.add_argument("--task", default="addition", choices=("addition", "carry"),
-                    help="the demo task (default addition; carry runs under WORKDIR/carry)")
+    ab.add_argument("--task", default="addition", choices=DEMO_TASKS,
+                    help="the demo task (default addition; carry and cups run under WORKDIR/<task>)")
     ab.add_argument("--seeds", type=int, default=2, help="seeds per cell (default 2)")
     ab.add_argument("--steps", type=int, default=None, help="RLP steps per cell (default: the demo's)")
     ab.add_argument("--warmup-steps", type=int, default=None, help="NTP warm-up steps (default: the demo's)")

@@ -1,9 +1,10 @@
 """`rlp-jax demo`: RLP learning to think, on CPU, in minutes.
 
-1. Build the demo corpus (3-digit additions, or with `task="carry"` 6-digit ones whose leading
-   digit hangs on a long carry chain; rlp_jax.data.demo_corpus).
+1. Build the demo corpus (3-digit additions; with `task="carry"` 6-digit ones whose leading
+   digit hangs on a long carry chain; with `task="cups"` a ball under 3 swapped cups;
+   rlp_jax.data.demo_corpus).
 2. Warm-start a small model with next-token prediction on the worked-thought variant, briefly
-   (configs/demo.py `warmup_config`; configs/demo_carry.py for `carry`).
+   (configs/demo.py `warmup_config`; configs/demo_carry.py, configs/demo_cups.py).
 3. RLP on the plain documents, prompts at the first answer digit, from the warm-started weights,
    with held-out evaluation before, during and after (configs/demo.py `get_config`).
 4. WORKDIR/report.md (a verdict computed from the numbers first), summary.json, and PNG plots:
@@ -25,7 +26,7 @@ from rlp_jax.configs import demo as demo_configs
 def run_demo(workdir: str | Path, *, task: str = "addition", warmup_steps: int | None = None,
              rlp_steps: int | None = None, eval_positions: int | None = None,
              echo: Callable[[str], None] = print) -> dict:
-    """Runs the whole demo of `task` (`addition` or `carry`) in `workdir` (resumable: rerun to
+    """Runs the whole demo of `task` (`addition`, `carry` or `cups`) in `workdir` (resumable: rerun to
     continue) and writes the report."""
     from rlp_jax import trainer
 
@@ -106,7 +107,7 @@ def write_report(workdir: Path, warmup_seconds: float | None = None, total_secon
         "The gain against the frozen start model is the honest one: it cannot rise because the",
         "teacher got worse. Scoring masks the think markers out of both distributions (a no-think",
         "model that expects `<think>` at answers would otherwise hand thoughts a free gain).", "",
-        *_thought_format(samples), "",
+        *_thought_format(samples, settings.get("task") or "addition"), "",
         *_no_think_note(before, after), "",
         *_bench_section(bench), 
         "![reward](reward.png) ![gain](gain.png)", "",
@@ -132,7 +133,16 @@ def write_report(workdir: Path, warmup_seconds: float | None = None, total_secon
 
 
 _TASK_TEXT = {"addition": "3-digit additions (`457+386=843`)",
-              "carry": "6-digit additions whose leading digit hangs on a long carry chain (`471596+215403=687000`)"}
+              "carry": "6-digit additions whose leading digit hangs on a long carry chain (`471596+215403=687000`)",
+              "cups": "a ball under 3 cups after 10 swaps (`lrolrrolol=3`)"}
+
+# What the warm-up's worked thought is, per task (the report's "What the model sees").
+_WORKED_TEXT = {
+    "addition": ["column by column from the units: both digits, the carry in and the two-digit column",
+                 "sum (`7+6+0 = 13` is written `76013`)"],
+    "cups": ["the cup the ball is under after each swap (`lro` from cup 1 is written `231`)"],
+}
+_WORKED_TEXT["carry"] = _WORKED_TEXT["addition"]
 
 def _bench_section(bench: dict | None) -> list[str]:
     """The report's benchmark table: the whole answer, scored as `rlp-jax evaluate` scores real
@@ -202,15 +212,15 @@ def verdict(before: dict, after: dict) -> str:
     return f"**Verdict:** {gain_clause}; {acc_clause}."
 
 
-def _thought_format(samples: list[dict]) -> list[str]:
+def _thought_format(samples: list[dict], task: str = "addition") -> list[str]:
     """The report section on what the model sees at a prompt, with one real held-out example."""
+    *worked, last = _WORKED_TEXT[task]
     lines = [
         "## What the model sees", "",
         "Each prompt is a held-out problem cut right after `=`. The model writes `<think>`, then up to",
         "L thought tokens of its own, then `</think>` (sampled, or forced at L), and is scored on the",
-        "true next token: the first answer digit. The warm-up taught a worked format, column by column",
-        "from the units: both digits, the carry in and the two-digit column sum (`7+6+0 = 13` is",
-        "written `76013`); RLP rewards whatever thought raises the likelihood of the answer digit.",
+        "true next token: the first answer digit. The warm-up taught a worked format,",
+        *worked, f"{last}; RLP rewards whatever thought raises the likelihood of the answer digit.",
         "Without a thought, the same digit is scored right after `=`.",
     ]
     example = next((s for record in reversed(samples) for s in record.get("samples", [])), None)
@@ -260,7 +270,7 @@ def _settings(workdir: Path) -> dict:
     pick = lambda cfg, section, key: cfg.get(section, {}).get(key)
     variant = pick(rlp, "data", "demo_variant") or "plain"
     return {
-        "task": "carry" if variant.startswith("carry") else "addition",
+        "task": next((task for task in ("carry", "cups") if variant.startswith(task)), "addition"),
         "warmup_steps": pick(warm, "train", "steps"),
         "steps": pick(rlp, "train", "steps"),
         "batch_size": pick(rlp, "train", "batch_size"),

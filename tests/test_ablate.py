@@ -117,6 +117,7 @@ def test_carry_task_grid_lives_under_its_own_root_and_cpt_reuses_the_dense_run(t
     cpt = json.loads((root / "cpt" / ablate._slug("CPT, equal T_flop") / "s0" / "config.json").read_text())
     assert cpt["data"]["seq_len"] == 24 and cpt["train"]["steps"] == -(-int(processed) // (64 * 22))
     assert ablate.plain_document_tokens(ablate.demo_configs.stages("carry")[1]) == 22
+    assert ablate.plain_document_tokens(ablate.demo_configs.stages("cups")[1]) == 14
     # The benchmark columns: the cell's bench.json is what rlp-jax evaluate's runner gives for it.
     assert json.loads((dense / "bench.json").read_text()) == ablate.benchmark_numbers(dense, "carry", 4)
     assert results["RLP"][0]["bench_items"] == 4 and 0 <= results["RLP"][0]["bench_pass@1"] <= 1

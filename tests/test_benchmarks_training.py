@@ -5,6 +5,7 @@ checkpoints, a resumed run logs no step twice, and a benchmark without its data 
 the first step."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from rlp_jax import config as config_lib
 from rlp_jax import trainer
 from rlp_jax.benchmarks import graders, runner, tasks, training
+from rlp_jax.data.demo_corpus import cups_thought
 from rlp_jax.metrics_io import read_jsonl
 
 TINY = str(Path(__file__).parent / "configs" / "tiny_rlp.py")
@@ -43,6 +45,9 @@ def test_toy_tasks_are_the_demo_corpus_validation_split(tmp_path):
     carry = tasks.TASKS["demo_carry"].load(limit=3)
     assert [(i.question, i.answer) for i in carry] == [("225819+274189=", "500008"), ("164579+332009=", "496588"),
                                                        ("135830+664910=", "800740")]
+    # The cups task: 10 swaps, the cup the ball ends under.
+    cups = tasks.TASKS["demo_cups"].load(limit=50)
+    assert all(re.fullmatch(r"[lro]{10}=", i.question) and i.answer == cups_thought(i.question[:10])[-1] for i in cups)
     # A run seeded 3 reads its own corpus's held-out problems: those of build_demo_corpus(seed=3).
     seeded = {t.name: t for t in tasks.resolve(["demo"], demo_seed=3)}
     texts3 = documents(build_demo_corpus(tmp_path, "plain", seed=3))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from rlp_jax.data.demo_corpus import DEMO_POSITION_KINDS, DEMO_VARIANTS, DemoCorpusSpec, \
-    addition_pair_split, build_demo_corpus, carry_chain_pairs, column_thought, demo_tokenizer, \
-    generate_demo_documents, render_problem
+    addition_pair_split, build_demo_corpus, carry_chain_pairs, column_thought, cups_thought, \
+    demo_tokenizer, generate_demo_documents, render_cups, render_problem
 
 SMALL = DemoCorpusSpec(num_train=400, num_validation=100, worked_fraction=0.5,
                        word_problem_fraction=0.5)
@@ -192,3 +192,58 @@ def test_carry_spec_refuses_what_it_cannot_write():
         DemoCorpusSpec(num_digits=6)
     with pytest.raises(ValueError, match="no word problems"):
         DemoCorpusSpec(task="carry", num_digits=6, word_problem_fraction=0.5)
+
+
+def test_cups_documents_are_right_and_held_out_problems_never_in_train():
+    spec = dataclasses.replace(DEMO_VARIANTS["cups_worked"], num_train=3000, num_validation=300)
+    docs = {split: list(generate_demo_documents(spec, split)) for split in ("train", "validation")}
+    problem = re.compile(r"^([lro]{10})=(?:<think>([123]{10})</think>)?([123])$")
+    seen = {}
+    for split, records in docs.items():
+        seen[split] = set()
+        for record in records:
+            moves, thought, answer = problem.match(record["text"]).groups()
+            cup = 1  # the ball, followed by hand
+            for move in moves:
+                pair = {"l": (1, 2), "r": (2, 3), "o": (1, 3)}[move]
+                cup = sum(pair) - cup if cup in pair else cup
+            assert answer == str(cup)
+            if thought is not None:
+                assert thought == cups_thought(moves) and thought[-1] == answer
+            kinds = [DEMO_POSITION_KINDS[k] for k in record["marked_kinds"].tolist()]
+            by_offset = dict(zip(record["marked_offsets"].tolist(), kinds))
+            assert [by_offset[k] for k in range(10)] == ["operand"] * 10 and 10 not in by_offset
+            assert by_offset[len(record["text"]) - 1] == "answer_start" and kinds.count("answer_start") == 1
+            assert kinds.count("thought") == (0 if thought is None else len(record["text"]) - 12)
+            seen[split].add(moves)
+        assert len(seen[split]) == len(records)
+    assert not seen["train"] & seen["validation"]
+    assert sum(r["text"].count("<think>") for r in docs["train"]) / 3000 == pytest.approx(0.9, abs=0.03)
+    assert render_cups("lrolrrolol", worked=True)[0] == "lrolrrolol=<think>2312322133</think>3"
+
+
+def test_cups_answer_needs_every_swap_in_order():
+    """Why no shortcut predicts the cups answer without following the ball: changing any one swap
+    changes the answer (so with one swap unknown every cup is equally likely), and problems with
+    the same number of each swap, reordered, end under different cups; the answers are balanced."""
+    rng = np.random.default_rng(0)
+    problems = ["".join(rng.choice(list("lro"), size=10)) for _ in range(300)]
+    answers = [cups_thought(p)[-1] for p in problems]
+    for moves, answer in zip(problems[:100], answers):
+        for i in range(10):
+            others = {cups_thought(moves[:i] + m + moves[i + 1:])[-1] for m in "lro" if m != moves[i]}
+            assert len(others) == 2 and answer not in others
+    reordered = {cups_thought("".join(rng.permutation(list(problems[0]))))[-1] for _ in range(50)}
+    assert len(reordered) == 3
+    assert np.allclose(np.bincount([int(a) for a in answers], minlength=4)[1:] / 300, 1 / 3, atol=0.06)
+
+
+def test_cups_spec_refuses_what_it_cannot_write():
+    with pytest.raises(ValueError, match="the cups task has no word problems"):
+        DemoCorpusSpec(task="cups", num_digits=10, word_problem_fraction=0.5)
+    with pytest.raises(ValueError, match="use 2 to 32"):
+        DemoCorpusSpec(task="cups", num_digits=40)
+    with pytest.raises(ValueError, match="fewer than twice the documents asked for"):
+        next(generate_demo_documents(DemoCorpusSpec(task="cups", num_digits=4), "train"))
+    with pytest.raises(ValueError, match="not a string of swaps"):
+        render_cups("lrx", worked=False)

@@ -152,15 +152,18 @@ def test_verdict_of_a_run_that_got_worse():
                                                                     _eval(0, 0.2, 0.05, 0.6, 0.3))
 
 
-def test_carry_task_stages_and_report(tmp_path):
+def test_carry_and_cups_task_stages_and_report(tmp_path):
     """`demo --task carry` runs the carry corpus (6-digit prompts, 40-token thoughts, a longer
-    warm-up) and its report says which task it was."""
+    warm-up), `--task cups` the cups corpus, and the report says which task it was."""
     from rlp_jax.configs import demo as demo_configs
 
     warm, rlp = demo_configs.stages("carry")
     assert (warm.data.demo_variant, warm.train.steps, warm.data.seq_len) == ("carry_worked", 250, 64)
     assert (rlp.data.demo_variant, rlp.data.max_context, rlp.rlp.max_thought_len) == ("carry_plain", 16, 40)
     assert demo_configs.stages("addition")[1].data.demo_variant == "plain"
+    warm, rlp = demo_configs.stages("cups")  # prompt BOS + 10 swaps + "=", thought 10 cups + </think>
+    assert (warm.data.demo_variant, warm.train.steps, warm.data.seq_len) == ("cups_worked", 100, 32)
+    assert (rlp.data.demo_variant, rlp.data.max_context, rlp.rlp.max_thought_len) == ("cups_plain", 12, 12)
     with pytest.raises(ValueError, match="unknown demo task 'mul'"):
         demo_configs.stages("mul")
     workdir = _run_folder(tmp_path, [_eval(0, -1.0, 0.1, 0.5, 0.3), _eval(120, 0.5, 0.1, 0.8, 0.3)])
@@ -170,6 +173,12 @@ def test_carry_task_stages_and_report(tmp_path):
     summary = demo.write_report(workdir)
     assert summary["config"]["task"] == "carry"
     assert "RLP on 6-digit additions whose leading digit hangs on a long carry chain" in (workdir / "report.md").read_text()
+    config["data"] = {"demo_variant": "cups_plain"}
+    (workdir / "rlp" / "config.json").write_text(json.dumps(config))
+    assert demo.write_report(workdir)["config"]["task"] == "cups"
+    report = (workdir / "report.md").read_text()
+    assert "RLP on a ball under 3 cups after 10 swaps" in report
+    assert "the cup the ball is under after each swap" in report and "column" not in report.split("## What")[1]
 
 
 def test_report_carries_the_benchmark_table(tmp_path):

@@ -11,11 +11,11 @@ JSON-lines files, one item per line:
 named `<task>.jsonl` in the folder given as `data_dir` (`rlp-jax evaluate --data-dir`). A task may
 also be given as the path of such a file. Nothing is ever downloaded.
 
-The toy tasks `demo_addition` and `demo_carry` are the validation split of the bundled demo corpus
-(rlp_jax.data.demo_corpus, variants `plain` and `carry_plain`), generated in memory: the prompt is
-the problem up to and including `=` (`457+386=`), graded on the whole number the model writes
-after its thought (`graders.grade_toy`) and, beside it, on the first answer digit (what the toy
-RLP stage trains). A run's own corpus is seeded with its `seed`, and so are its toy tasks
+The toy tasks `demo_addition`, `demo_carry` and `demo_cups` are the validation split of the bundled
+demo corpus (rlp_jax.data.demo_corpus, variants `plain`, `carry_plain` and `cups_plain`), generated
+in memory: the prompt is the problem up to and including `=` (`457+386=`), graded on the whole
+number the model writes after its thought (`graders.grade_toy`) and, beside it, on the first
+answer digit (what the toy RLP stage trains; a cups answer is one digit). A run's own corpus is seeded with its `seed`, and so are its toy tasks
 (`resolve(..., demo_seed=seed)`): their items are then that run's held-out problems.
 """
 
@@ -220,8 +220,11 @@ def _local(name: str):
 
 # ---------------------------------------------------------------- the demo corpus (toy tasks)
 
-DEMO_TASKS = {"demo_addition": "plain", "demo_carry": "carry_plain"}  # task -> demo corpus variant
-_DEMO_MAX_NEW_TOKENS = {"demo_addition": 40, "demo_carry": 64}  # thought (17 / 35 chars) + markers + answer + eos
+DEMO_TASKS = {"demo_addition": "plain", "demo_carry": "carry_plain", "demo_cups": "cups_plain"}  # task -> variant
+# thought (17 / 35 / 10 chars) + markers + answer + eos, with room to spare
+_DEMO_MAX_NEW_TOKENS = {"demo_addition": 40, "demo_carry": 64, "demo_cups": 24}
+_DEMO_TEXT = {"plain": "3-digit additions", "carry_plain": "6-digit additions with long carry chains",
+              "cups_plain": "the cup a ball ends under after 10 swaps"}
 
 
 @functools.lru_cache(maxsize=16)
@@ -248,10 +251,10 @@ def _grade_toy(item: Item, response: str):
 
 
 def demo_task(name: str, seed: int = 0) -> Task:
-    """Toy task `name` (`demo_addition` or `demo_carry`) on the demo corpus seeded `seed`."""
+    """Toy task `name` (`demo_addition`, `demo_carry` or `demo_cups`) on the demo corpus seeded
+    `seed`."""
     variant = DEMO_TASKS[name]
-    what = "3-digit additions" if variant == "plain" else "6-digit additions with long carry chains"
-    return Task(name, "math", f"demo corpus `{variant}` (seed {seed}) validation split: {what}",
+    return Task(name, "math", f"demo corpus `{variant}` (seed {seed}) validation split: {_DEMO_TEXT[variant]}",
                 lambda _data_dir: list(demo_items(name, seed)), prompt=lambda item: item.question,
                 grade=_grade_toy, max_new_tokens=_DEMO_MAX_NEW_TOKENS[name])
 
@@ -283,7 +286,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     "math_offline": ("gsm8k", "math500"),
     "science_offline": ("mmlu", "arc_challenge", "sciq"),
     # The bundled demo corpus's held-out problems (toy runs).
-    "demo": ("demo_addition", "demo_carry"),
+    "demo": ("demo_addition", "demo_carry", "demo_cups"),
 }
 
 

@@ -66,8 +66,7 @@ def check(config) -> None:
             reason = str(error).split(";")[0].rstrip(".")
             raise BenchmarkError(f"tokenizer {config.tokenizer!r} cannot encode the prompts of benchmark task "
                                  f"{task.name} ({reason}); drop it from eval.benchmark_tasks or train with a "
-                                 "tokenizer that can (the demo tokenizer suits demo_addition and "
-                                 "demo_carry).") from None
+                                 "tokenizer that can (the demo tokenizer suits the demo_* tasks).") from None
 
 
 def scores(result: dict) -> dict[str, float]:

@@ -26,12 +26,29 @@ uniform. Read at the answer, the leading digit depends on the whole chain: a mod
 the leading column guesses the carry and is right half the time. The worked thought is the same
 column-by-column sum (35 characters for 6 columns), whose last column holds the leading digit.
 
-Train and validation documents use disjoint number pairs: for `addition` a seeded 10% of all pairs
-is held out; for `carry` (too many pairs to enumerate) validation pairs are drawn from their own
+A carry chain turned out not to need a thought: finding the first column under the chain that does
+not sum to 9 is one attention step, and compute-matched next-token training learns the leading digit
+directly (docs/ablations.md). `cups` is a state-tracking task outside that shortcut: a ball starts
+under cup 1 of 3 and `num_digits` swaps (10) move it, each `l` (swap cups 1 and 2), `r` (cups 2 and
+3) or `o` (the outer cups, 1 and 3), uniformly; the answer is the cup the ball ends under:
+
+    plain:   lrolrrolol=3
+    worked:  lrolrrolol=<think>2312322133</think>3
+
+The worked thought is the ball's cup after each move, so each of its characters follows from the
+one before and the move at a fixed distance back: a table of 9 entries. Without a thought, the
+answer depends on every move at once: with any one move unknown, each cup is equally likely (every
+cup is swapped by two of the three moves and left alone by one), and it is not a function of how
+often each move occurs (the moves do not commute), so neither a subset of moves nor their counts
+predict it better than chance (1/3).
+
+Train and validation documents are disjoint: for `addition` a seeded 10% of all pairs is held out;
+for `carry` and `cups` (too many problems to enumerate) validation problems are drawn from their own
 stream and any that occurs in train is redrawn. Variants (TFDS configs): `plain` and `worked` (90%
 of documents carry a worked thought, for warm-starting a tiny model), `mixed_plain` and
-`mixed_worked` (half the documents are word problems), `carry_plain` and `carry_worked`. Default
-size: 20,000 train and 2,000 validation documents (about 1.5 s to build).
+`mixed_worked` (half the documents are word problems), `carry_plain`, `carry_worked`, `cups_plain`
+and `cups_worked`. Default size: 20,000 train and 2,000 validation documents (about 1.5 s to
+build).
 """
 
 from __future__ import annotations
@@ -56,6 +73,8 @@ __all__ = [
     "addition_pair_split",
     "carry_chain_pairs",
     "column_thought",
+    "cups_thought",
+    "render_cups",
     "render_problem",
     "generate_demo_documents",
     "RlpDemo",
@@ -86,8 +105,9 @@ class DemoCorpusSpec:
       word_problem_fraction: share of documents written as word problems.
       held_out_fraction: share of number pairs reserved for validation (`addition` only).
       seed: the generator's seed; the same spec gives the same corpus, byte for byte.
-      task: `addition` (3-digit, all pairs) or `carry` (long carry chains; see the module doc).
-      num_digits: digits of both numbers and of their sum.
+      task: `addition` (3-digit, all pairs), `carry` (long carry chains) or `cups` (a ball under
+        swapped cups); see the module doc.
+      num_digits: digits of both numbers and of their sum; for `cups`, the number of swaps.
     """
 
     num_train: int = 20_000
@@ -105,10 +125,12 @@ class DemoCorpusSpec:
         if self.task == "addition" and self.num_digits != 3:
             raise ValueError("the addition task enumerates 3-digit pairs; use task='carry' for "
                              "longer numbers.")
-        if not 2 <= self.num_digits <= 9:
+        if self.task == "cups" and not 2 <= self.num_digits <= 32:
+            raise ValueError(f"num_digits (the swaps) is {self.num_digits}; use 2 to 32.")
+        if self.task == "carry" and not 2 <= self.num_digits <= 9:
             raise ValueError(f"num_digits is {self.num_digits}; use 2 to 9.")
-        if self.task == "carry" and self.word_problem_fraction:
-            raise ValueError("the carry task has no word problems; set word_problem_fraction=0.")
+        if self.task != "addition" and self.word_problem_fraction:
+            raise ValueError(f"the {self.task} task has no word problems; set word_problem_fraction=0.")
         for field in ("worked_fraction", "word_problem_fraction"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise ValueError(f"{field} is {getattr(self, field)}; use a share in [0, 1].")
@@ -123,7 +145,7 @@ class DemoCorpusSpec:
                               ).hexdigest()[:16]
 
 
-TASKS = ("addition", "carry")
+TASKS = ("addition", "carry", "cups")
 
 DEMO_VARIANTS: dict[str, DemoCorpusSpec] = {
     "plain": DemoCorpusSpec(),
@@ -132,7 +154,12 @@ DEMO_VARIANTS: dict[str, DemoCorpusSpec] = {
     "mixed_worked": DemoCorpusSpec(worked_fraction=0.9, word_problem_fraction=0.5),
     "carry_plain": DemoCorpusSpec(task="carry", num_digits=6),
     "carry_worked": DemoCorpusSpec(task="carry", num_digits=6, worked_fraction=0.9),
+    "cups_plain": DemoCorpusSpec(task="cups", num_digits=10),
+    "cups_worked": DemoCorpusSpec(task="cups", num_digits=10, worked_fraction=0.9),
 }
+
+# The swaps of the cups task: the two cups each one exchanges.
+CUP_SWAPS = {"l": (1, 2), "r": (2, 3), "o": (1, 3)}
 
 
 def addition_pair_split(seed: int, held_out_fraction: float = 0.1
@@ -192,6 +219,37 @@ def column_thought(a: int, b: int, num_digits: int = 3) -> str:
         columns.append(f"{x}{y}{carry}{total:02d}")
         carry = total // 10
     return " ".join(columns)
+
+
+def cups_thought(moves: str) -> str:
+    """The ball's cup after each swap, from cup 1: `lro` is `231`."""
+    cup, cups = 1, []
+    for move in moves:
+        x, y = CUP_SWAPS[move]
+        cup = y if cup == x else x if cup == y else cup
+        cups.append(str(cup))
+    return "".join(cups)
+
+
+def render_cups(moves: str, *, worked: bool) -> tuple[str, list[int], list[int]]:
+    """One `cups` document (`lrolrrolol=3`, or with the worked thought) and its marked positions,
+    as `render_problem`."""
+    if not moves or set(moves) - set(CUP_SWAPS):
+        raise ValueError(f"{moves!r} is not a string of swaps; use the letters {''.join(CUP_SWAPS)}.")
+    n = len(moves)
+    kinds = [_KIND["operand"]] * n
+    text = moves + "="
+    if worked:
+        thought = f"{THINK_OPEN}{cups_thought(moves)}{THINK_CLOSE}"
+        kinds += [_KIND["thought"]] * len(thought)
+        text += thought
+    offsets = list(range(n)) + list(range(n + 1, len(text))) + [len(text)]
+    return text + cups_thought(moves)[-1], offsets, kinds + [_KIND["answer_start"]]
+
+
+def plain_document_chars(spec: DemoCorpusSpec) -> int:
+    """Characters of one plain document of `spec`'s task: `457+386=843` is 11."""
+    return spec.num_digits + 2 if spec.task == "cups" else 3 * spec.num_digits + 2
 
 
 def render_problem(a: int, b: int, *, worked: bool, template: str | None = None,
@@ -255,8 +313,8 @@ def generate_demo_documents(spec: DemoCorpusSpec, split: str) -> Iterator[dict]:
     count, first_id, split_code = ((spec.num_train, 0, 1) if split == "train"
                                    else (spec.num_validation, spec.num_train, 2))
     rng = np.random.default_rng([spec.seed, split_code])
-    if spec.task == "carry":
-        pairs, chosen = _carry_split(spec, split), np.arange(count)
+    if spec.task in ("carry", "cups"):
+        pairs, chosen = _drawn_split(spec, split), np.arange(count)
     else:
         train_pairs, held_out_pairs = addition_pair_split(spec.seed, spec.held_out_fraction)
         pairs = train_pairs if split == "train" else held_out_pairs
@@ -268,31 +326,48 @@ def generate_demo_documents(spec: DemoCorpusSpec, split: str) -> Iterator[dict]:
     word_N = rng.random(count) < spec.word_problem_fraction
     template_N = rng.integers(len(_WORD_TEMPLATES), size=count)
     for i in range(count):
-        a, b = (int(v) for v in pairs[chosen[i]])
-        template = (_fill_names(_WORD_TEMPLATES[template_N[i]], rng) if word_N[i] else None)
-        text, offsets, kinds = render_problem(a, b, worked=bool(worked_N[i]), template=template,
-                                              num_digits=spec.num_digits)
+        if spec.task == "cups":
+            text, offsets, kinds = render_cups(pairs[chosen[i]], worked=bool(worked_N[i]))
+        else:
+            a, b = (int(v) for v in pairs[chosen[i]])
+            template = (_fill_names(_WORD_TEMPLATES[template_N[i]], rng) if word_N[i] else None)
+            text, offsets, kinds = render_problem(a, b, worked=bool(worked_N[i]), template=template,
+                                                  num_digits=spec.num_digits)
         yield {"text": text, "doc_id": first_id + i, "origin": f"rlp_demo/{split}/{i}",
                "marked_offsets": np.asarray(offsets, np.int32),
                "marked_kinds": np.asarray(kinds, np.int32)}
 
 
-def _carry_split(spec: DemoCorpusSpec, split: str) -> np.ndarray:
-    """The carry task's pairs of one split: distinct within the split, and validation pairs never
-    in train (drawn again until they are not)."""
-    def distinct(stream: int, count: int, exclude: set) -> np.ndarray:
+def _draw_cups(rng: np.random.Generator, count: int, num_moves: int) -> list[str]:
+    letters = np.array(list(CUP_SWAPS))
+    return ["".join(row) for row in letters[rng.integers(len(letters), size=(count, num_moves))]]
+
+
+def _drawn_split(spec: DemoCorpusSpec, split: str) -> list:
+    """The drawn problems of one split (`carry`: number pairs, `cups`: swap strings): distinct
+    within the split, and validation problems never in train (drawn again until they are not)."""
+    if spec.task == "cups" and 3**spec.num_digits < 2 * (spec.num_train + spec.num_validation):
+        raise ValueError(f"{spec.num_digits} swaps give only {3**spec.num_digits} distinct problems, fewer than "
+                         "twice the documents asked for; ask for fewer documents or more swaps.")
+
+    def draw(rng: np.random.Generator, count: int) -> list:
+        if spec.task == "cups":
+            return _draw_cups(rng, count, spec.num_digits)
+        return list(map(tuple, carry_chain_pairs(rng, count, spec.num_digits)))
+
+    def distinct(stream: int, count: int, exclude: set) -> list:
         rng = np.random.default_rng([spec.seed, stream, 7])
         out: list = []
         seen = set(exclude)
         while len(out) < count:
-            for pair in map(tuple, carry_chain_pairs(rng, count - len(out), spec.num_digits)):
-                if pair not in seen:
-                    seen.add(pair)
-                    out.append(pair)
-        return np.asarray(out, np.int64)
+            for problem in draw(rng, count - len(out)):
+                if problem not in seen:
+                    seen.add(problem)
+                    out.append(problem)
+        return out
 
     train = distinct(1, spec.num_train, set())
-    return train if split == "train" else distinct(2, spec.num_validation, set(map(tuple, train)))
+    return train if split == "train" else distinct(2, spec.num_validation, set(train))
 
 
 @dataclasses.dataclass
@@ -307,7 +382,8 @@ class RlpDemo(corpus_lib.OfflineBuilder):
 
     VERSION = tfds.core.Version(f"1.0.{GENERATOR_VERSION - 1}")
     RELEASE_NOTES = {"1.0.0": "3-digit addition and word problems with column-wise thoughts; "
-                              "6-digit long-carry additions (carry_* configs)."}
+                              "6-digit long-carry additions (carry_* configs); a ball under "
+                              "swapped cups (cups_* configs)."}
     BUILDER_CONFIGS = [DemoConfig(name=name, spec=spec) for name, spec in DEMO_VARIANTS.items()]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -340,8 +416,8 @@ def build_demo_corpus(data_dir: str | os.PathLike, variant: str = "plain", *,
 
     Args:
       data_dir: the TFDS data directory.
-      variant: `plain`, `worked`, `mixed_plain`, `mixed_worked`, `carry_plain` or
-        `carry_worked` (see the module docstring).
+      variant: `plain`, `worked`, `mixed_plain`, `mixed_worked`, `carry_plain`, `carry_worked`,
+        `cups_plain` or `cups_worked` (see the module docstring).
       num_train, num_validation, seed: override the variant's size and seed; the config name
         then records them (e.g. `worked-seed3-train500-val100`).
       overwrite: regenerate even if an identical corpus exists.
