@@ -262,14 +262,17 @@ def _plot(grid: str, results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, (metric, label) in zip(axes, METRICS[:2]):
+    # Accuracy without a thought is the `cpt` grid's measure for its NTP cell.
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (metric, label) in zip(axes, METRICS[:3]):
         for i, name in enumerate(names):
             values = [r[metric] for r in results[name]]
             ax.scatter([i] * len(values), values, color="tab:blue", alpha=0.6)
             ax.plot([i - 0.2, i + 0.2], [np.mean(values)] * 2, color="black")
         ax.set_xticks(range(len(names)), names, rotation=15)
         ax.set_title(label)
+        if metric.startswith("acc"):
+            ax.set_ylim(-0.03, 1.03)  # one scale for both accuracies, so chance looks like chance
     fig.suptitle(f"ablation: {grid} (dots: seeds, bars: mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

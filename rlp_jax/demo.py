@@ -90,7 +90,7 @@ def write_report(workdir: Path, warmup_seconds: float | None = None, total_secon
         headline, "",
         f"RLP on {_TASK_TEXT[settings.get('task') or 'addition']}: prompts at the first answer digit, G thoughts each,",
         "reward = log-likelihood gain of the true digit over the no-think EMA teacher.", "",
-        f"Held-out positions: {int(_num(after, 'num_positions') or 0)} (validation split; number pairs never "
+        f"Held-out positions: {int(_num(after, 'num_positions') or 0)} (validation split; problems never "
         "seen in training). Means ± standard error over positions. A change counts as real when it is "
         "more than 2 standard errors of the difference from zero.", "",
         f"| held-out | before RLP (step {int(before['step'])}) | after RLP (step {int(after['step'])}) |",
@@ -153,7 +153,7 @@ def _bench_section(bench: dict | None) -> list[str]:
     return ["## The whole answer, as `rlp-jax evaluate` scores benchmarks", "",
             f"The first {after['bench_items']} held-out problems, the model prompted with the problem up to `=` and "
             "left to open its own thought; graded on the digits after `</think>` (docs/evaluation.md). RLP trains "
-            "only the first answer digit, so this is the transfer to the rest of the answer.", "",
+            "only the first answer digit, so where the answer is longer this is the transfer to the rest of it.", "",
             "| | before RLP | after RLP |", "|---|---|---|",
             f"| pass@1, 4 samples at T=1 | {before['bench_pass@1']:.3f} | {after['bench_pass@1']:.3f} |",
             f"| greedy | {before['bench_greedy']:.3f} | {after['bench_greedy']:.3f} |", ""]
