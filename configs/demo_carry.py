@@ -1,5 +1,6 @@
 """The demo's second task (`rlp-jax demo --task carry`): 6-digit additions whose leading answer
-digit hangs on a long carry chain (rlp_jax.data.demo_corpus), where thinking is necessary.
+digit hangs on a long carry chain (rlp_jax.data.demo_corpus). Built to need a thought, it does
+not: compute-matched next-token training learns the leading digit directly (docs/ablations.md).
 
 Same model, tokenizer and recipe as configs/demo.py; longer documents and thoughts. The worked
 thought is 35 characters (6 columns), so thoughts get 40 tokens; the prompt is BOS + the 14

@@ -18,7 +18,7 @@ strategy can place prompts exactly at answers and evaluation can report results 
 the two numbers), `thought` (inside a worked thought, markers included); all other positions are
 `unmarked`.
 
-`carry` (where thinking is necessary): 6-digit additions whose leading answer digit hangs on a
+`carry` (built to need a thought): 6-digit additions whose leading answer digit hangs on a
 long carry chain, e.g. `471596+215403=687000`. Below the leading column, a run of columns that
 sum to exactly 9 (a chain of 0 to 4 columns, uniformly) passes on whatever carry arrives from the
 column under it, which generates a carry or not with equal odds; the columns further down are
