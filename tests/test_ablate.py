@@ -96,17 +96,17 @@ def test_unknown_grid_is_one_sentence():
         in result.stderr
 
 
-def test_carry_task_grid_lives_under_its_own_root_and_cpt_reuses_the_dense_run(tmp_path):
-    """`--task carry` runs under WORKDIR/carry with the 6-digit corpus and 40-token thoughts; the
-    cpt grid's RLP cell is the reward grid's dense run (same settings), read, not rerun; the CPT
-    cell trains on 22-token plain documents for the dense run's processed tokens."""
-    kwargs = dict(task="carry", seeds=(0,), steps=1, warmup_steps=2, eval_positions=8, benchmark_items=4)
+def test_cups_task_grid_lives_under_its_own_root_and_cpt_reuses_the_dense_run(tmp_path):
+    """`--task cups` runs under WORKDIR/cups with the cups corpus and 12-token thoughts; the cpt
+    grid's RLP cell is the reward grid's dense run (same settings), read, not rerun; the CPT cell
+    trains on 14-token plain documents for the dense run's processed tokens."""
+    kwargs = dict(task="cups", seeds=(0,), steps=1, warmup_steps=2, eval_positions=8, benchmark_items=4)
     ablate.run_grid("reward", tmp_path, echo=lambda *_: None, **kwargs)
-    root = tmp_path / "carry"
+    root = tmp_path / "cups"
     dense = root / "reward" / ablate._slug("dense (RLP)") / "s0"
     config = json.loads((dense / "config.json").read_text())
-    assert config["data"]["demo_variant"] == "carry_plain" and config["rlp"]["max_thought_len"] == 40
-    assert json.loads((root / "warmup-s0" / "config.json").read_text())["data"]["demo_variant"] == "carry_worked"
+    assert config["data"]["demo_variant"] == "cups_plain" and config["rlp"]["max_thought_len"] == 12
+    assert json.loads((root / "warmup-s0" / "config.json").read_text())["data"]["demo_variant"] == "cups_worked"
     lines = []
     results = ablate.run_grid("cpt", tmp_path, echo=lines.append, **kwargs)
     assert "cpt / RLP / seed 0: the same run as reward/dense_RLP/s0" in lines
@@ -115,10 +115,10 @@ def test_carry_task_grid_lives_under_its_own_root_and_cpt_reuses_the_dense_run(t
         (dense / "bench.json").read_text())
     processed = ablate.measured_flop_tokens(dense)
     cpt = json.loads((root / "cpt" / ablate._slug("CPT, equal T_flop") / "s0" / "config.json").read_text())
-    assert cpt["data"]["seq_len"] == 24 and cpt["train"]["steps"] == -(-int(processed) // (64 * 22))
+    assert cpt["data"]["seq_len"] == 16 and cpt["train"]["steps"] == -(-int(processed) // (64 * 14))
     assert ablate.plain_document_tokens(ablate.demo_configs.stages("carry")[1]) == 22
     assert ablate.plain_document_tokens(ablate.demo_configs.stages("cups")[1]) == 14
     # The benchmark columns: the cell's bench.json is what rlp-jax evaluate's runner gives for it.
-    assert json.loads((dense / "bench.json").read_text()) == ablate.benchmark_numbers(dense, "carry", 4)
+    assert json.loads((dense / "bench.json").read_text()) == ablate.benchmark_numbers(dense, "cups", 4)
     assert results["RLP"][0]["bench_items"] == 4 and 0 <= results["RLP"][0]["bench_pass@1"] <= 1
     assert "answer pass@1 (4 samples, T=1)" in (root / "cpt" / "table.md").read_text()
