@@ -15,8 +15,9 @@ The toy tasks `demo_addition`, `demo_carry` and `demo_cups` are the validation s
 demo corpus (rlp_jax.data.demo_corpus, variants `plain`, `carry_plain` and `cups_plain`), generated
 in memory: the prompt is the problem up to and including `=` (`457+386=`), graded on the whole
 number the model writes after its thought (`graders.grade_toy`) and, beside it, on the first
-answer digit (what the toy RLP stage trains; a cups answer is one digit). A run's own corpus is seeded with its `seed`, and so are its toy tasks
-(`resolve(..., demo_seed=seed)`): their items are then that run's held-out problems.
+answer digit (what the toy RLP stage trains; a cups answer is one digit). A run's own corpus is
+seeded with its `seed`, and so are its toy tasks (`resolve(..., demo_seed=seed)`): their items are
+then that run's held-out problems.
 """
 
 from __future__ import annotations
