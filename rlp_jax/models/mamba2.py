@@ -72,8 +72,8 @@ def mamba_shapes(num_layers: int, D: int, H: int, P: int, G: int, N: int, K: int
 # ---------------------------------------------------------------- discretisation
 
 def time_step(dt_raw_BxTxH: Array, dt_bias_H: Array, limit: tuple[float, float]) -> Array:
-    """Δ = clamp(softplus(dt + dt_bias), *limit) in float32 (Mamba-2 §7.3; transformers clamps to
-    (time_step_min, ∞))."""
+    """Δ = clamp(softplus(dt + dt_bias), *limit) in float32 (Mamba-2 §7.3), with the config's
+    `time_step_limit` as NVIDIA's Nemotron-H code and transformers >= 5.25 use it."""
     dt = jax.nn.softplus(dt_raw_BxTxH.astype(jnp.float32) + dt_bias_H.astype(jnp.float32))
     return jnp.clip(dt, limit[0], limit[1])
 
@@ -261,7 +261,7 @@ def mamba_mixer(h_BxTxD: Array, w: dict[str, Any], c, valid_BxT: Array | None = 
     streams = {"x": x, "B": Bm, "C": Cm}
     conved = {k: _mask(jax.nn.silu(causal_conv(v, w["conv_" + k], bias(f"conv_{k}_bias"))), valid_BxT)
               for k, v in streams.items()}
-    dt = time_step(dt_raw, w["dt_bias"], c.time_step_clamp)
+    dt = time_step(dt_raw, w["dt_bias"], c.time_step_limit)
     dt = _mask(dt, valid_BxT)
     A = -jnp.exp(w["A_log"].astype(jnp.float32))
     y, final = ssd_chunked(conved["x"], dt, A, conved["B"], conved["C"], c.chunk_size)
@@ -279,8 +279,8 @@ def mamba_decode_step(h_Bx1xD: Array, w: dict[str, Any], c, conv_state: dict[str
     """One token of the mixer from its recurrent state: the conv over the K−1 remembered inputs and
     the new one, then `ssm_step`. Returns `(out_Bx1xD, new conv state, new ssm state)` (the ssm
     state kept in its own dtype). Δ is clamped as in `mamba_mixer`, so decode continues the forward
-    exactly; transformers' one-token path skips the clamp (the two differ only where
-    softplus(dt + dt_bias) < time_step_min)."""
+    exactly; transformers' one-token path skips the clamp (the two differ only for a config whose
+    `time_step_limit` is narrower than the default (0, ∞))."""
     dtype = h_Bx1xD.dtype
     z, x, Bm, Cm, dt_raw = _project_in(h_Bx1xD, w)
     streams = {"x": x, "B": Bm, "C": Cm}
@@ -288,7 +288,7 @@ def mamba_decode_step(h_Bx1xD: Array, w: dict[str, Any], c, conv_state: dict[str
     for k, v in streams.items():
         conved[k] = jax.nn.silu(causal_conv(v, w["conv_" + k], w.get(f"conv_{k}_bias"), conv_state[k]))
         new_conv[k] = jnp.concatenate([conv_state[k].astype(v.dtype), v], axis=1)[:, 1:].astype(conv_state[k].dtype)
-    dt = time_step(dt_raw, w["dt_bias"], c.time_step_clamp)[:, 0]
+    dt = time_step(dt_raw, w["dt_bias"], c.time_step_limit)[:, 0]
     A = -jnp.exp(w["A_log"].astype(jnp.float32))
     y, h = ssm_step(ssm_state_BxHxPxN, conved["x"][:, 0], dt, A, conved["B"][:, 0], conved["C"][:, 0])
     y = y + w["D"].astype(jnp.float32)[:, None] * conved["x"][:, 0].astype(jnp.float32)

@@ -57,7 +57,7 @@ class NemotronHConfig:
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
-    # Kept for the HF round trip only: transformers' mixer clamps Δ to (time_step_min, ∞), not this.
+    # Δ is clamped to this, as NVIDIA's published modeling code and transformers >= 5.25 do.
     time_step_limit: tuple[float, float] = (0.0, float("inf"))
     layer_norm_epsilon: float = 1e-5
     max_position_embeddings: int = 4096
@@ -108,11 +108,6 @@ class NemotronHConfig:
     @property
     def mamba_inner(self) -> int:
         return self.mamba_num_heads * self.mamba_head_dim
-
-    @property
-    def time_step_clamp(self) -> tuple[float, float]:
-        """Δ is clamped to this (transformers' NemotronHMamba2Mixer: `(time_step_min, inf)`)."""
-        return (self.time_step_min, float("inf"))
 
     def num_params(self) -> int:
         """The parameter count, equal to `sum(p.numel())` of transformers' NemotronHForCausalLM."""
