@@ -302,13 +302,26 @@ def eval_batches(config, corpus_, tok) -> list[PromptBatch]:
     return out
 
 
-def eval_note(config, held_out: list[PromptBatch]) -> str | None:
-    """A sentence when the held-out batches hold fewer positions than `eval.num_positions`."""
+# A validation split of fewer documents makes an evaluation that measures little more than them (its
+# positions are far from independent, and the standard errors it reports too small).
+MIN_EVAL_DOCUMENTS = 4
+
+
+def eval_note(config, corpus_, held_out: list[PromptBatch]) -> str | None:
+    """A sentence when the held-out batches hold fewer positions than `eval.num_positions`, or the
+    validation split has fewer than `MIN_EVAL_DOCUMENTS` documents."""
     count = sum(int(np.asarray(b.example_mask_B).sum()) for b in held_out)
-    if count >= config.eval.num_positions:
-        return None
-    return (f"the validation split yields {count} positions, fewer than eval.num_positions="
-            f"{config.eval.num_positions}; evaluating those {count} (raise data.validation_fraction for more)")
+    notes = []
+    if count < config.eval.num_positions:
+        notes.append(f"the validation split yields {count} positions, fewer than eval.num_positions="
+                     f"{config.eval.num_positions}; evaluating those {count} (raise data.validation_fraction for more)")
+    documents = corpus_.num_documents("validation") if "validation" in corpus_.splits else 0
+    if held_out and documents < MIN_EVAL_DOCUMENTS:
+        notes.append(f"the validation split has only {documents} document{'s' if documents != 1 else ''}, so the "
+                     f"held-out evaluation's {count} positions all come from {'it' if documents == 1 else 'them'} and "
+                     f"say little about other text; give it {MIN_EVAL_DOCUMENTS} or more documents (more text, a "
+                     "higher data.validation_fraction, or data.validation_corpus)")
+    return "; ".join(notes) or None
 
 
 def needs_reference(config) -> bool:

@@ -141,14 +141,24 @@ def _demo(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from rlp_jax import build
     from rlp_jax import config as config_lib
+    from rlp_jax.data.tokenizer import load_tokenizer
+    from rlp_jax.evaluation_run import run_config
     from rlp_jax.models import convert
 
     try:
         model = build.model_from_run(args.workdir)
-        out = convert.save_hf(model, args.out, dtype=args.dtype)  # either family
+        spec = run_config(args.workdir).tokenizer
+        try:
+            tokenizer = load_tokenizer(spec)
+        except (OSError, ValueError) as error:  # an HF tokenizer.json moved or deleted since the run
+            tokenizer = None
+            print(f"rlp-jax export: the run's tokenizer {spec!r} cannot be loaded ({error}), so the folder gets "
+                  f"none; copy that tokenizer's tokenizer.json into {args.out}.", file=sys.stderr)
+        out = convert.save_hf(model, args.out, dtype=args.dtype, tokenizer=tokenizer)  # either family
     except (config_lib.ConfigError, FileExistsError) as error:
         return _fail("export", error)
-    print(f"wrote an HF folder (config.json + safetensors) to {out}")
+    files = "config.json + safetensors" + (" + tokenizer.json" if tokenizer is not None else "")
+    print(f"wrote an HF folder ({files}) to {out}")
     return 0
 
 
@@ -211,6 +221,16 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark_catalogue() -> str:
+    """The task and suite names `rlp-jax evaluate --tasks` takes, from the benchmark registry."""
+    from rlp_jax.benchmarks.tasks import SUITES, TASKS
+
+    width = max(map(len, [*TASKS, *SUITES])) + 2
+    lines = ["Tasks:", *(f"  {name:<{width}}{task.description}" for name, task in TASKS.items()),
+             "Suites:", *(f"  {name:<{width}}{' '.join(members)}" for name, members in SUITES.items())]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rlp_jax.configs.demo import DEMO_TASKS
 
@@ -261,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="a run's latest weights as an HF folder")
     export.add_argument("--workdir", required=True, help="a training run's workdir (for the demo: rlp_demo_run/rlp)")
-    export.add_argument("--out", required=True, help="the HF folder to write (config.json + safetensors)")
+    export.add_argument("--out", required=True,
+                        help="the HF folder to write (config.json, safetensors, tokenizer.json, tokenizer_config.json)")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the written weights (default float32)")
     export.set_defaults(run=_export)
@@ -283,16 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "Benchmark accuracy as in the RLP paper's Tables 1-2. Math tasks: pass@1 averaged over\n"
                     "--samples sampled responses (\\boxed{} answers judged by math-verify). Multiple choice: the\n"
                     "mean of greedy accuracy and pass@1 over --choice-samples samples, or the options'\n"
-                    "log-likelihood (--choice-mode loglik). Suites: math, science, paper (AIME25, AMC23, Minerva\n"
-                    "Math, MMLU-Pro and GPQA are local files: --data-dir), math_offline, science_offline,\n"
-                    "demo (demo_addition, demo_carry, demo_cups: a toy run's own held-out problems).\n"
-                    "Held-out information gain is `rlp-jax eval`. See docs/evaluation.md.",
+                    "log-likelihood (--choice-mode loglik). A task marked 'local file' reads <task>.jsonl from\n"
+                    "--data-dir; the demo tasks are a toy run's own held-out problems. Held-out information\n"
+                    "gain is `rlp-jax eval`. See docs/evaluation.md.\n\n" + _benchmark_catalogue(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     bm.add_argument("--hf", default=None, help="an HF model folder (config.json + safetensors + tokenizer.json)")
     bm.add_argument("--workdir", default=None, help="a training run's workdir instead of --hf")
     bm.add_argument("--step", type=int, default=None, help="the run's checkpoint step (default: the newest)")
     bm.add_argument("--tasks", nargs="+", default=["math_offline", "science_offline"],
-                    help="task names, suite names or .jsonl files (default: math_offline science_offline)")
+                    help="task names, suite names (both listed above) or .jsonl files (default: math_offline "
+                         "science_offline)")
     bm.add_argument("--data-dir", default=None, help="folder with <task>.jsonl files for sets no package ships")
     bm.add_argument("--tokenizer", default=None, help="tokenizer.json or 'bytes' (default: the model's own)")
     bm.add_argument("--prompt", default="think", choices=["think", "plain"],

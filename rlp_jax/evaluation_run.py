@@ -88,7 +88,7 @@ def evaluate_run(run_dir: str | Path | None = None, hf_dir: str | Path | None = 
     result = eval_lib.evaluate(graphdef, params, baselines, held_out, rcfg, jax.random.key(config.seed + 12345),
                                decode=tokenizer.decode, show_thoughts=config.eval.show_thoughts)
     result["num_positions_asked"] = config.eval.num_positions
-    if note := build.eval_note(config, held_out):
+    if note := build.eval_note(config, corpus, held_out):
         result["note"] = note
     return result
 

@@ -54,16 +54,23 @@ class MetricsWriter:
             rate = (step - self._start_step) / max(now - self._start_time, 1e-9)
             eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
             fields += [f"{rate:.2f} steps/s", f"{rate * tokens_per_step:,.0f} tok/s", f"ETA {_duration(eta)}"]
-        for name, label in (("loss", "loss"), ("reward_mean", "reward"), ("reward_std", "±"),
-                            ("thought_len_mean", "len"), ("clip_frac", "clip"), ("grad_norm", "|g|")):
-            if name in metrics:
-                fields.append(f"{label} {float(metrics[name]):.4g}")
+        # A policy step's loss is ~0 by construction (docs/training.md), so its line shows the reward
+        # and the thoughts instead; the loss stays in metrics.jsonl.
+        shown = _POLICY_FIELDS if "reward_mean" in metrics else _NTP_FIELDS
+        fields += [f"{label} {float(metrics[name]):{spec}}" for name, label, spec in shown if name in metrics]
         if self.enabled:
             self.echo("  ".join(fields))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+# (metric, label, format) of the progress line.
+_POLICY_FIELDS = (("reward_mean", "reward", "+.4g"), ("reward_std", "±", ".3g"),
+                  ("reward_pos_frac", "reward>0", ".0%"), ("thought_len_mean", "len", ".3g"),
+                  ("entropy", "entropy", ".3g"), ("clip_frac", "clip", ".3g"), ("grad_norm", "|g|", ".3g"))
+_NTP_FIELDS = (("loss", "loss", ".4g"), ("grad_norm", "|g|", ".3g"))
 
 
 def _scalar(value) -> float | int | None:

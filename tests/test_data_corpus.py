@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import logging
 import os
 
 import pytest
@@ -62,6 +63,39 @@ def test_counts_every_dropped_record_and_keeps_the_rest(messy_corpus, tmp_path):
         (6, "nested dir", f"{src}/sub/d.jsonl:1"),
     ]
     assert corpus.position_kind_names == ("unmarked", "marked")
+
+
+def test_a_build_logs_one_sentence_and_warns_only_about_what_it_dropped(messy_corpus, tmp_path, caplog):
+    _write(tmp_path / "clean.txt", "one\n\ntwo\n\nthree\n")
+    with caplog.at_level(logging.INFO, logger="rlp_jax.data.corpus"):
+        build_local_corpus(messy_corpus, tmp_path / "tfds", name="messy", txt_documents="paragraphs",
+                           validation_fraction=0)
+        build_local_corpus(tmp_path / "clean.txt", tmp_path / "tfds", name="clean", txt_documents="paragraphs",
+                           validation_fraction=0)
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records
+              if r.name == "rlp_jax.data.corpus" and not r.getMessage().startswith("building ")]
+    messy_dir = tmp_path / "tfds" / "rlp_local_corpus" / "messy" / "1.0.0"
+    clean_dir = tmp_path / "tfds" / "rlp_local_corpus" / "clean" / "1.0.0"
+    assert logged == [
+        ("INFO", f"built corpus rlp_local_corpus/messy in {messy_dir}: 7 training and 0 validation documents "
+                 "from 4 files"),
+        ("WARNING", "corpus rlp_local_corpus/messy dropped 6 of 13 records (2 empty, 2 duplicate, 2 not valid UTF-8)"),
+        ("INFO", f"built corpus rlp_local_corpus/clean in {clean_dir}: 3 training and 0 validation documents "
+                 "from 1 file"),
+    ]
+
+
+def test_a_refused_build_leaves_no_folder_it_created(tmp_path):
+    """A PDF renamed to .txt is refused, and the folders made on the way to the dataset go again
+    (bad input writes nothing); folders that were there before stay."""
+    _write(tmp_path / "paper.txt", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n\x00\xff")
+    with pytest.raises(ValueError, match="dropped_invalid_utf8 1"):
+        build_local_corpus(tmp_path / "paper.txt", tmp_path / "runs" / "x" / "data", validation_fraction=0)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    with pytest.raises(ValueError, match="dropped_invalid_utf8 1"):
+        build_local_corpus(tmp_path / "paper.txt", tmp_path / "data", validation_fraction=0)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["mine"]
 
 
 def test_txt_file_mode_keeps_a_file_as_one_document(tmp_path):

@@ -173,3 +173,52 @@ def test_token_bytes_spell_every_text_back_exactly(qwen_like_path):
     table, lengths = token_byte_table(demo)
     ids = demo.encode("457+386=843")
     assert b"".join(bytes(table[i, :lengths[i]]) for i in ids) == b"457+386=843"
+
+
+def _write_hf_files(tok, folder):
+    from rlp_jax.data.tokenizer import hf_tokenizer_files
+
+    folder.mkdir()
+    for name, text in hf_tokenizer_files(tok).items():
+        (folder / name).write_text(text)
+    return folder
+
+
+HF_FORM_CASES = {
+    "bytes": (ByteTokenizer(), TEXTS + ["Ελληνικά, 中文, עברית; a\u00a0b\r\n\x00 \ufeff", "  two  spaces  "]),
+    "demo chars": (demo_tokenizer(), [TEXTS[0], TEXTS[1], TEXTS[4], "what is 457+386? 843.\n<think>carry</think>"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_FORM_CASES))
+def test_hf_form_of_the_char_and_byte_tokenizers_gives_our_ids(case, tmp_path):
+    """What `rlp-jax export` writes beside the weights: `transformers.AutoTokenizer` and
+    `tokenizers.Tokenizer` read it and encode text to exactly our ids (the byte offset of 4 and the
+    marker ids included), and decode them back; rlp-jax's own HFTokenizer reads it too."""
+    import transformers
+
+    tok, texts = HF_FORM_CASES[case]
+    folder = _write_hf_files(tok, tmp_path / "hf")
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    raw = RawHFTokenizer.from_file(str(folder / "tokenizer.json"))
+    ours_again = HFTokenizer(folder)
+    assert len(auto) == raw.get_vocab_size() == ours_again.vocab_size == tok.vocab_size
+    for text in texts:
+        ids = tok.encode(text)
+        assert auto.encode(text) == ids, text
+        assert raw.encode(text, add_special_tokens=False).ids == ids, text
+        assert ours_again.encode(text) == ids, text
+        assert auto.decode(ids) == raw.decode(ids, skip_special_tokens=False) == text
+    assert (auto.pad_token_id, auto.eos_token_id) == (tok.pad_id, tok.eos_id) == (0, 1)
+    assert (ours_again.pad_id, ours_again.eos_id, ours_again.think_open_id, ours_again.think_close_id) == (0, 1, 2, 3)
+    assert auto.decode([tok.eos_id, 2, 3, tok.pad_id], skip_special_tokens=True) == tok.decode([1, 2, 3, 0])
+
+
+def test_hf_form_of_an_hf_tokenizer_is_itself(qwen_like_path, tmp_path):
+    import transformers
+
+    tok = HFTokenizer(qwen_like_path)
+    auto = transformers.AutoTokenizer.from_pretrained(_write_hf_files(tok, tmp_path / "hf"))
+    for text in TEXTS:
+        assert auto.encode(text) == tok.encode(text) and auto.decode(tok.encode(text)) == text
+    assert auto.eos_token_id == tok.eos_id

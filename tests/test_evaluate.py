@@ -75,3 +75,28 @@ def test_a_2x2x2_mesh_gives_the_unsharded_numbers(setup):
     assert sharded.keys() == plain.keys()
     for name in plain:
         np.testing.assert_allclose(sharded[name], plain[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("validation_documents, warned", [(1, True), (3, True), (4, False)])
+def test_a_validation_split_of_few_documents_is_noted(validation_documents, warned):
+    """The `text` config's 64 held-out positions drawn from 1-3 paragraphs say little beyond them:
+    the run and `rlp-jax eval` say so in one sentence (build.MIN_EVAL_DOCUMENTS = 4)."""
+    from rlp_jax import build
+    from rlp_jax import config as config_lib
+    from rlp_jax.data import ByteTokenizer, Corpus
+
+    config = config_lib.load_config("text", [])
+    paragraph = lambda i: f"Paragraph {i} of a small corpus, long enough for many prompt positions. " * 3
+    corpus = Corpus.in_memory({
+        "train": [{"text": paragraph(i), "doc_id": i} for i in range(8)],
+        "validation": [{"text": paragraph(100 + i), "doc_id": 100 + i} for i in range(validation_documents)]})
+    held_out = build.eval_batches(config, corpus, ByteTokenizer())
+    assert sum(int(np.asarray(b.example_mask_B).sum()) for b in held_out) == 64
+    note = build.eval_note(config, corpus, held_out)
+    if warned:
+        s = "s" if validation_documents > 1 else ""
+        assert note.startswith(f"the validation split has only {validation_documents} document{s}, so the held-out "
+                               "evaluation's 64 positions all come from ")
+        assert "give it 4 or more documents" in note and note.count(";") == 1
+    else:
+        assert note is None

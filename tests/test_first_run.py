@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "training.md"
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA_FLAGS: 8 devices and any other flag, from conftest
 
 
 def cli(cwd, *args, timeout=600):
@@ -93,6 +93,25 @@ def test_the_doc_run_resumes_with_each_step_logged_once_and_evaluates_the_positi
     identity = json.loads((run / "identity.json").read_text())
     assert identity["corpus"].startswith("local:") and identity["config"]["data.txt_documents"] == "paragraphs"
     assert load_file(str(run / "hf" / "model.safetensors"))  # export of a relative workdir
+
+
+def test_the_exported_folder_has_the_byte_tokenizer_for_transformers(home):
+    """`rlp-jax export` of a byte-tokenizer run writes a tokenizer that transformers reads, with the
+    ids the run trained on (offset 4, <think> and </think> 2 and 3); the weights as readable as the rest."""
+    import transformers
+
+    from rlp_jax.data import ByteTokenizer
+
+    folder, results = home
+    hf_dir = folder / "runs" / "notes" / "hf"
+    export = next(r for command, r in results if command.startswith("rlp-jax export"))
+    assert "tokenizer.json" in export.stdout, export.stderr
+    tok, auto = ByteTokenizer(), transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in ["Plain English.", "naïve café — 😀 ü€\n\tend", "2+2=<think>two and two</think>4"]:
+        assert auto.encode(text) == tok.encode(text) and auto.decode(tok.encode(text)) == text
+    modes = {p.name: p.stat().st_mode & 0o777 for p in hf_dir.iterdir()}
+    assert set(modes) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert len(set(modes.values())) == 1, modes  # not safetensors' own 0600
 
 
 def test_console_output_is_readable(home):
@@ -194,7 +213,7 @@ def test_bad_input_is_one_sentence_exit_2_and_writes_no_run(home, tmp_path, file
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr[-3000:]
     assert message in result.stderr, result.stderr
-    assert not (tmp_path / "runs" / "x" / "identity.json").exists()
+    assert not (tmp_path / "runs" / "x").exists() and not (tmp_path / "x").exists()  # not even a corpus
 
 
 def test_debug_adds_the_traceback_of_a_user_error(home, tmp_path):

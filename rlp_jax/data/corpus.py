@@ -18,6 +18,7 @@ exposed as `Corpus.build_stats`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -46,6 +47,8 @@ __all__ = [
     "build_local_corpus",
     "local_corpus_fingerprint",
     "find_built_corpora",
+    "build_summary",
+    "removed_if_refused",
 ]
 
 log = logging.getLogger(__name__)
@@ -324,7 +327,7 @@ class OfflineBuilder(tfds.core.GeneratorBasedBuilder):
         log.info("building %s/%s in %s", self.name, self.builder_config.name, self.data_dir)
 
     def _log_download_done(self) -> None:
-        log.info("built %s/%s in %s", self.name, self.builder_config.name, self.data_dir)
+        pass  # prepare_and_open says what was built
 
 
 class RlpLocalCorpus(OfflineBuilder):
@@ -446,9 +449,51 @@ def prepare_and_open(builder: tfds.core.DatasetBuilder, fingerprint: str,
             log.info("%s was built from other inputs or options; rebuilding it", directory)
         shutil.rmtree(directory)
     tfds.disable_progress_bar()  # tqdm bars become escape codes in a log file
-    builder.download_and_prepare()
+    with removed_if_refused(builder.data_dir, builder.data_dir_root / "downloads"):
+        builder.download_and_prepare()
     corpus = open_corpus(directory)
-    dropped = {k: v for k, v in corpus.build_stats.items() if k.startswith("dropped_") and v}
-    log.log(logging.WARNING if dropped else logging.INFO, "built %s at %s: %s", corpus.name,
-            directory, corpus.build_stats)
+    built, dropped = build_summary(corpus.build_stats)
+    log.info("built corpus %s in %s: %s", corpus.name, directory, built)
+    if dropped:
+        log.warning("corpus %s %s", corpus.name, dropped)
     return corpus
+
+
+@contextlib.contextmanager
+def removed_if_refused(*paths: str | os.PathLike):
+    """Runs the block; if it raises, removes the folders on the way to `paths` that did not exist
+    before it, so that bad input writes nothing."""
+    created = {_outermost_missing(os.path.abspath(os.fspath(p))) for p in paths} - {None}
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _outermost_missing(path: str) -> str | None:
+    missing = None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+_DROP_REASONS = {"dropped_empty": "empty", "dropped_duplicate": "duplicate",
+                 "dropped_invalid_utf8": "not valid UTF-8"}
+
+
+def build_summary(stats: Mapping[str, int]) -> tuple[str, str | None]:
+    """What a corpus build made (`"120 training and 6 validation documents from 3 files"`), and
+    what it dropped (`"dropped 3 of 129 records (2 empty, 1 duplicate)"`; None if nothing)."""
+    splits = [f"{stats[f'documents_{split}']:,} {label}" for split, label in
+              (("train", "training"), ("validation", "validation")) if f"documents_{split}" in stats]
+    built = " and ".join(splits) + " documents"
+    if "files" in stats:
+        built += f" from {stats['files']:,} file" + ("s" if stats["files"] != 1 else "")
+    dropped = [f"{stats[key]:,} {reason}" for key, reason in _DROP_REASONS.items() if stats.get(key)]
+    if not dropped:
+        return built, None
+    total = sum(stats.get(key, 0) for key in _DROP_REASONS)
+    read = f" of {stats['records_read']:,}" if "records_read" in stats else ""
+    return built, f"dropped {total:,}{read} records ({', '.join(dropped)})"

@@ -10,11 +10,15 @@ without a normalizer (byte-level BPE such as Qwen3 and Llama 3).
 
 Token ids reserved by the char and byte tokenizers: 0 pad, 1 eos, 2 open-thought, 3 close-thought;
 the alphabet / bytes follow from id 4.
+
+`hf_tokenizer_files` writes any of the three as a tokenizer the Hugging Face libraries read
+(`rlp-jax export` puts it beside the weights).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from typing import Protocol, Sequence, runtime_checkable
@@ -28,6 +32,7 @@ __all__ = [
     "HFTokenizer",
     "load_tokenizer",
     "tokenizer_fingerprint",
+    "hf_tokenizer_files",
     "THINK_OPEN",
     "THINK_CLOSE",
     "DEMO_ALPHABET",
@@ -383,6 +388,70 @@ def load_tokenizer(spec: str, **kwargs) -> Tokenizer:
     if spec.startswith("char:"):
         return CharTokenizer(spec[len("char:"):], **kwargs)
     return HFTokenizer(spec, **kwargs)
+
+
+# How the HF files spell pad and eos, which the char and byte tokenizers decode to nothing (a
+# `tokenizers` vocabulary needs a string per id; these are the names `HFTokenizer` looks for).
+HF_PAD_TOKEN, HF_EOS_TOKEN = "<pad>", "<eos>"
+
+
+def hf_tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
+    """`{file name: text}` of a Hugging Face tokenizer with `tokenizer`'s ids: `tokenizer.json` (the
+    `tokenizers` library's format) and `tokenizer_config.json`, which
+    `transformers.AutoTokenizer.from_pretrained` reads from the same folder.
+
+    Char and byte vocabularies become a BPE without merges (the byte tokenizer's bytes spelled in
+    the byte-level alphabet, as in GPT-2) that keeps our ids, offset included; text encodes to the
+    same ids and decodes back. Pad and eos are the special tokens `<pad>` and `<eos>` (skipped by
+    `decode(..., skip_special_tokens=True)`), the think markers added tokens. Differences: text that
+    contains `<pad>` or `<eos>` encodes them as those tokens, and characters outside a char
+    tokenizer's alphabet, which `CharTokenizer` refuses, are dropped. An `HFTokenizer` gives its own
+    tokenizer.json and the tokenizer_config.json beside it (one is made if there is none).
+    """
+    import tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+    if isinstance(tokenizer, HFTokenizer):
+        beside = os.path.join(os.path.dirname(tokenizer.path), "tokenizer_config.json")
+        if os.path.isfile(beside):
+            with open(beside, encoding="utf-8") as f:
+                config = f.read()
+        else:
+            name = tokenizer._tokenizer.id_to_token
+            config = _hf_tokenizer_config(name(tokenizer.pad_id), name(tokenizer.eos_id),
+                                          None if tokenizer.bos_id is None else name(tokenizer.bos_id))
+        return {"tokenizer.json": tokenizer._tokenizer.to_str(), "tokenizer_config.json": config}
+    if isinstance(tokenizer, ByteTokenizer):
+        pieces = _byte_level_decoder()  # {printable char: the byte it spells}
+    elif isinstance(tokenizer, CharTokenizer):
+        pieces = {char: i for i, char in enumerate(tokenizer.alphabet)}
+    else:
+        raise TypeError(f"{type(tokenizer).__name__} has no Hugging Face form; write its tokenizer.json by hand.")
+    specials = {HF_PAD_TOKEN: tokenizer.pad_id, HF_EOS_TOKEN: tokenizer.eos_id,
+                tokenizer.think_open: tokenizer.think_open_id, tokenizer.think_close: tokenizer.think_close_id}
+    vocab = specials | {piece: i + tokenizer._first_regular_id for piece, i in pieces.items()}
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    if isinstance(tokenizer, ByteTokenizer):
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+    else:
+        hf.decoder = decoders.Fuse()  # without a decoder, tokens are joined with spaces
+    # Already in the vocabulary, so they keep its ids; added tokens are matched in text before the BPE.
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (HF_PAD_TOKEN, HF_EOS_TOKEN)])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False)
+                   for t in (tokenizer.think_open, tokenizer.think_close)])
+    return {"tokenizer.json": hf.to_str(), "tokenizer_config.json": _hf_tokenizer_config(HF_PAD_TOKEN, HF_EOS_TOKEN)}
+
+
+def _hf_tokenizer_config(pad: str, eos: str, bos: str | None = None) -> str:
+    # Named, because transformers otherwise takes the class of config.json's model type, which brings
+    # its own defaults (Qwen2's adds <|endoftext|>, Llama's prepends a BOS); no clean-up, which would
+    # turn " ." into "." when decoding.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad, "eos_token": eos,
+              "clean_up_tokenization_spaces": False}
+    if bos is not None:
+        config["bos_token"] = bos
+    return json.dumps(config, indent=2) + "\n"
 
 
 # The demo corpus's alphabet (rlp_jax.data.demo_corpus writes text in it).

@@ -25,9 +25,15 @@ CONFIG_FILE = "model_config.json"
 NEMOTRON_H = "nemotron_h"  # the HF model_type, and the `family` our model_config.json records
 
 
+# Fields that describe how a program is compiled, not the model: a config resolved for a platform
+# (rlp_jax.models.kernels.resolve_kernels) writes the same JSON as the unresolved one.
+_COMPILATION_FIELDS = ("platform",)
+
+
 def config_to_json(config) -> str:
-    """A ModelConfig's fields, or a NemotronHConfig's with `"family": "nemotron_h"` in front."""
-    fields = dataclasses.asdict(config)
+    """A ModelConfig's fields, or a NemotronHConfig's with `"family": "nemotron_h"` in front
+    (without the compilation-only `platform`)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _COMPILATION_FIELDS}
     if not isinstance(config, ModelConfig):
         fields = {"family": NEMOTRON_H, **fields}
     return json.dumps(fields, indent=2)
@@ -112,8 +118,15 @@ def load_hf(hf_folder: str | os.PathLike, **kwargs):
     return hf.load_hf(hf_folder, **kwargs)
 
 
-def save_hf(model, out_folder: str | os.PathLike, dtype: str = "float32") -> Path:
-    """An HF folder of a Transformer (rlp_jax.models.hf.save_hf) or a NemotronH (nemotron_h_hf)."""
+def save_hf(model, out_folder: str | os.PathLike, dtype: str = "float32", tokenizer=None) -> Path:
+    """An HF folder of a Transformer (rlp_jax.models.hf.save_hf) or a NemotronH (nemotron_h_hf),
+    with `tokenizer` (an rlp_jax.data tokenizer) as tokenizer.json + tokenizer_config.json."""
+    if tokenizer is not None:  # first: the weights' config.json, written last, marks a complete folder
+        from rlp_jax.data.tokenizer import hf_tokenizer_files
+
+        Path(out_folder).mkdir(parents=True, exist_ok=True)
+        for name, text in hf_tokenizer_files(tokenizer).items():
+            (Path(out_folder) / name).write_text(text, encoding="utf-8")
     if isinstance(model, Transformer):
         return hf.save_hf(model, out_folder, dtype=dtype)
     from rlp_jax.models import nemotron_h_hf

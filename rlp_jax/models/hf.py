@@ -251,6 +251,15 @@ def _unsharded(config: ModelConfig) -> Transformer:
 
 # ---------------------------------------------------------------- export
 
+def write_safetensors(tensors: dict[str, Any], path: str | os.PathLike) -> None:
+    """safetensors' `save_file`, leaving the file with the mode of any other new file (the library
+    writes 0600, which other users of a shared folder cannot read)."""
+    save_file(tensors, os.fspath(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def params_to_hf(model: Transformer, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
     """(HF tensor name, array) pairs for every weight of `model`, gathered to the host."""
     config = model.config
@@ -287,7 +296,7 @@ def save_hf(model: Transformer, folder: str | os.PathLike, *, dtype: str = "floa
     written = []
     for name, shard in zip(names, shards):
         tmp = folder / (name + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
+        write_safetensors(shard, tmp)
         written.append((tmp, folder / name))
     if len(shards) > 1:
         index = {"metadata": {"total_size": int(sum(v.size * v.dtype.itemsize for s in shards for v in s.values()))},

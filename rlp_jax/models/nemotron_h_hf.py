@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.flax import save_file
 
-from rlp_jax.models.hf import HFFormatError, _flat, _nest, _read_config, _SafetensorsFolder
+from rlp_jax.models.hf import HFFormatError, _flat, _nest, _read_config, _SafetensorsFolder, write_safetensors
 from rlp_jax.models.nemotron_h import BLOCK_CHARS, NemotronH, NemotronHConfig
 
 _LAYER_TYPE_CHARS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
@@ -347,7 +346,7 @@ def save_hf(model: NemotronH, folder: str | os.PathLike, *, dtype: str = "float3
             raise HFFormatError(f"tensor {name!r} would be written with shape {tuple(value.shape)}, not "
                                 f"{_hf_shape(model.config, name)}; the model and its config disagree.")
     tmp_weights = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    write_safetensors(tensors, tmp_weights)
     tmp_config = folder / "config.json.tmp"
     tmp_config.write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
     os.replace(tmp_weights, folder / "model.safetensors")
