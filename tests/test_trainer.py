@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from tolerances import assert_adam_runs_close
 
 CONFIG = str(Path(__file__).parent / "configs" / "tiny_rlp.py")
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA_FLAGS: 8 devices and any other flag, from conftest
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,22 @@ def _run_until_checkpoint(workdir, data_dir, step_dir: str, *overrides):
             raise AssertionError(f"no checkpoint {step_dir}: {proc.communicate()[0][-3000:]}")
         time.sleep(0.2)
     return proc
+
+
+def test_export_writes_the_char_tokenizer_of_the_run(uninterrupted):
+    """The demo's char tokenizer, as tokenizer.json + tokenizer_config.json that transformers reads
+    to our ids; the weights file as readable as the rest."""
+    import transformers
+
+    from rlp_jax.data import demo_tokenizer
+
+    workdir, _ = uninterrupted
+    tok, auto = demo_tokenizer(), transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+    text = "what is 457+386? 457+386=<think>76013 58114</think>843\n"
+    assert auto.encode(text) == tok.encode(text) and auto.decode(tok.encode(text)) == text
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (workdir / "hf").iterdir()}
+    assert set(modes) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert len(set(modes.values())) == 1, modes
 
 
 def test_kill_9_then_rerun_gives_bitwise_identical_weights(tmp_path, data_dir, uninterrupted):
@@ -134,8 +151,9 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, data_dir, uninterrupted
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step 2" in result.stdout
     got = exported(tmp_path, tmp_path / "hf")
-    for name in want:  # another mesh sums in another order: equal to float32 rounding
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    # Another mesh sums in another order: equal to float32 rounding, but for the rare weight whose
+    # gradient is itself at rounding level (tests/tolerances.py). 4 steps ran on the new mesh.
+    assert_adam_runs_close(got, want, learning_rate=1e-2, steps=4)
 
 
 def test_metrics_jsonl_has_every_step_with_stable_names(uninterrupted):
