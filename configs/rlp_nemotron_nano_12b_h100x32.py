@@ -25,6 +25,7 @@ Memory: `rlp-jax plan --config configs/rlp_nemotron_nano_12b_h100x32.py` (docs/l
 from rlp_jax.configs import rlp_paper
 
 PLATFORM = "h100"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+TARGET = "h100:4x8"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 
 
 def get_config():

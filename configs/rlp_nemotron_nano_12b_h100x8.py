@@ -24,6 +24,7 @@ Memory: `rlp-jax plan --config configs/rlp_nemotron_nano_12b_h100x8.py` (docs/la
 from rlp_jax.configs import rlp_nemotron_nano_12b_h100x32 as cluster
 
 PLATFORM = "h100"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+TARGET = "h100:1x8"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 
 
 def get_config():

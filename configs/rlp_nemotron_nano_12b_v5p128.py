@@ -27,6 +27,7 @@ Memory: `rlp-jax plan --config configs/rlp_nemotron_nano_12b_v5p128.py` (docs/la
 from rlp_jax.configs import rlp_nemotron_nano_12b_h100x32 as cluster
 
 PLATFORM = "tpu-v5p"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+TARGET = "v5p:4x4x4"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 
 
 def get_config():

@@ -17,6 +17,7 @@ Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_0p6b_h100x1.py` (docs
 from rlp_jax.configs import rlp_paper
 
 PLATFORM = "h100"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+TARGET = "h100:1x1"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 
 
 def get_config():

@@ -19,6 +19,7 @@ Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_h100x32.py` (doc
 from rlp_jax.configs import rlp_paper
 
 PLATFORM = "h100"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+TARGET = "h100:4x8"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 
 
 def get_config():

@@ -18,6 +18,7 @@ Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v5e16.py` (docs/
 from rlp_jax.configs import rlp_paper
 
 PLATFORM = "tpu-v5e"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+TARGET = "v5e:4x4"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 
 
 def get_config():

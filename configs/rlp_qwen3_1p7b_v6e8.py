@@ -18,6 +18,7 @@ Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v6e8.py` (docs/l
 from rlp_jax.configs import rlp_paper
 
 PLATFORM = "tpu-v6e"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+TARGET = "v6e:2x4"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 
 
 def get_config():

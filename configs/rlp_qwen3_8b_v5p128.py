@@ -20,6 +20,7 @@ Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_8b_v5p128.py` (docs/l
 from rlp_jax.configs import rlp_paper
 
 PLATFORM = "tpu-v5p"  # hardware for `rlp-jax plan` (rlp_jax.plan.PLATFORMS)
+TARGET = "v5p:4x4x4"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 
 
 def get_config():

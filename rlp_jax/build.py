@@ -8,8 +8,10 @@ sentence: what is wrong and how to fix it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -412,4 +414,75 @@ def model_from_run(workdir: str | Path):
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
     nnx.update(model, state)
-    return model
+    from rlp_jax.models import kernels
+
+    return kernels.on_local_platform(model)
+
+
+# ---------------------------------------------------------------- the train step as a program
+
+def platform_of(mesh: jax.sharding.Mesh) -> str:
+    """"cpu", "gpu" or "tpu": what the mesh's devices are (compile-only devices included)."""
+    from rlp_jax.models import kernels
+
+    return kernels.platform_name(mesh.devices.flat[0].platform)
+
+
+def kernels_for(model_config_, platform: str):
+    """The model config with the attention kernels of `platform` chosen (rlp_jax.models.kernels)."""
+    from rlp_jax.models import kernels
+
+    try:
+        return kernels.resolve_kernels(model_config_, platform)
+    except ValueError as error:
+        raise ConfigError(f"model.attention: {error}") from None
+
+
+def abstract_batch(config, mesh, logical_rules):
+    """(the global batch of one step as ShapeDtypeStructs carrying their shardings, the shardings)."""
+    from rlp_jax.batch import DocumentBatch
+    from rlp_jax.data import batching
+
+    size = config.train.batch_size
+    if config.data.kind == "prompts":
+        spec = batching.prompt_batch_spec(size, config.data.max_context, config.data.target_len)
+        kind = PromptBatch
+    else:
+        spec, kind = batching.document_batch_spec(size, config.data.seq_len), DocumentBatch
+    required = {f.name for f in dataclasses.fields(kind) if f.default is dataclasses.MISSING}
+    batch = kind(**{n: jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for n, (shape, dtype) in spec.items()
+                    if n in required})
+    shardings = ts.batch_shardings(batch, mesh, logical_rules)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), batch, shardings), shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """A run's train step as `rlp-jax train` runs it and `rlp-jax compile` compiles it: one builder
+    for both, so what is compiled ahead of time is exactly what runs."""
+    model_config: Any  # with the platform's kernels chosen
+    graphdef: nnx.GraphDef
+    abstract_state: ts.TrainState
+    state_shardings: ts.TrainState
+    make_state: Callable[[], ts.TrainState]
+    abstract_batch: Any
+    batch_shardings: Any
+    step: Callable  # (state, global batch) -> (state, metrics); the state is donated
+    mesh: jax.sharding.Mesh
+    rules: sharding.LogicalRules
+
+    def lower(self) -> jax.stages.Lowered:
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            return self.step.jitted.lower(self.abstract_state, self.abstract_batch)
+
+
+def train_program(config, model_config_, tok, mesh) -> TrainProgram:
+    """The train step of `config` on `mesh`, with the attention kernels of the mesh's platform."""
+    model_config_ = kernels_for(model_config_, platform_of(mesh))
+    optimizer_, logical_rules = optimizer(config), rules(config)
+    graphdef, abstract, shardings, make_state = initial_state(config, model_config_, optimizer_, mesh)
+    batch, batch_shardings = abstract_batch(config, mesh, logical_rules)
+    step = ts.compile_train_step(graphdef, optimizer_, step_config(config, tok), mesh, shardings, batch_shardings,
+                                 logical_rules)
+    return TrainProgram(model_config_, graphdef, abstract, shardings, make_state, batch, batch_shardings, step,
+                        mesh, logical_rules)

@@ -364,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan.register(commands)
 
+    from rlp_jax import aot
+
+    aot.register(commands)
+
     from rlp_jax import bench
 
     bench.register(commands)
@@ -407,16 +411,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _DEBUG = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if argv[:1] == ["compile"]:  # before JAX starts: the targets are compile-only (rlp_jax.aot)
+        from rlp_jax import aot
+
+        folder = next((b for a, b in zip(argv, argv[1:]) if a == "--compilers"), None)
+        aot.prepare_environment(folder)
     _quiet_logs(_DEBUG)
     # ml_collections-style overrides (--config.a.b=value) are collected before argparse sees them.
     overrides = [a.removeprefix("--config.") for a in argv if a.startswith("--config.")]
     argv = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(argv)
-    if overrides and args.command not in ("train", "plan"):
-        print(f"rlp-jax {args.command}: --config.* overrides apply to 'train' and 'plan' only.", file=sys.stderr)
+    if overrides and args.command not in ("train", "plan", "compile"):
+        print(f"rlp-jax {args.command}: --config.* overrides apply to 'train', 'plan' and 'compile' only.",
+              file=sys.stderr)
         return 2
     args.overrides = overrides
-    if args.command != "plan":  # multi-host runs: jax.distributed from the environment (launch/)
+    if args.command not in ("plan", "compile"):  # multi-host runs: jax.distributed from the environment
         from rlp_jax import distributed
 
         try:

@@ -20,6 +20,7 @@ from rlp_jax import build
 from rlp_jax import checkpoint as ckpt_lib
 from rlp_jax import evaluate as eval_lib
 from rlp_jax.config import ConfigError
+from rlp_jax.models import kernels
 
 
 def run_config(run_dir: Path) -> ml_collections.ConfigDict:
@@ -64,7 +65,7 @@ def evaluate_run(run_dir: str | Path | None = None, hf_dir: str | Path | None = 
             raise ConfigError("evaluating an HF folder needs a config for the tokenizer and data; pass --config.")
         from rlp_jax.models import hf
 
-        model = hf.load_hf(hf_dir)
+        model = kernels.on_local_platform(hf.load_hf(hf_dir))
     graphdef, params = nnx.split(model, nnx.Param)
     baselines = {"self": params}
     start = (_params(build.model_from_run(start_from)) if start_from is not None

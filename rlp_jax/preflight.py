@@ -135,3 +135,26 @@ def check_memory(config, model_config, mesh_shape, suffix_len: int) -> str | Non
             f"but {gib(usable)} is usable ({what}); {knob}, or pass --config.train.check_memory=False "
             "to start anyway.")
     return f"memory: about {gib(est.peak_bytes)} per device at the peak ({est.peak_phase}) of {gib(usable)} usable"
+
+
+def check_compiled_memory(compiled, config) -> str | None:
+    """Refuses (ConfigError) a compiled step whose per-device memory, by the compiler's own count,
+    exceeds what the device has free; returns a one-line note of it, or None when the runtime does
+    not say how much memory a device has."""
+    from rlp_jax import aot
+
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    analysis = compiled.memory_analysis()
+    memory = {f: int(getattr(analysis, f)) for f in aot.MEMORY_FIELDS}
+    needed = aot.Program("train step", 0.0, 0.0, memory, None, {}).peak_bytes - memory["argument_size_in_bytes"]
+    gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
+    if needed > free:
+        raise ConfigError(
+            f"the compiled train step needs {gib(needed)} per {device.device_kind} beyond the train state it is "
+            f"given, but {gib(free)} is free; lower {aot.knobs(config)}, or pass --config.train.check_memory=False "
+            "to start anyway.")
+    return f"memory: the compiled step needs {gib(needed)} per device beyond its arguments, of {gib(free)} free"

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from rlp_jax import batch as batch_lib
 from rlp_jax import build
@@ -28,7 +29,6 @@ from rlp_jax import checkpoint as ckpt_lib
 from rlp_jax import config as config_lib
 from rlp_jax import evaluate as eval_lib
 from rlp_jax import sharding
-from rlp_jax import train_step as ts
 from rlp_jax.metrics_io import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
         build.position_config(config)
     do_eval = config.rlp.objective != "ntp" and config.data.kind == "prompts" and config.eval.num_positions > 0
     eval_rollout = build.rollout_config(config, tokenizer, config.eval.num_thoughts) if do_eval else None
-    optimizer = build.optimizer(config)
     learning_rate = build.learning_rate_schedule(config.train, build.updates_per_step(config))
     rules = build.rules(config)
 
@@ -108,7 +107,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     run.config.write_text(config.to_json(indent=2))
     train_iter = build.batches(config, corpus, tokenizer, "train", per_process)
 
-    graphdef, abstract, shardings, make_state = build.initial_state(config, model_config, optimizer, mesh)
+    program = build.train_program(config, model_config, tokenizer, mesh)
+    graphdef, abstract, shardings, make_state = (program.graphdef, program.abstract_state,
+                                                 program.state_shardings, program.make_state)
     checkpointer = ckpt_lib.Checkpointer(run.checkpoints, keep=config.checkpoint.keep)
     restored = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract, shardings))
     if restored is not None:
@@ -154,10 +155,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
         while step < config.train.steps:
             local = batch_lib.step_fields(next(train_iter))
             if step_fn is None:
-                batch_sharding = ts.batch_shardings(local, mesh, rules)
-                step_fn = ts.compile_train_step(graphdef, optimizer, step_cfg, mesh, shardings, batch_sharding,
-                                                rules)
-            state, metrics = step_fn(state, sharding.global_batch(local, batch_sharding))
+                step_fn = _checked_step(program, config)
+            state, metrics = step_fn(state, sharding.global_batch(local, program.batch_shardings))
             step += 1
             steps_this_run += 1
             pending.append(metrics)
@@ -205,6 +204,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
         writer.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _checked_step(program: build.TrainProgram, config):
+    """The step to run. On an accelerator it is compiled here, before the first step, and the
+    compiler's count of what it holds on a device is checked against the device's free memory
+    (a step that cannot fit ends in one sentence, not an out-of-memory crash minutes later)."""
+    from rlp_jax import preflight
+
+    if build.platform_of(program.mesh) == "cpu" or not config.train.check_memory:
+        return program.step
+    compiled = program.lower().compile()
+    note = preflight.check_compiled_memory(compiled, config)
+    if note:
+        log.info(note)
+
+    def step(state, batch):
+        with jax.set_mesh(program.mesh), nnx.logical_axis_rules(program.rules):
+            return compiled(state, batch)
+
+    return step
 
 
 def _cut_history(workdir: Path, start_step: int, total_steps: int) -> None:

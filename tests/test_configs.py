@@ -118,3 +118,20 @@ def test_paper_configs_fit_their_hardware_and_are_in_the_docs(path):
     result = plan.plan(config_lib.load_config(str(ROOT / path)), str(ROOT / path))
     assert result["fits"], (path, result.get("knob"))
     assert Path(path).name in (ROOT / "docs" / "launch.md").read_text()
+
+
+def test_every_accelerator_config_names_a_target_of_its_own_size():
+    """`rlp-jax compile --config X` compiles for the config's TARGET: known hardware with as many
+    devices as the config's mesh."""
+    from rlp_jax import aot, targets
+
+    for path in CONFIG_FILES:
+        platform = plan._platform_of(str(ROOT / path))
+        name = aot.config_target(str(ROOT / path))
+        if platform in (None, "cpu"):
+            assert name is None, path
+            continue
+        target = targets.parse(name)
+        assert target.platform == ("tpu" if platform.startswith("tpu") else "gpu"), path
+        assert target.chip == platform.removeprefix("tpu-"), path
+        assert target.num_devices == layout(path)[0], path

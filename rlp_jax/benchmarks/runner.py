@@ -28,6 +28,7 @@ from rlp_jax import sharding
 from rlp_jax.benchmarks import generate as gen
 from rlp_jax.benchmarks import graders, loglik, metrics, prompts, tasks, text
 from rlp_jax.benchmarks.tasks import BenchmarkError, Task
+from rlp_jax.models import kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +87,13 @@ def load_model(hf_dir: str | None = None, workdir: str | None = None, step: int 
         if not Path(hf_dir).is_dir():
             raise BenchmarkError(f"{hf_dir} is not a folder; pass --hf with an HF model folder (config.json + "
                                  "safetensors).")
-        model = hf.load_hf(hf_dir, mesh=mesh, rules=rules, **overrides)
+        model = kernels.on_local_platform(hf.load_hf(hf_dir, mesh=mesh, rules=rules, **overrides))
         return model, f"hf:{Path(hf_dir).absolute()}", str(hf_dir)
     config = _run_config(Path(workdir))
     model, used_step = _run_model(Path(workdir), step, mesh)
     if dtype is not None:
         model.config = model.config.replace(dtype=dtype)
-    return model, f"run:{Path(workdir).absolute()}@step{used_step}", config["tokenizer"]
+    return kernels.on_local_platform(model), f"run:{Path(workdir).absolute()}@step{used_step}", config["tokenizer"]
 
 
 def _run_config(workdir: Path) -> dict:

@@ -11,6 +11,7 @@ from typing import Literal
 Family = Literal["qwen3", "llama"]
 RematPolicy = Literal["none", "full", "dots_saveable"]
 AttentionKernel = Literal["auto", "xla", "cudnn", "splash"]
+Platform = Literal["cpu", "gpu", "tpu"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +42,13 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: RematPolicy = "none"
-    # Self-attention of the teacher-forced forward and the prefill: "auto" picks the platform's
-    # fused kernel (cuDNN flash attention on NVIDIA GPUs, Pallas splash attention on TPUs) and
-    # the XLA path on CPU; or force one (rlp_jax.models.transformer.attention_backend).
+    # Self-attention of the teacher-forced forward and the prefill: "auto" picks the fused kernel
+    # of `platform` (cuDNN flash attention on NVIDIA GPUs, Pallas splash attention on TPUs) and
+    # the XLA path on CPU; or force one (rlp_jax.models.kernels.attention_kernel).
     attention: AttentionKernel = "auto"
+    # The platform the program is compiled for, set by rlp_jax.models.kernels.resolve_kernels
+    # (None: unresolved, the XLA paths). Not part of the model: config_to_json leaves it out.
+    platform: Platform | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -60,6 +64,9 @@ class ModelConfig:
             raise ValueError(f"remat={self.remat!r} is unknown; use 'none', 'full' or 'dots_saveable'.")
         if self.attention not in ("auto", "xla", "cudnn", "splash"):
             raise ValueError(f"attention={self.attention!r} is unknown; use 'auto', 'xla', 'cudnn' or 'splash'.")
+        if self.platform not in (None, "cpu", "gpu", "tpu"):
+            raise ValueError(f"platform={self.platform!r} is unknown; use 'cpu', 'gpu' or 'tpu' "
+                             "(rlp_jax.models.kernels.resolve_kernels sets it).")
 
     @property
     def qk_norm(self) -> bool:

@@ -138,7 +138,7 @@ def prefill(weights: DecodeWeights, tokens_BxP: Array, lengths_B: Array):
 def _prefill_layer(w, x_BxPxD, cos, sin, *, config: ModelConfig, context):
     del context  # part of the jit cache key only (see _layer_jit)
     q, k, v = tfm.attention_inputs(x_BxPxD, w, config, cos, sin)
-    x_BxPxD = tfm.layer_output(x_BxPxD, tfm.self_attention(q, k, v, None, config.attention), w, config)
+    x_BxPxD = tfm.layer_output(x_BxPxD, tfm.self_attention(q, k, v, None, config.attention, config.platform), w, config)
     return x_BxPxD, _constrain_block(jnp.transpose(k, (0, 2, 3, 1))), _constrain_block(jnp.swapaxes(v, 1, 2))
 
 
@@ -184,7 +184,7 @@ def _layer(w, x_NxTxD, cos, sin, prefix_k, prefix_v, prefix_len_B, blocks_k, blo
         local_NxT = slots_NxT - b * blocks_v[b].shape[2]
         blocks_k[b] = _write(blocks_k[b], k, local_NxT, slot_axis=3)
         blocks_v[b] = _write(blocks_v[b], v, local_NxT, slot_axis=2)
-    attn = cached_attention(q, prefix_k, prefix_v, prefix_len_B, blocks_k, blocks_v, slots_NxT)
+    attn = cached_attention(q, prefix_k, prefix_v, prefix_len_B, blocks_k, blocks_v, slots_NxT, config.platform)
     return tfm.layer_output(x_NxTxD, attn, w, config), tuple(blocks_k), tuple(blocks_v)
 
 
@@ -211,10 +211,12 @@ def logits(weights: DecodeWeights, hidden_NxTxD: Array) -> Array:
 # ---------------------------------------------------------------- attention over the cache
 
 def cached_attention(q_NxTxQxH: Array, prefix_k_BxJxHxP: Array, prefix_v_BxJxPxH: Array, prefix_len_B: Array,
-                     blocks_k: list[Array], blocks_v: list[Array], slots_NxT: Array) -> Array:
+                     blocks_k: list[Array], blocks_v: list[Array], slots_NxT: Array,
+                     platform: str | None = None) -> Array:
     """Softmax attention of each query over its prompt's prefix and its row's suffix slots up to
     its own, as partial softmaxes (one over the prefix for all G rows of a prompt at once, one
-    per suffix block) merged by log-sum-exp. Scores and the merge in float32."""
+    per suffix block) merged by log-sum-exp. Scores and the merge in float32. `platform`: the
+    one the program is compiled for (`ModelConfig.platform`), which picks the score matmul's form."""
     N, T, Q, H = q_NxTxQxH.shape
     B, J, P, _ = prefix_v_BxJxPxH.shape
     G, g = N // B, Q // J
@@ -223,7 +225,7 @@ def cached_attention(q_NxTxQxH: Array, prefix_k_BxJxHxP: Array, prefix_v_BxJxPxH
     # The prefix: the G rows of prompt b are one block of G·T·g queries against its P keys.
     q_BxJxMxH = q_NxTxJxgxH.reshape(B, G, T, J, g, H).transpose(0, 3, 1, 2, 4, 5).reshape(B, J, G * T * g, H)
     valid_Bx1x1xP = (jnp.arange(P) < prefix_len_B[:, None])[:, None, None, :]
-    o, m, l = _partial_softmax(q_BxJxMxH, prefix_k_BxJxHxP, prefix_v_BxJxPxH, valid_Bx1x1xP, scale)
+    o, m, l = _partial_softmax(q_BxJxMxH, prefix_k_BxJxHxP, prefix_v_BxJxPxH, valid_Bx1x1xP, scale, platform)
     to_rows = lambda x: jnp.swapaxes(x.reshape(B, J, G, -1, *x.shape[3:]), 1, 2).reshape(N, J, -1, *x.shape[3:])
     parts = [(to_rows(o), to_rows(m), to_rows(l))]
     # Each suffix block: row n's T·g queries against its own slots.
@@ -233,14 +235,14 @@ def cached_attention(q_NxTxQxH: Array, prefix_k_BxJxHxP: Array, prefix_v_BxJxPxH
         key_slots_S = b * S + jnp.arange(S)
         valid_NxTxS = key_slots_S[None, None, :] <= slots_NxT[:, :, None]
         valid_Nx1xMxS = jnp.repeat(valid_NxTxS, g, axis=1)[:, None]
-        parts.append(_partial_softmax(q_NxJxMxH, k_NxJxHxS, v_NxJxSxH, valid_Nx1xMxS, scale))
+        parts.append(_partial_softmax(q_NxJxMxH, k_NxJxHxS, v_NxJxSxH, valid_Nx1xMxS, scale, platform))
     out_NxJxMxH = _merge(parts)
     return jnp.swapaxes(out_NxJxMxH.reshape(N, J, T, g, H), 1, 2).reshape(N, T, Q, H).astype(q_NxTxQxH.dtype)
 
 
-def _partial_softmax(q_XxJxMxH, k_XxJxHxS, v_XxJxSxH, valid, scale):
+def _partial_softmax(q_XxJxMxH, k_XxJxHxS, v_XxJxSxH, valid, scale, platform: str | None = None):
     """`(Σ_s e^{s−m} v_s, m, Σ_s e^{s−m})` over the valid keys (all zero where none is valid)."""
-    if jax.default_backend() == "cpu" and q_XxJxMxH.shape[2] <= 4:
+    if platform == "cpu" and q_XxJxMxH.shape[2] <= 4:
         # A few queries per kv head (decode of unshared prompts): XLA:CPU's batched dot runs
         # [M ≤ 4, H] @ [H, S] far below memory speed, a fused multiply-and-sum over H does not
         # (bench-cpu, batch 16, 1024-token prompts: 17.3 → 15.1 ms per decode step). With 8 or

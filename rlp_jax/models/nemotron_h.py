@@ -66,6 +66,7 @@ class NemotronHConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: str = "none"  # "none" | "full" | "dots_saveable" (the training forward's layer scan)
     attention: str = "auto"  # self-attention backend, as ModelConfig.attention
+    platform: str | None = None  # as ModelConfig.platform (kernels.resolve_kernels; not serialised)
 
     def __post_init__(self):
         bad = sorted(set(self.pattern) - set(BLOCK_CHARS))
@@ -90,6 +91,9 @@ class NemotronHConfig:
             raise ValueError(f"remat={self.remat!r} is unknown; use 'none', 'full' or 'dots_saveable'.")
         if self.attention not in ("auto", "xla", "cudnn", "splash"):
             raise ValueError(f"attention={self.attention!r} is unknown; use 'auto', 'xla', 'cudnn' or 'splash'.")
+        if self.platform not in (None, "cpu", "gpu", "tpu"):
+            raise ValueError(f"platform={self.platform!r} is unknown; use 'cpu', 'gpu' or 'tpu' "
+                             "(rlp_jax.models.kernels.resolve_kernels sets it).")
 
     def replace(self, **changes) -> "NemotronHConfig":
         return dataclasses.replace(self, **changes)
@@ -368,7 +372,8 @@ def hidden_states(w: Weights, tokens_BxT: Array, valid_BxT: Array | None = None)
         x, = carry
         wl = _layer_weights(w.blocks["attention"], i, dtype)
         q, k, v = _attention_qkv(block_norm(x, wl["norm"], c.layer_norm_epsilon), wl)
-        return (x + _attention_out(tfm.self_attention(q, k, v, valid_BxT, c.attention), wl, dtype),)
+        attn = tfm.self_attention(q, k, v, valid_BxT, c.attention, c.platform)
+        return (x + _attention_out(attn, wl, dtype),)
 
     blocks = dict(mamba=mamba, attention=attention, mlp=_mlp_block(c, w, dtype))
     x, = _scan_layers(c, blocks, (embed(w, tokens_BxT),), remat=True)
@@ -459,7 +464,8 @@ def prefill(w: Weights, tokens_BxT: Array, lengths_B: Array, capacity: int | Non
         x, st = carry
         wl = _layer_weights(w.blocks["attention"], i, dtype)
         q, k, v = _attention_qkv(block_norm(x, wl["norm"], c.layer_norm_epsilon), wl)
-        attn = tfm.self_attention(q, k, v, valid_BxT, c.attention)
+        # Right padding needs no key mask: no real query sees a key after it (so a fused kernel runs).
+        attn = tfm.self_attention(q, k, v, None, c.attention, c.platform)
         pad = lambda a: jnp.pad(a, ((0, 0), (0, capacity - T), (0, 0), (0, 0)))
         st = dataclasses.replace(st, k=_write_layer(st.k, i, pad(k)), v=_write_layer(st.v, i, pad(v)))
         return x + _attention_out(attn, wl, dtype), st

@@ -7,9 +7,11 @@ within the T tokens, ignoring tokens with `valid == False` as keys; incremental 
 cache lives in `rlp_jax.models.decode`, built from the same layer pieces (`attention_inputs`,
 `layer_output`).
 
-Self-attention runs fused where the platform has a kernel (`ModelConfig.attention`): cuDNN flash
-attention on NVIDIA GPUs (`jax.nn.dot_product_attention`), Pallas splash attention on TPUs, the
-XLA einsum path (float32 softmax) on CPU and whenever a mask other than causal is given.
+Self-attention runs fused where the platform the program is compiled for has a kernel
+(`ModelConfig.attention`, resolved for a platform by rlp_jax.models.kernels.resolve_kernels): cuDNN
+flash attention on NVIDIA GPUs (`jax.nn.dot_product_attention`), Pallas splash attention on TPUs,
+the XLA einsum path (float32 softmax) on CPU, in an unresolved config, and for a masked call that
+cuDNN cannot take.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec as P
 
+from rlp_jax.models import kernels
 from rlp_jax.models.config import ModelConfig
 from rlp_jax.sharding import constrain, fit_spec, logical_to_mesh
 
@@ -100,7 +103,7 @@ class Transformer(nnx.Module):
         def layer(x, w):
             w = jax.tree.map(lambda a: a.astype(dtype), w)
             q, k, v = attention_inputs(x, w, c, cos_BxTxH, sin_BxTxH)
-            return layer_output(x, self_attention(q, k, v, valid_BxT, c.attention), w, c), None
+            return layer_output(x, self_attention(q, k, v, valid_BxT, c.attention, c.platform), w, c), None
 
         if c.remat != "none":
             policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -209,34 +212,26 @@ def _project(x_BxTxI: Array, w_IxO: Array) -> Array:
 
 # ---------------------------------------------------------------- self-attention
 
-def attention_backend(setting: str, dtype, head_dim: int, masked: bool) -> str:
-    """`xla`, `cudnn` or `splash` for `ModelConfig.attention = setting` on the platform in use.
-
-    `auto` takes the platform's fused kernel where it applies (a causal mask only; cuDNN: bf16 or
-    f16, head_dim a multiple of 8 up to 128) and the XLA path otherwise."""
-    if setting != "auto":
-        return setting
-    platform = jax.default_backend()
-    if masked:
-        return "xla"
-    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
-            and head_dim <= 128:
-        return "cudnn"
-    if platform == "tpu":
-        return "splash"
-    return "xla"
-
-
 def self_attention(q_BxTxQxH: Array, k_BxTxJxH: Array, v_BxTxJxH: Array, valid_BxT: Array | None = None,
-                   setting: str = "auto") -> Array:
+                   setting: str = "auto", platform: str | None = None) -> Array:
     """Causal grouped-query attention within T tokens (query t sees keys 0 … t), keys with
-    `valid_BxT == False` left out."""
-    backend = attention_backend(setting, q_BxTxQxH.dtype, q_BxTxQxH.shape[-1], valid_BxT is not None)
-    if backend == "cudnn":
-        return jax.nn.dot_product_attention(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH, is_causal=True,
-                                            implementation="cudnn")
-    if backend == "splash":
-        return splash_attention(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH)
+    `valid_BxT == False` left out; the output at an invalid position is unspecified (finite).
+
+    The kernel is `ModelConfig.attention = setting` compiled for `platform`
+    (kernels.attention_kernel). Splash honours any `valid_BxT`; cuDNN takes no mask of keys, so
+    a masked call runs the XLA path under `auto` and is refused under a forced `cudnn`.
+    Right-padded rows need no mask at all: no real query sees a key after it."""
+    kernel = kernels.attention_kernel(setting, platform, q_BxTxQxH.dtype, q_BxTxQxH.shape[-1])
+    if kernel == "cudnn" and valid_BxT is not None:
+        if setting == "cudnn":
+            raise ValueError("attention='cudnn' cannot leave out keys by a mask (valid_BxT): cuDNN attention "
+                             "takes only a causal mask. Use attention='auto' (masked calls then run the XLA "
+                             "path) or 'xla', or drop the mask for right-padded rows.")
+        kernel = "xla"
+    if kernel == "cudnn":
+        return cudnn_attention(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH)
+    if kernel == "splash":
+        return splash_attention(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH, valid_BxT)
     T = q_BxTxQxH.shape[1]
     mask_BxTxS = jnp.tril(jnp.ones((T, T), bool))[None]
     if valid_BxT is not None:
@@ -256,43 +251,78 @@ def attention(q_BxTxQxH: Array, k_BxSxJxH: Array, v_BxSxJxH: Array, mask_BxTxS: 
     return out.reshape(B, T, Q, H)
 
 
-@functools.lru_cache(maxsize=None)
-def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+def cudnn_attention(q_BxTxQxH: Array, k_BxTxJxH: Array, v_BxTxJxH: Array, implementation: str = "cudnn") -> Array:
+    """Causal attention by cuDNN flash attention (`jax.nn.dot_product_attention`). cuDNN's
+    backward takes only even lengths (JAX refuses "Unsupported sequence length Q 4097, KV 4097"
+    under jax.grad), so an odd T is padded by one position at the end: no real query sees its key
+    under the causal mask, so outputs and gradients are unchanged. `implementation="xla"` runs
+    the same computation on any backend (tests)."""
+    T = q_BxTxQxH.shape[1]
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, T % 2), (0, 0), (0, 0)))
+    out = jax.nn.dot_product_attention(pad(q_BxTxQxH), pad(k_BxTxJxH), pad(v_BxTxJxH), is_causal=True,
+                                       implementation=implementation)
+    return out[:, :T]
+
+
+def splash_blocks(seq_len: int) -> tuple[int, int]:
+    """`(block, padded_len)` for the splash kernel: blocks of up to 512 (a multiple of 128) and the
+    sequence padded to a multiple of the block, which every block size must divide."""
+    block = min(512, -(-seq_len // 128) * 128)
+    return block, -(-seq_len // block) * block
+
+
+def _splash_kernel(num_heads: int, seq_len: int, block: int, interpret: bool):
+    """The kernel for these shapes, built anew for every trace: its mask tables are arrays made
+    while tracing, so a kernel cached across programs would carry one program's tracers into the
+    next (and building them eagerly instead would run on the target's devices, which a
+    compile-only mesh does not have)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    block = min(512, seq_len)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len))] * num_heads)
     return splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def splash_attention(q_BxTxQxH: Array, k_BxTxJxH: Array, v_BxTxJxH: Array, interpret: bool = False) -> Array:
-    """Causal attention by the Pallas TPU splash kernel (grouped heads natively). A kernel is
-    opaque to GSPMD, so under a mesh it runs in `shard_map` on each device's rows and heads
-    (split as the logical-axis rules say); `interpret=True` runs it on any backend (tests)."""
+def splash_attention(q_BxTxQxH: Array, k_BxTxJxH: Array, v_BxTxJxH: Array, valid_BxT: Array | None = None,
+                     interpret: bool = False) -> Array:
+    """Causal attention by the Pallas TPU splash kernel (grouped heads natively), keys with
+    `valid_BxT == False` left out. A kernel is opaque to GSPMD, so under a mesh it runs in
+    `shard_map` on each device's rows and heads (split as the logical-axis rules say);
+    `interpret=True` runs it on any backend (tests)."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = flax_spmd.get_logical_axis_rules()
     local = functools.partial(_splash_local, interpret=interpret)
+    args = (q_BxTxQxH, k_BxTxJxH, v_BxTxJxH) + (() if valid_BxT is None else (valid_BxT,))
     if mesh.empty or not rules:
-        return local(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH)
+        return local(*args)
     q_spec = fit_spec(q_BxTxQxH.shape, logical_to_mesh(("batch", None, "heads", None), rules), mesh)
     kv_spec = fit_spec(k_BxTxJxH.shape, logical_to_mesh(("batch", None, "kv_heads", None), rules), mesh)
     if q_spec[2] != kv_spec[2]:  # a group's query heads must sit with its kv head: split neither
         q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                         check_vma=False)(q_BxTxQxH, k_BxTxJxH, v_BxTxJxH)
+    specs = (q_spec, kv_spec, kv_spec, P(q_spec[0], None))[:len(args)]
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
-def _splash_local(q_BxTxQxH: Array, k_BxTxJxH: Array, v_BxTxJxH: Array, interpret: bool) -> Array:
-    """The kernel vmapped over the batch; the sequence padded to a multiple of 128 (padded keys
-    come after every real query, so the causal mask hides them)."""
+def _splash_local(q_BxTxQxH: Array, k_BxTxJxH: Array, v_BxTxJxH: Array, valid_BxT: Array | None = None, *,
+                  interpret: bool) -> Array:
+    """The kernel vmapped over the batch, the sequence padded to a multiple of its block (padded
+    keys come after every real query, so the causal mask hides them). Invalid tokens form a
+    segment of their own: a valid query sees exactly the valid keys up to it, and no query row is
+    ever fully masked (each sees itself)."""
     B, T, Q, H = q_BxTxQxH.shape
-    padded = -(-T // 128) * 128
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - T), (0, 0), (0, 0)))
+    block, padded = splash_blocks(T)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - T)) + ((0, 0),) * (x.ndim - 2))
     heads_first = lambda x: jnp.swapaxes(pad(x), 1, 2)  # [B, heads, T, H]
-    kernel = _splash_kernel(Q, padded, interpret)
-    out = jax.vmap(kernel)(heads_first(q_BxTxQxH) / math.sqrt(H), heads_first(k_BxTxJxH), heads_first(v_BxTxJxH))
+    kernel = _splash_kernel(Q, padded, block, interpret)
+    q, k, v = heads_first(q_BxTxQxH) / math.sqrt(H), heads_first(k_BxTxJxH), heads_first(v_BxTxJxH)
+    if valid_BxT is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+        segment_BxT = pad(jnp.where(valid_BxT, 0, 1).astype(jnp.int32))
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(q, k, v, segment_BxT)
     return jnp.swapaxes(out, 1, 2)[:, :T]
 
 

@@ -1,0 +1,111 @@
+"""`rlp-jax compile` on this CPU machine: the train step of both model families compiled by the real
+XLA:TPU compiler for a 4-chip v5e slice and by XLA:GPU for a host of 8 H100s, with the fused
+attention kernels in the programs, the compiler's memory numbers, and a config that does not fit
+refused in one sentence. The compilers come from tests/install.sh (`.compilers/`)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+CONFIG = str(Path(__file__).parent / "configs" / "tiny_rlp.py")
+# tiny_rlp's 8 prompts over 4 chips; the hybrid's tiny preset; bfloat16 where cuDNN needs it.
+TPU = ("v5e:2x2", "--config.mesh.shape=(4, 1, 1)")
+GPU = ("h100:1x8", "--config.model.dtype=bfloat16")
+HYBRID = "--config.model.preset=nemotron-h-tiny"
+SPLASH = ("tpu_custom_call",)
+CUDNN = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
+
+
+def compile_cli(tmp_path: Path, target: str, *overrides: str):
+    """(exit status, stderr, the JSON report or None, the HLO text of the train step or None)."""
+    out, hlo = tmp_path / "report.json", tmp_path / "hlo"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "compile", "--config", CONFIG, "--target", target,
+                             "--json", str(out), "--hlo-dir", str(hlo), *overrides],
+                            capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    report = json.loads(out.read_text()) if out.exists() else None
+    texts = sorted(hlo.glob("*.hlo.txt")) if hlo.exists() else []
+    return result.returncode, result.stderr, report, texts[0].read_text() if texts else None
+
+
+def assert_compiled(code, stderr, report, kernels):
+    assert code == 0, stderr[-3000:]
+    assert report["fits"] and len(report["programs"]) == 1
+    step = report["programs"][0]
+    memory = step["memory"]
+    assert memory["argument_size_in_bytes"] > 0 and memory["temp_size_in_bytes"] > 0
+    assert step["peak_bytes"] == (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
+                                  - memory["alias_size_in_bytes"] + memory["temp_size_in_bytes"]
+                                  + memory["generated_code_size_in_bytes"])
+    # The state is donated: every output but the metrics reuses an argument's buffer.
+    assert memory["alias_size_in_bytes"] >= 0.95 * memory["argument_size_in_bytes"]
+    missing = [k for k in kernels if not step["custom_calls"].get(k)]
+    assert not missing, f"no {missing} in {step['custom_calls']}"
+    return step
+
+
+def float32_square_tensors(hlo: str, side: int) -> list[str]:
+    """float32 arrays whose last two dimensions are both at least `side`: attention score matrices
+    of a row that long (no other tensor of the step is that wide twice)."""
+    found = []
+    for dims in re.findall(r"f32\[([\d,]+)\]", hlo):
+        sizes = [int(d) for d in dims.split(",")]
+        if len(sizes) >= 3 and min(sizes[-2:]) >= side:
+            found.append(dims)
+    return found
+
+
+def test_transformer_step_compiles_for_a_tpu_slice_with_the_splash_kernel(tmp_path):
+    """A 600-token context (rows of 605, padded past 512): the splash kernel's blocks must divide
+    the padded length, and the update holds no float32 score matrix."""
+    code, stderr, report, hlo = compile_cli(tmp_path, *TPU, "--config.data.max_context=600")
+    assert_compiled(code, stderr, report, SPLASH)
+    assert "splash_mha" in hlo
+    assert report["hardware"] == "TPU v5e slice 2x2" and report["usable_bytes"] == int(0.9 * 16 * 2**30)
+    assert not float32_square_tensors(hlo, 600)
+
+
+def test_hybrid_step_compiles_for_a_tpu_slice(tmp_path):
+    code, stderr, report, _ = compile_cli(tmp_path, *TPU, HYBRID)
+    assert_compiled(code, stderr, report, SPLASH)
+
+
+def test_transformer_step_compiles_for_an_h100_host_with_cudnn_attention(tmp_path):
+    """tiny_rlp's update rows are 10 + 1 + 4 = 15 tokens: cuDNN under the gradient takes even
+    lengths only, so the odd row is padded by one hidden position."""
+    code, stderr, report, hlo = compile_cli(tmp_path, *GPU)
+    step = assert_compiled(code, stderr, report, CUDNN)
+    assert report["hardware"] == "1 host(s) x 8 NVIDIA H100 80GB HBM3"
+    assert step["memory"]["generated_code_size_in_bytes"] == 0  # XLA:GPU does not count it here
+
+
+def test_hybrid_step_compiles_for_an_h100_host_with_cudnn_attention(tmp_path):
+    code, stderr, report, _ = compile_cli(tmp_path, *GPU, HYBRID)
+    assert_compiled(code, stderr, report, CUDNN)
+
+
+def test_a_config_that_does_not_fit_is_refused_in_one_sentence_naming_the_knobs(tmp_path):
+    """Qwen3-8B's weights, EMA and Adam moments alone are ~128 GB: over 4 v5e chips of 16 GiB."""
+    code, stderr, report, _ = compile_cli(tmp_path, *TPU, "--config.model.preset=qwen3-8b",
+                                          "--config.model.remat=full")
+    assert code == 2
+    assert not report["fits"] and report["programs"][0]["peak_bytes"] > report["usable_bytes"]
+    lines = [line for line in stderr.splitlines() if line.startswith("rlp-jax compile:")]
+    assert len(lines) == 1, stderr[-2000:]
+    for knob in ("rlp.rollout_microbatches", "rlp.grad_accum_steps", "model.remat", "train.batch_size"):
+        assert knob in lines[0]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("v9x:2x2", "unknown target 'v9x:2x2'"),
+    ("h100:8", "unknown target 'h100:8'"),
+])
+def test_an_unknown_target_is_refused_in_one_sentence(tmp_path, target, message):
+    code, stderr, _, _ = compile_cli(tmp_path, target)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
