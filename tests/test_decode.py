@@ -13,6 +13,8 @@ from flax import nnx
 from rlp_jax import sampling, sharding
 from rlp_jax.models import ModelConfig, RopeScaling, decode, init_model, kernels, transformer
 
+import decode_loop
+
 B, G = 3, 2
 LENGTHS = np.array([5, 2, 7])
 
@@ -117,74 +119,23 @@ def test_sharded_decode_equals_unsharded():
     np.testing.assert_allclose(got.logprobs_NxL, want.logprobs_NxL, atol=1e-5)
 
 
-def _computations(hlo: str) -> dict[str, list[str]]:
-    comps, current = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) .*\{$", line)
-        if head:
-            current = comps.setdefault(head.group(1), [])
-        elif current is not None:
-            current.append(line)
-    return comps
-
-
-def _called(comps: dict[str, list[str]], root: str) -> set[str]:
-    """`root` and every computation it calls (fusions, reductions, nested loops)."""
-    seen, todo = set(), [root]
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in comps:
-            continue
-        seen.add(name)
-        for line in comps[name]:
-            todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?(%[\w.\-]+)", line)
-    return seen
-
-
-def _elements(shape: str) -> int:
-    dims = re.match(r"\w+\[([\d,]*)\]", shape).group(1)
-    return int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-
-
-def _sampler(c: ModelConfig, block_len: int = 8, new_tokens: int = 16):
-    graphdef, params = nnx.split(init_model(c, seed=0))
-    prompts = _prompts(c.vocab_size, width=16)
-    cfg = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, block_len=block_len)
-    run = lambda p: sampling.sample(decode.decode_weights(nnx.merge(graphdef, p)), prompts,
-                                    jnp.asarray(LENGTHS, jnp.int32), jax.random.key(0), cfg, num_samples=G)
-    return run, params, prompts
-
-
 def test_the_compiled_decode_loop_copies_no_layer_cache_or_weights():
     """XLA:CPU's compiled sampler: inside each decode while loop, no copy, slice or transpose as
-    large as one layer's cache block, prefix or smallest weight matrix (every activation of this
-    model is smaller), so no step copies a layer's cache or weights. The config is resolved for
-    the CPU, as a CPU run's is (its own form of the score matmul)."""
-    c = kernels.resolve_kernels(small_config(), "cpu")
-    run, params, prompts = _sampler(c)
-    hlo = jax.jit(run).lower(params).compile().as_text()
-    comps = _computations(hlo)
-    bodies = set(re.findall(r"while\(.*?body=(%[\w.\-]+)", hlo))
-    assert len(bodies) >= 2  # one decode loop per cache block (16 new tokens, blocks of 8)
-    block = B * G * c.num_kv_heads * 8 * c.head_dim
-    prefix = B * c.num_kv_heads * prompts.shape[1] * c.head_dim
-    weight = min(c.hidden_size * c.num_kv_heads * c.head_dim, c.hidden_size * c.intermediate_size)
-    threshold = min(block, prefix, weight)
-    assert threshold > B * G * max(c.vocab_size, c.intermediate_size, c.num_heads * c.head_dim)
-    offenders = []
-    for body in bodies:
-        for name in _called(comps, body):
-            for line in comps[name]:
-                op = re.search(r"=\s+(\w+\[[\d,]*\])\S*\s+(copy|dynamic-slice|slice|transpose)\(", line)
-                if op and _elements(op.group(1)) >= threshold:
-                    offenders.append(line.strip()[:160])
+    large as one layer's cache block, prefix or smallest weight matrix (tests/decode_loop.py). The
+    config is resolved for the CPU, as a CPU run's is (its own form of the score matmul);
+    tests/test_aot.py checks the TPU and GPU programs."""
+    c = kernels.resolve_kernels(decode_loop.small_config(), "cpu")
+    run, params = decode_loop.sampler(c)
+    hlo = jax.jit(run).lower(params, *decode_loop.prompts(c.vocab_size), jax.random.key(0)).compile().as_text()
+    loops, offenders = decode_loop.loop_copies(hlo, c)
+    assert loops >= 2  # one decode loop per cache block (16 new tokens, blocks of 8)
     assert not offenders, "\n".join(offenders)
 
 
 def test_weights_are_cast_to_the_compute_dtype_once_outside_the_decode_loops():
     """float32 parameters, bfloat16 compute: the program's decode loops convert no weight."""
-    c = small_config(dtype="bfloat16")
-    run, params, _ = _sampler(c)
+    c = decode_loop.small_config(dtype="bfloat16")
+    run, params = decode_loop.sampler(c)
     weight_shapes = {tuple(w.shape[1:]) for w in nnx.merge(*nnx.split(init_model(c)))
                      .layers.weights().values()}
 
@@ -200,7 +151,7 @@ def test_weights_are_cast_to_the_compute_dtype_once_outside_the_decode_loops():
                 found += loop_converts(sub)
         return found
 
-    jaxpr = jax.make_jaxpr(run)(params).jaxpr
+    jaxpr = jax.make_jaxpr(run)(params, *decode_loop.prompts(c.vocab_size), jax.random.key(0)).jaxpr
     converts = loop_converts(jaxpr)
     assert converts  # the loops do cast activations (e.g. the float32 softmax)
     assert not weight_shapes & set(converts), weight_shapes & set(converts)
