@@ -128,3 +128,36 @@ def test_the_decode_loop_compiled_for_an_h100_copies_no_layer_cache_or_weights(t
     loops, offenders = decode_loop.loop_copies(out.read_text(), decode_loop.small_config(dtype="bfloat16"))
     assert loops >= 2
     assert not offenders, "\n".join(offenders)
+
+
+def test_train_refuses_a_compiled_step_larger_than_the_free_device_memory(monkeypatch):
+    """`rlp-jax train` on an accelerator: the compiled step's own memory count (beyond the state it
+    is given) against the device's free memory, before the first step. A CPU device reports no
+    memory limit, so the accelerator's `memory_stats()` is stood in for; the program is real."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlp_jax import config as config_lib
+    from rlp_jax import preflight
+
+    config = config_lib.load_config(CONFIG)
+    compiled = jax.jit(lambda x: jnp.tanh(x @ x.T)).lower(jax.ShapeDtypeStruct((512, 256), jnp.float32)).compile()
+    analysis = compiled.memory_analysis()
+    needed = analysis.output_size_in_bytes - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes \
+        + analysis.generated_code_size_in_bytes
+    assert needed >= 512 * 512 * 4  # the 512 x 512 output
+
+    class Device:
+        device_kind = "TPU v5 lite"
+
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return {"bytes_limit": self.limit, "bytes_in_use": 1000}
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(needed + 1000 + 1)])
+    assert "per device beyond its arguments" in preflight.check_compiled_memory(compiled, config)
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(needed + 1000 - 1)])
+    with pytest.raises(config_lib.ConfigError, match="rlp.rollout_microbatches.*train.batch_size"):
+        preflight.check_compiled_memory(compiled, config)
