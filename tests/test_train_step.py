@@ -64,10 +64,14 @@ def test_single_device_and_two_meshes_agree_after_two_steps():
     _, want_state, want = run_steps(single_device_mesh(), cfg, optimizer)
     for shape in ((2, 2, 2), (8, 1, 1)):
         _, state, got = run_steps(sharding.make_mesh(shape), cfg, optimizer)
-        for step_metrics, step_want in zip(got, want):
+        for i, (step_metrics, step_want) in enumerate(zip(got, want)):
             for name in step_want:
-                np.testing.assert_allclose(step_metrics[name], step_want[name], rtol=1e-4, atol=1e-5,
-                                           err_msg=f"{shape} {name}")
+                # Before any update, only summation order differs: float32 rounding. A metric read
+                # after an update (the second PPO epoch's ratios and clipping, every metric of step
+                # 2) inherits the updated weights' spread below (0.1% of the update): 1e-3.
+                after_update = i > 0 or name.startswith(("ratio", "clip"))
+                np.testing.assert_allclose(step_metrics[name], step_want[name], rtol=1e-3 if after_update else 1e-4,
+                                           atol=1e-5, err_msg=f"{shape} {name}")
         # Adam divides by sqrt(v): for near-zero gradients, float32 reduction-order noise of
         # another mesh becomes a visible step (up to ~lr/2 per update, seen: 3.5e-4 on 1 of 16,384
         # weights). So: elementwise within 5e-4 (lr 1e-2, 4 updates), and the whole update within
