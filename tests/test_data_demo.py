@@ -1,15 +1,19 @@
 """The generated demo corpus: seeded, correct thoughts and answers, held-out pairs, marks."""
 
+import collections
 import dataclasses
+import itertools
+import math
 import re
 import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 from rlp_jax.data.demo_corpus import DEMO_POSITION_KINDS, DEMO_VARIANTS, DemoCorpusSpec, \
-    addition_pair_split, build_demo_corpus, carry_chain_pairs, column_thought, cups_thought, \
-    demo_tokenizer, generate_demo_documents, render_cups, render_problem
+    addition_pair_split, build_demo_corpus, carry_chain_pairs, column_thought, cups_problem_pool, \
+    cups_thought, demo_tokenizer, generate_demo_documents, render_cups, render_problem
 
 SMALL = DemoCorpusSpec(num_train=400, num_validation=100, worked_fraction=0.5,
                        word_problem_fraction=0.5)
@@ -223,9 +227,9 @@ def test_cups_documents_are_right_and_held_out_problems_never_in_train():
 
 
 def test_cups_answer_needs_every_swap_in_order():
-    """Why no shortcut predicts the cups answer without following the ball: changing any one swap
-    changes the answer (so with one swap unknown every cup is equally likely), and problems with
-    the same number of each swap, reordered, end under different cups; the answers are balanced."""
+    """Why the cups answer needs the ball followed: changing any one swap changes the answer, and
+    problems with the same number of each swap, reordered, end under different cups; the answers
+    of uniformly drawn swaps are balanced."""
     rng = np.random.default_rng(0)
     problems = ["".join(rng.choice(list("lro"), size=10)) for _ in range(300)]
     answers = [cups_thought(p)[-1] for p in problems]
@@ -241,9 +245,81 @@ def test_cups_answer_needs_every_swap_in_order():
 def test_cups_spec_refuses_what_it_cannot_write():
     with pytest.raises(ValueError, match="the cups task has no word problems"):
         DemoCorpusSpec(task="cups", num_digits=10, word_problem_fraction=0.5)
-    with pytest.raises(ValueError, match="use 2 to 32"):
+    with pytest.raises(ValueError, match="use 3 to 12"):
         DemoCorpusSpec(task="cups", num_digits=40)
+    with pytest.raises(ValueError, match="use 3 to 12"):
+        DemoCorpusSpec(task="cups", num_digits=2)
+    assert cups_problem_pool(2, 0) == []  # no count vector of 2 swaps reaches all three cups
     with pytest.raises(ValueError, match="fewer than twice the documents asked for"):
         next(generate_demo_documents(DemoCorpusSpec(task="cups", num_digits=4), "train"))
     with pytest.raises(ValueError, match="not a string of swaps"):
         render_cups("lrx", worked=False)
+
+
+def _ball_followed_by_hand(moves: str) -> int:
+    cup = 1
+    for move in moves:
+        pair = {"l": (1, 2), "r": (2, 3), "o": (1, 3)}[move]
+        cup = sum(pair) - cup if cup in pair else cup
+    return cup
+
+
+def _answers_by_swap_counts(problems) -> dict:
+    """{(number of l, r, o): Counter of answers} over `problems`, each counted once."""
+    table = collections.defaultdict(collections.Counter)
+    for moves in problems:
+        table[tuple(moves.count(m) for m in "lro")][_ball_followed_by_hand(moves)] += 1
+    return table
+
+
+def _best_guess_from_counts(table) -> Fraction:
+    """How often the best predictor that sees only the swap counts is right."""
+    return Fraction(sum(max(answers.values()) for answers in table.values()),
+                    sum(sum(answers.values()) for answers in table.values()))
+
+
+def _mutual_information_nats(table) -> float:
+    """I(counts; answer), each term's ratio computed exactly."""
+    total = sum(sum(answers.values()) for answers in table.values())
+    per_answer = sum(table.values(), collections.Counter())
+    return sum(n / total * math.log(Fraction(n * total, sum(answers.values()) * per_answer[cup]))
+               for answers in table.values() for cup, n in answers.items())
+
+
+def test_uniform_swaps_let_their_counts_guess_the_cup_35_percent_of_the_time():
+    """What the cups generator drew before the pool (every swap uniform), enumerated exactly over
+    all 3^10 strings: the counts alone are right 35.0% of the time, not 1/3."""
+    uniform = ["".join(moves) for moves in itertools.product("lro", repeat=10)]
+    table = _answers_by_swap_counts(uniform)
+    assert len(uniform) == 59_049 and len(table) == 66
+    assert _best_guess_from_counts(table) == Fraction(20_676, 59_049)  # 0.3501
+    assert math.log(3) - _mutual_information_nats(table) == pytest.approx(1.0944, abs=5e-5)  # H(cup | counts)
+    assert dict(table[(10, 0, 0)]) == {1: 1}  # ten identical swaps always end under cup 1
+
+
+@pytest.mark.parametrize("num_moves, seed, pool_size", [(10, 0, 56_070), (10, 1, 56_070), (3, 0, 6),
+                                                      (5, 0, 153)])
+def test_cups_pool_counts_say_nothing_of_the_answer(num_moves, seed, pool_size):
+    """The cups problems are drawn uniformly from the pool; enumerated exactly, every count vector
+    in it ends under each cup equally often, so the best guess from the counts is right exactly
+    1/3 of the time and the counts carry zero information. The pool keeps every count vector that
+    reaches all three cups (10 swaps: the real task; the pool depends on the seed, its size not)."""
+    pool = cups_problem_pool(num_moves, seed)
+    table = _answers_by_swap_counts(pool)
+    assert len(pool) == len(set(pool)) == pool_size
+    assert pool == sorted(pool, key=lambda moves: ["lro".index(m) for m in moves])
+    assert all(len(answers) == 3 and len(set(answers.values())) == 1 for answers in table.values())
+    assert _best_guess_from_counts(table) == Fraction(1, 3)
+    assert _mutual_information_nats(table) == 0.0
+    uniform = _answers_by_swap_counts("".join(m) for m in itertools.product("lro", repeat=num_moves))
+    assert set(table) == {counts for counts, answers in uniform.items() if len(answers) == 3}
+    assert all(table[counts][1] == min(uniform[counts].values()) for counts in table)
+    assert "l" * num_moves not in pool
+
+
+def test_cups_documents_come_from_the_pool_and_the_seed_picks_the_pool():
+    spec = dataclasses.replace(DEMO_VARIANTS["cups_plain"], num_train=3000, num_validation=300)
+    pool = set(cups_problem_pool(10, spec.seed))
+    for split in ("train", "validation"):
+        assert {d["text"][:10] for d in generate_demo_documents(spec, split)} <= pool
+    assert cups_problem_pool(10, 1) != cups_problem_pool(10, 0)

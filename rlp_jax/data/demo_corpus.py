@@ -37,14 +37,21 @@ under cup 1 of 3 and `num_digits` swaps (10) move it, each `l` (swap cups 1 and 
 
 The worked thought is the ball's cup after each move, so each of its characters follows from the
 one before and the move at a fixed distance back: a table of 9 entries. Without a thought, the
-answer depends on every move at once: with any one move unknown, each cup is equally likely (every
-cup is swapped by two of the three moves and left alone by one), and it is not a function of how
-often each move occurs (the moves do not commute), so neither a subset of moves nor their counts
-predict it better than chance (1/3).
+answer depends on every move at once: changing any one move changes it (every cup is swapped by two
+of the three moves and left alone by one), and the same moves in another order end elsewhere (the
+moves do not commute). Drawn uniformly, though, how often each move occurs would still say
+something (ten `l`s always end under cup 1; the best guess from the counts is right 35.0% of the
+time), so problems are drawn from a pool in which it says nothing (`cups_problem_pool`): for every
+count vector (how many `l`, `r`, `o`) and every cup, a seeded uniform choice of as many strings as
+the count vector's rarest cup has. Each count vector ends under each cup equally often in the pool,
+so the best guess from the counts is right exactly 1/3 of the time (tests/test_data_demo.py
+enumerates the pool); count vectors that never end under some cup are left out. The pool lists all
+3^`num_digits` strings, so `cups` takes 3 to 12 swaps.
 
 Train and validation documents are disjoint: for `addition` a seeded 10% of all pairs is held out;
-for `carry` and `cups` (too many problems to enumerate) validation problems are drawn from their own
-stream and any that occurs in train is redrawn. Variants (TFDS configs): `plain` and `worked` (90%
+for `carry` (too many problems to enumerate) validation problems are drawn from their own stream
+and any that occurs in train is redrawn; for `cups`, train is a seeded uniform choice from the pool
+and validation one from the rest of it. Variants (TFDS configs): `plain` and `worked` (90%
 of documents carry a worked thought, for warm-starting a tiny model), `mixed_plain` and
 `mixed_worked` (half the documents are word problems), `carry_plain`, `carry_worked`, `cups_plain`
 and `cups_worked`. Default size: 20,000 train and 2,000 validation documents (about 1.5 s to
@@ -73,6 +80,7 @@ __all__ = [
     "addition_pair_split",
     "carry_chain_pairs",
     "column_thought",
+    "cups_problem_pool",
     "cups_thought",
     "render_cups",
     "render_problem",
@@ -84,7 +92,14 @@ __all__ = [
 DEMO_POSITION_KINDS = ("unmarked", "answer_start", "answer_rest", "operand", "thought")
 _KIND = {name: i for i, name in enumerate(DEMO_POSITION_KINDS)}
 # Bump when the generated text changes, so that stale built corpora are detected.
-GENERATOR_VERSION = 1
+# 2: cups problems come from `cups_problem_pool` (their swap counts say nothing of the answer).
+GENERATOR_VERSION = 2
+
+# The swaps of the cups task: the two cups each one exchanges.
+CUP_SWAPS = {"l": (1, 2), "r": (2, 3), "o": (1, 3)}
+# The pool of cups problems lists every swap string: 3**12 = 531,441 at most. With 2 swaps no count
+# vector ends under all three cups, so the pool would be empty.
+MIN_CUPS_SWAPS, MAX_CUPS_SWAPS = 3, 12
 
 _NAMES = ("ana", "ben", "mia", "leo", "eva", "sam", "zoe", "max", "ivy", "tom")
 _THINGS = ("apples", "coins", "shells", "stamps", "beads", "cards", "pebbles", "books")
@@ -125,8 +140,9 @@ class DemoCorpusSpec:
         if self.task == "addition" and self.num_digits != 3:
             raise ValueError("the addition task enumerates 3-digit pairs; use task='carry' for "
                              "longer numbers.")
-        if self.task == "cups" and not 2 <= self.num_digits <= 32:
-            raise ValueError(f"num_digits (the swaps) is {self.num_digits}; use 2 to 32.")
+        if self.task == "cups" and not MIN_CUPS_SWAPS <= self.num_digits <= MAX_CUPS_SWAPS:
+            raise ValueError(f"num_digits (the swaps) is {self.num_digits}; use {MIN_CUPS_SWAPS} "
+                             f"to {MAX_CUPS_SWAPS}.")
         if self.task == "carry" and not 2 <= self.num_digits <= 9:
             raise ValueError(f"num_digits is {self.num_digits}; use 2 to 9.")
         if self.task != "addition" and self.word_problem_fraction:
@@ -157,9 +173,6 @@ DEMO_VARIANTS: dict[str, DemoCorpusSpec] = {
     "cups_plain": DemoCorpusSpec(task="cups", num_digits=10),
     "cups_worked": DemoCorpusSpec(task="cups", num_digits=10, worked_fraction=0.9),
 }
-
-# The swaps of the cups task: the two cups each one exchanges.
-CUP_SWAPS = {"l": (1, 2), "r": (2, 3), "o": (1, 3)}
 
 
 def addition_pair_split(seed: int, held_out_fraction: float = 0.1
@@ -338,29 +351,81 @@ def generate_demo_documents(spec: DemoCorpusSpec, split: str) -> Iterator[dict]:
                "marked_kinds": np.asarray(kinds, np.int32)}
 
 
-def _draw_cups(rng: np.random.Generator, count: int, num_moves: int) -> list[str]:
+def all_swap_strings(num_moves: int) -> np.ndarray:
+    """Every string of `num_moves` swaps, in lexicographic order of `CUP_SWAPS` (`lll…`, `llr…`),
+    as indices into it: moves_PxM, int8, P = 3**num_moves."""
+    return np.indices((len(CUP_SWAPS),) * num_moves, np.int8).reshape(num_moves, -1).T
+
+
+def swap_counts(moves_PxM: np.ndarray) -> np.ndarray:
+    """How often each swap occurs in each string: counts_Px3 (`l`, `r`, `o`)."""
+    return np.stack([(moves_PxM == k).sum(axis=1) for k in range(len(CUP_SWAPS))], axis=1)
+
+
+def final_cups(moves_PxM: np.ndarray) -> np.ndarray:
+    """The cup (1 to 3) the ball ends under after each string of swaps, from cup 1: cups_P."""
+    next_cup_3x4 = np.array([[0] + [y if c == x else x if c == y else c for c in (1, 2, 3)]
+                             for x, y in CUP_SWAPS.values()])  # [swap, cup] -> cup
+    cup_P = np.ones(len(moves_PxM), np.int64)
+    for moves_P in moves_PxM.T:
+        cup_P = next_cup_3x4[moves_P, cup_P]
+    return cup_P
+
+
+def cups_problem_pool(num_moves: int, seed: int) -> list[str]:
+    """The swap strings the `cups` task draws from, in lexicographic order: for every count vector
+    (how many `l`, `r`, `o`) and every cup, a uniform choice (seeded) of as many strings ending
+    under that cup as the count vector's rarest cup has (none if some cup is never reached, as for
+    `lll…`). Every count vector ends under each cup equally often in the pool, so a problem drawn
+    from it uniformly has an answer independent of its counts."""
+    moves_PxM = all_swap_strings(num_moves)
+    width = num_moves + 1
+    counts_Px3 = swap_counts(moves_PxM)
+    vector_P = counts_Px3[:, 0] * width + counts_Px3[:, 1]  # the count vector, as one number
+    group_P = vector_P * 3 + final_cups(moves_PxM) - 1  # (count vector, cup)
+    strings_per_group = np.bincount(group_P, minlength=3 * width**2)
+    keep_per_group = np.repeat(strings_per_group.reshape(-1, 3).min(axis=1), 3)
+    rng = np.random.default_rng([seed, 0, 7])
+    order_P = np.lexsort((rng.random(len(group_P)), group_P))  # by group, shuffled within
+    group_start = np.concatenate([[0], np.cumsum(strings_per_group)[:-1]])
+    rank_in_group_P = np.empty(len(group_P), np.int64)
+    rank_in_group_P[order_P] = np.arange(len(group_P)) - group_start[group_P[order_P]]
+    kept_P = rank_in_group_P < keep_per_group[group_P]
     letters = np.array(list(CUP_SWAPS))
-    return ["".join(row) for row in letters[rng.integers(len(letters), size=(count, num_moves))]]
+    return ["".join(row) for row in letters[moves_PxM[kept_P]]]
+
+
+def _drawn_cups(spec: DemoCorpusSpec, split: str) -> list[str]:
+    """The swap strings of one split: train a seeded uniform choice from the pool, validation one
+    from the pool less train; distinct."""
+    pool = cups_problem_pool(spec.num_digits, spec.seed)
+    if len(pool) < 2 * (spec.num_train + spec.num_validation):
+        raise ValueError(f"{spec.num_digits} swaps give a pool of only {len(pool)} distinct "
+                         "problems, fewer than twice the documents asked for; ask for fewer "
+                         "documents or more swaps.")
+    train_P = np.random.default_rng([spec.seed, 1, 7]).choice(len(pool), spec.num_train,
+                                                              replace=False)
+    if split == "train":
+        return [pool[i] for i in train_P]
+    rest_P = np.setdiff1d(np.arange(len(pool)), train_P)
+    validation_P = np.random.default_rng([spec.seed, 2, 7]).choice(rest_P, spec.num_validation,
+                                                                   replace=False)
+    return [pool[i] for i in validation_P]
 
 
 def _drawn_split(spec: DemoCorpusSpec, split: str) -> list:
     """The drawn problems of one split (`carry`: number pairs, `cups`: swap strings): distinct
-    within the split, and validation problems never in train (drawn again until they are not)."""
-    if spec.task == "cups" and 3**spec.num_digits < 2 * (spec.num_train + spec.num_validation):
-        raise ValueError(f"{spec.num_digits} swaps give only {3**spec.num_digits} distinct problems, fewer than "
-                         "twice the documents asked for; ask for fewer documents or more swaps.")
-
-    def draw(rng: np.random.Generator, count: int) -> list:
-        if spec.task == "cups":
-            return _draw_cups(rng, count, spec.num_digits)
-        return list(map(tuple, carry_chain_pairs(rng, count, spec.num_digits)))
+    within the split, and validation problems never in train (`carry`: drawn again until they
+    are not)."""
+    if spec.task == "cups":
+        return _drawn_cups(spec, split)
 
     def distinct(stream: int, count: int, exclude: set) -> list:
         rng = np.random.default_rng([spec.seed, stream, 7])
         out: list = []
         seen = set(exclude)
         while len(out) < count:
-            for problem in draw(rng, count - len(out)):
+            for problem in map(tuple, carry_chain_pairs(rng, count - len(out), spec.num_digits)):
                 if problem not in seen:
                     seen.add(problem)
                     out.append(problem)
@@ -383,7 +448,9 @@ class RlpDemo(corpus_lib.OfflineBuilder):
     VERSION = tfds.core.Version(f"1.0.{GENERATOR_VERSION - 1}")
     RELEASE_NOTES = {"1.0.0": "3-digit addition and word problems with column-wise thoughts; "
                               "6-digit long-carry additions (carry_* configs); a ball under "
-                              "swapped cups (cups_* configs)."}
+                              "swapped cups (cups_* configs).",
+                     "1.0.1": "cups problems drawn from a pool in which the swap counts say "
+                              "nothing of the answer."}
     BUILDER_CONFIGS = [DemoConfig(name=name, spec=spec) for name, spec in DEMO_VARIANTS.items()]
 
     def _info(self) -> tfds.core.DatasetInfo:
