@@ -117,7 +117,7 @@ class RunDir:
         if not steps:
             raise FileNotFoundError(f"{self.path} has no checkpoint; point at the workdir of a run "
                                     "that has saved at least one step.")
-        return pure_params(ocp.StandardCheckpointer().restore(self.checkpoints / str(steps[-1]) / "state")["params"])
+        return pure_params(restore_on_one_device(self.checkpoints / str(steps[-1]) / "state")["params"])
 
     def save_start_params(self, params: Any) -> None:
         checkpointer = ocp.StandardCheckpointer()
@@ -126,8 +126,9 @@ class RunDir:
 
     def restore_start_params(self, abstract: Any | None = None) -> Any:
         """θ_0 onto `abstract`'s shardings, or (no `abstract`) as a pure dict of host arrays."""
-        restored = ocp.StandardCheckpointer().restore(self.start_params, abstract)
-        return restored if abstract is not None else pure_params(restored)
+        if abstract is not None:
+            return ocp.StandardCheckpointer().restore(self.start_params, abstract)
+        return pure_params(restore_on_one_device(self.start_params))
 
 
 # Keys a run may change when it resumes: how long it runs and how often it logs, saves and
@@ -172,6 +173,17 @@ def identity_differences(stored: dict, new: dict) -> list[str]:
             if old[key] != cur[key]:
                 out.append(f"{'model.' if part == 'model' else ''}{key}: {old[key]!r} → {cur[key]!r}")
     return out
+
+
+def restore_on_one_device(path: Path) -> Any:
+    """A checkpoint's arrays onto this process's first device, whatever devices saved them: Orbax
+    restores onto the saving run's mesh by default and refuses another device count (an
+    evaluation or export on a laptop of a run trained on a GPU host)."""
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            checkpointer.metadata(path).item_metadata)
+    return checkpointer.restore(path, abstract)
 
 
 def pure_params(tree: Any) -> Any:
