@@ -32,12 +32,17 @@ def t_flop(n_rollouts: int, l_seq: int, batch_size: int, iters: int, t_inp: int)
     return n_rollouts * l_seq * batch_size * iters + t_inp
 
 
-def rlp_token_budget(config: ml_collections.ConfigDict) -> int:
-    """T_flop of an RLP run: G rollouts of `context + L + 1 + K` tokens per prompt, plus its inputs."""
-    K, C = config.data.target_len, config.data.max_context
-    l_seq = C + config.rlp.max_thought_len + 1 + K
-    t_inp = config.train.batch_size * (C + K) * config.train.steps
-    return t_flop(config.rlp.num_rollouts, l_seq, config.train.batch_size, config.train.steps, t_inp)
+def rlp_token_budget(config: ml_collections.ConfigDict, suffix_len: int = 0) -> int:
+    """T_flop of an RLP (or RPT) run with every length at its maximum: G rollouts per prompt of
+    `train_step.rollout_flop_tokens` (full context, a thought cut at L and its forced `</think>`,
+    RPT's prediction, the K targets), plus each prompt's `train_step.input_flop_tokens`."""
+    from rlp_jax import train_step
+
+    r, K, C = config.rlp, config.data.target_len, config.data.max_context
+    prediction = r.rpt_prediction_len if r.objective == "rpt" else 0
+    l_seq = train_step.rollout_flop_tokens(C, r.max_thought_len + prediction, 1, K, suffix_len)
+    t_inp = config.train.batch_size * train_step.input_flop_tokens(C, K) * config.train.steps
+    return t_flop(r.num_rollouts, l_seq, config.train.batch_size, config.train.steps, t_inp)
 
 
 def ntp_steps_for_budget(budget_tokens: int, batch_size: int, tokens_per_document: int) -> int:

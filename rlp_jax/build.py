@@ -159,7 +159,9 @@ def step_config(config, tok) -> ts.StepConfig:
             ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, grad_accum_steps=r.grad_accum_steps,
             rollout_microbatches=r.rollout_microbatches, head_chunk_len=r.head_chunk_len,
             update_length_buckets=r.update_length_buckets, rpt_entropy_threshold=r.rpt_entropy_threshold,
-            token_bytes=_token_bytes(tok) if r.objective == "rpt" else None)
+            token_bytes=_token_bytes(tok) if r.objective == "rpt" else None,
+            rpt_end_ids=tuple(sorted({tok.eos_id, tok.pad_id})) if r.objective == "rpt" else (),
+            advantage=r.advantage)
     except ValueError as error:
         raise ConfigError(f"rlp: {error}") from None
 

@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rlp.rpt_prediction_len = 1  # rpt: tokens of the prediction sampled (and trained) after the thought
     c.rlp.rpt_entropy_threshold = 0.5  # rpt: train positions whose proxy top-16 entropy (nats) is at least this
     c.rlp.rpt_proxy = ""  # rpt: the proxy model: "" the frozen start weights, or a run workdir / HF folder
+    c.rlp.advantage = "auto"  # group advantage: rlp (the RLP paper's eq. 7) | grpo (std-normalised) | auto: grpo for rpt, rlp otherwise
     c.rlp.num_rollouts = 16  # G
     c.rlp.max_thought_len = 2048  # L
     c.rlp.min_thought_len = 1
@@ -254,6 +255,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
         hint = "pass --init-from-hf DIR or point" if c.init.kind == "hf" else "point"
         raise ConfigError(f"init.path {c.init.path!r} does not exist; {hint} --config.init.path at the "
                           f"{c.init.kind} folder to start from.")
+    if c.rlp.objective == "rpt" and c.data.target_len < c.rlp.rpt_prediction_len:
+        raise ConfigError(f"rlp.rpt_prediction_len={c.rlp.rpt_prediction_len} tokens are scored against "
+                          f"data.target_len={c.data.target_len}; a correct prediction could not be verified. Set "
+                          "data.target_len >= rlp.rpt_prediction_len.")
     if c.data.kind == "documents" and c.rlp.objective != "ntp":
         raise ConfigError("data.kind='documents' trains next-token prediction only; set "
                           "--config.rlp.objective=ntp or use data.kind='prompts'.")

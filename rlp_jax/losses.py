@@ -23,6 +23,7 @@ __all__ = [
     "token_logprobs",
     "information_gain_reward",
     "group_relative_advantages",
+    "grpo_advantages",
     "clipped_surrogate_loss",
     "kl_penalty",
     "sparse_match_reward",
@@ -143,6 +144,35 @@ def group_relative_advantages(rewards_BxG: Array, valid_BxG: Array | None = None
     return jax.lax.stop_gradient(scale * (rewards - mean) * valid)
 
 
+def grpo_advantages(rewards_BxG: Array, valid_BxG: Array | None = None, eps: float = 1e-6) -> Array:
+    """GRPO's group-normalised advantage (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300,
+    §4.1.2, outcome supervision), the advantage RPT (Dong et al. 2025, arXiv 2506.08007) trains
+    with: `A_i = (r_i − mean_j r_j) / (std_j r_j + eps)`, a stop-gradient constant.
+
+    `std` is the sample standard deviation of the group (divisor n − 1, as `torch.std` in the
+    GRPO implementations TRL and verl), `eps = 1e-6` as verl's default. The paper writes only
+    `std(r)`; with binary rewards the divisor changes the scale of A, not its sign.
+
+    Args:
+      rewards_BxG: rewards with the G rollouts of one prompt on the last axis.
+      valid_BxG: optional mask of rollouts that take part. Invalid rollouts get advantage 0 and
+        are left out of their group's mean and std; a group with fewer than two valid rollouts,
+        or whose valid rewards are all equal (no signal), gets 0 everywhere — exactly 0, not the
+        rounding residue of `r − mean` over `eps`.
+    """
+    rewards = _f32(rewards_BxG)
+    valid = (jnp.ones(rewards.shape, bool) if valid_BxG is None else valid_BxG.astype(bool))
+    fvalid = valid.astype(rewards.dtype)
+    count = fvalid.sum(axis=-1, keepdims=True)
+    mean = (rewards * fvalid).sum(axis=-1, keepdims=True) / jnp.maximum(count, 1.0)
+    centred = (rewards - mean) * fvalid
+    std = jnp.sqrt((centred**2).sum(axis=-1, keepdims=True) / jnp.maximum(count - 1.0, 1.0))
+    highest = jnp.where(valid, rewards, -jnp.inf).max(axis=-1, keepdims=True)
+    lowest = jnp.where(valid, rewards, jnp.inf).min(axis=-1, keepdims=True)
+    signal = (count >= 2) & (highest > lowest)
+    return jax.lax.stop_gradient(jnp.where(signal & valid, centred / (std + eps), 0.0))
+
+
 def clipped_surrogate_loss(
     logp_BxGxL: Array,
     old_logp_BxGxL: Array,
@@ -258,21 +288,37 @@ def concat_token_bytes(tokens: Array, bytes_VxW: Array, length_V: Array, mask: A
     return out[:, :-1].reshape(*lead, M * W), lengths.sum(-1).reshape(lead)
 
 
+def _before_first_end(ids: Array, end_ids: tuple[int, ...]) -> Array:
+    """True on the tokens before the first of `end_ids` on the last axis (all of them without)."""
+    if not end_ids:
+        return jnp.ones(ids.shape, bool)
+    return jnp.cumsum(jnp.isin(ids, jnp.asarray(end_ids)), axis=-1) == 0
+
+
 def prefix_match_reward(prediction: Array, target_ids: Array, target_mask: Array, bytes_VxW: Array,
-                        length_V: Array) -> Array:
-    """The sparse reward of RPT (Dong et al. 2025, arXiv 2506.08007), the baseline the RLP paper
-    compares against: 1 where the predicted text (the bytes of `prediction[..., M]`) is a
-    non-empty prefix of the true continuation (the bytes of the valid `target_ids[..., K]`) that
-    ends on one of its token boundaries, else 0. A prediction longer than the continuation scored
-    cannot be verified and gets 0. Float32, a constant for autodiff."""
-    pred, pred_len = concat_token_bytes(prediction, bytes_VxW, length_V)
+                        length_V: Array, end_ids: tuple[int, ...] = ()) -> Array:
+    """The sparse reward of RPT (Dong et al. 2025, arXiv 2506.08007, its prefix-matching reward),
+    the baseline the RLP paper compares against: 1 where the predicted text is a non-empty byte
+    prefix of the true continuation that ends on one of its token boundaries, else 0.
+
+    - The predicted text is the bytes of `prediction[..., M]` before its first end marker
+      (`end_ids`: EOS, padding). The marker closes the prediction, as the end of RPT's answer
+      does; it claims nothing about the document. So `[eos, x_t, …]` predicts no text (0) and
+      `[x_t, eos]` predicts `x_t`, exactly like `[x_t]`.
+    - The true continuation is the bytes of the valid `target_ids[..., K]` before the document's
+      end (its first end marker). A prediction that runs past the end of the document, or past
+      the K tokens scored, cannot be verified as a prefix and gets 0.
+    Without `end_ids`, zero-byte tokens are skipped wherever they stand. Float32, a constant
+    for autodiff."""
+    pred, pred_len = concat_token_bytes(prediction, bytes_VxW, length_V, _before_first_end(prediction, end_ids))
+    target_mask = target_mask.astype(bool) & _before_first_end(target_ids, end_ids)
     target, target_len = concat_token_bytes(target_ids, bytes_VxW, length_V, target_mask)
     width = max(pred.shape[-1], target.shape[-1])
     pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
     pred, target = pad(pred), pad(target)
     same = jnp.all((pred == target) | (jnp.arange(width) >= pred_len[..., None]), axis=-1)
     t_lengths = jnp.where(target_mask, jnp.asarray(length_V)[target_ids], 0)
-    on_boundary = jnp.any((jnp.cumsum(t_lengths, axis=-1) == pred_len[..., None]) & target_mask.astype(bool), axis=-1)
+    on_boundary = jnp.any((jnp.cumsum(t_lengths, axis=-1) == pred_len[..., None]) & target_mask, axis=-1)
     match = same & on_boundary & (pred_len > 0) & (pred_len <= target_len)
     return jax.lax.stop_gradient(match.astype(jnp.float32))
 

@@ -233,6 +233,7 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
     import jax.numpy as jnp
 
     from rlp_jax import build
+    from rlp_jax import train_step as ts
 
     mesh = abstract_mesh(mesh_shape, config.mesh.axes)
     ways = _Ways(mesh, build.rules(config))
@@ -318,8 +319,11 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
         if r.kl_coef > 0:
             flops["reference log-probs"] = seq_fwd
         flops["update (fwd + bwd)"] = 3 * seq_fwd * r.ppo_epochs
-        t_flop = G * (C + L) * B + B * C
-        tokens = {"thought_tokens": float(N * L), "t_flop": float(t_flop), "t_inp": float(B * C),
+        # The paper's accounting at every length's maximum, as the train step counts what it processed.
+        prediction = r.rpt_prediction_len if r.objective == "rpt" else 0
+        t_inp = B * ts.input_flop_tokens(C, K)
+        t_flop = G * ts.rollout_flop_tokens(C, L + prediction, 1, K, suffix_len) * B + t_inp
+        tokens = {"thought_tokens": float(N * L), "t_flop": float(t_flop), "t_inp": float(t_inp),
                   "t_flop_run": float(t_flop * config.train.steps)}
     # Applying the update: new θ, φ and moments are built while the old ones (and the gradient)
     # are still alive, because a non-finite update keeps the old ones.

@@ -6,7 +6,8 @@
 2. φ ← θ on the very first step (lines 8–9, lazy EMA init), then the EMA scores the targets with
    no thought (S_ema, eq. 4).
 3. Rewards and group-relative advantages: `losses.rlp_advantages` (eq. 5, eq. 7), or RPT's
-   byte prefix-match reward on the sampled prediction, on the positions a proxy finds hard.
+   byte prefix-match reward on the sampled prediction (`rpt_rewards`), on the positions a proxy
+   finds hard, with GRPO's std-normalised advantage (`StepConfig.advantage`).
 4. `losses.policy_loss` — the clipped surrogate over the thought tokens only (eq. 8), + β·KL to a
    frozen reference — in `ppo_epochs × num_minibatches` optimizer steps per rollout batch (line
    14), each accumulated over `grad_accum_steps` micro-batches; φ ← τφ + (1−τ)θ after every
@@ -54,6 +55,11 @@ class StepConfig:
     rpt_entropy_threshold: float = 0.0
     # Every token id's bytes (data.tokenizer.token_byte_table), for RPT's prefix-match reward.
     token_bytes: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
+    # RPT: the token ids that end a prediction (EOS, padding; losses.prefix_match_reward).
+    rpt_end_ids: tuple[int, ...] = ()
+    # The group advantage: "rlp" (the RLP paper's eq. 7, losses.group_relative_advantages),
+    # "grpo" (std-normalised, RPT's: losses.grpo_advantages), or "auto": grpo for rpt, else rlp.
+    advantage: str = "auto"
 
     def __post_init__(self):
         if self.objective not in ("rlp", "rpt", "ntp"):
@@ -64,6 +70,8 @@ class StepConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.head_chunk_len < 0:
             raise ValueError(f"head_chunk_len must be >= 0 (0: off), got {self.head_chunk_len}.")
+        if self.advantage not in ("auto", "rlp", "grpo"):
+            raise ValueError(f"advantage={self.advantage!r}; choose 'auto', 'rlp' or 'grpo'.")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"kl_estimator={self.kl_estimator!r}; choose 'k1', 'k2' or 'k3'.")
         if self.objective == "rpt" and (self.rollout.prediction_len < 1 or self.token_bytes is None):
@@ -74,6 +82,14 @@ class StepConfig:
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"clip range eps_low={self.eps_low}, eps_high={self.eps_high}; need 0 <= eps_low < 1 "
                              "and eps_high >= 0.")
+
+    @property
+    def advantage_estimator(self) -> str:
+        """`advantage` resolved: "auto" is GRPO's for RPT (the objective RPT trains with) and the
+        RLP paper's eq. 7 otherwise."""
+        if self.advantage != "auto":
+            return self.advantage
+        return "grpo" if self.objective == "rpt" else "rlp"
 
     @property
     def needs_reference(self) -> bool:
@@ -174,13 +190,38 @@ def _advantages(batch: PromptBatch, roll: rollouts.Rollouts, s_ema_BxK: Array, v
     B, K = batch.target_BxK.shape
     G = cfg.rollout.num_rollouts
     if cfg.objective == "rlp":
-        return losses.rlp_advantages(roll.s_pred_NxK.reshape(B, G, K), s_ema_BxK,
-                                     target_mask=batch.target_mask_BxK, rollout_valid_BxG=valid_BxG)
+        rewards_BxG, advantages_BxG = losses.rlp_advantages(
+            roll.s_pred_NxK.reshape(B, G, K), s_ema_BxK, target_mask=batch.target_mask_BxK,
+            rollout_valid_BxG=valid_BxG)
+        if cfg.advantage_estimator == "rlp":
+            return rewards_BxG, advantages_BxG
+    else:
+        rewards_BxG = jnp.where(valid_BxG, rpt_rewards(batch, roll, cfg), 0.0)
+    group = losses.grpo_advantages if cfg.advantage_estimator == "grpo" else losses.group_relative_advantages
+    return rewards_BxG, group(rewards_BxG, valid_BxG)
+
+
+def rpt_rewards(batch: PromptBatch, roll: rollouts.Rollouts, cfg: StepConfig) -> Array:
+    """RPT's reward of each rollout `[B, G]`: the byte prefix match of its prediction against the
+    true continuation (`losses.prefix_match_reward`, the prediction ended at an end marker),
+    and 0 for a thought cut off at L: it never reached a prediction of its own (RPT's response
+    that runs out of length has no answer to score)."""
+    B, K = batch.target_BxK.shape
+    G, M = cfg.rollout.num_rollouts, cfg.rollout.prediction_len
+    if K < M:  # a correct prediction of M tokens could never be verified against fewer
+        raise ValueError(f"RPT scores its {M}-token prediction against {K} target token(s); set "
+                         f"data.target_len >= rlp.rpt_prediction_len ({M}).")
     bytes_VxW, length_V = cfg.token_bytes
-    rewards_BxG = losses.prefix_match_reward(roll.prediction_NxM.reshape(B, G, -1), batch.target_BxK[:, None],
-                                             batch.target_mask_BxK[:, None], bytes_VxW, length_V)
-    rewards_BxG = jnp.where(valid_BxG, rewards_BxG, 0.0)
-    return rewards_BxG, losses.group_relative_advantages(rewards_BxG, valid_BxG)
+    match_BxG = losses.prefix_match_reward(roll.prediction_NxM.reshape(B, G, M), batch.target_BxK[:, None],
+                                           batch.target_mask_BxK[:, None], bytes_VxW, length_V, cfg.rpt_end_ids)
+    return jnp.where(roll.truncated_N.reshape(B, G), 0.0, match_BxG)
+
+
+def _without_unreached_predictions(roll: rollouts.Rollouts, max_thought_len: int) -> rollouts.Rollouts:
+    """RPT: a thought cut off at L never reached its prediction, so the tokens sampled after its
+    forced `</think>` are not its actions: only its thought is trained (with reward 0)."""
+    beyond_NxW = roll.truncated_N[:, None] & (jnp.arange(roll.thought_mask_NxL.shape[1]) >= max_thought_len)
+    return dataclasses.replace(roll, thought_mask_NxL=roll.thought_mask_NxL & ~beyond_NxW)
 
 
 def rpt_hard_positions(state, batch: PromptBatch, graphdef: nnx.GraphDef, cfg: StepConfig) -> Array:
@@ -202,6 +243,23 @@ def text_token_entropy(logits_BxV: Array, marker_ids: tuple[int, ...], k: int = 
     return losses.top_k_entropy(masked, k)
 
 
+def rollout_flop_tokens(context_len, thought_len, forced_close, target_len, suffix_len=0):
+    """The tokens one rollout processes: `l_seq`, the per-rollout length of the paper's compute
+    accounting `T_flop = n · l_seq · bs · iters + T_inp`, as `[context, suffix, <think>, thought,
+    </think> when forced, targets]`. `thought_len` counts the tokens sampled (a sampled
+    `</think>` included; RPT's prediction too), `forced_close` is 1 for a thought cut at L (its
+    `</think>` fed by force), the targets are scored after the thought (S_pred). Ints or
+    arrays: `processed_tokens` counts a step with it at the real lengths, `ablate.rlp_token_budget`
+    and `plan` bound a run with every length at its maximum (`thought_len = L (+ M)`, forced 1)."""
+    return context_len + suffix_len + 1 + thought_len + forced_close + target_len
+
+
+def input_flop_tokens(context_len, target_len):
+    """One prompt's share of T_inp: its inputs `[context, targets]`, scored once without a thought
+    (S_ema)."""
+    return context_len + target_len
+
+
 def processed_tokens(batch: PromptBatch, thought_len_BxG: Array, truncated_BxG: Array, suffix_len: int = 0
                      ) -> dict[str, Array]:
     """What an RLP step processed, counted from the real lengths (padding rows and slots excluded):
@@ -209,19 +267,18 @@ def processed_tokens(batch: PromptBatch, thought_len_BxG: Array, truncated_BxG: 
     - `context_tokens`: the prompts' context tokens, once per prompt (the paper's "tokens");
     - `thought_tokens` (the policy's choices, a sampled `</think>` included), `target_tokens`;
     - `flop_tokens`: the paper's compute accounting `T_flop = n · l_seq · bs + T_inp` for one step
-      with each sequence at its processed length: every rollout's `[context, suffix, <think>,
-      thought, targets]` (a thought cut at L gets its `</think>` by force: one more) plus the
-      inputs `[context, targets]` scored once per prompt without a thought (S_ema).
+      with each sequence at its processed length: every rollout's `rollout_flop_tokens` plus
+      each prompt's `input_flop_tokens`.
     """
     valid_B = batch.example_mask_B.astype(bool)
-    G = thought_len_BxG.shape[1]
     context_B = jnp.where(valid_B, batch.context_len_B, 0)
     targets_B = jnp.where(valid_B, batch.target_mask_BxK.sum(-1), 0)
-    thought_B = jnp.where(valid_B, thought_len_BxG.sum(-1), 0)
-    forced_B = jnp.where(valid_B, truncated_BxG.astype(jnp.int32).sum(-1), 0)
-    rollout_tokens = G * (context_B + targets_B + (suffix_len + 1) * valid_B) + thought_B + forced_B
-    return {"context_tokens": context_B.sum(), "thought_tokens": thought_B.sum(), "target_tokens": targets_B.sum(),
-            "flop_tokens": (rollout_tokens + context_B + targets_B).sum()}
+    thought_BxG = jnp.where(valid_B[:, None], thought_len_BxG, 0)
+    rollout_BxG = rollout_flop_tokens(context_B[:, None], thought_BxG, truncated_BxG.astype(jnp.int32),
+                                      targets_B[:, None], suffix_len)
+    flop_B = jnp.where(valid_B, rollout_BxG.sum(-1) + input_flop_tokens(context_B, targets_B), 0)
+    return {"context_tokens": context_B.sum(), "thought_tokens": thought_BxG.sum(), "target_tokens": targets_B.sum(),
+            "flop_tokens": flop_B.sum()}
 
 
 @jax.tree_util.register_dataclass
@@ -258,7 +315,8 @@ def _policy_step(state, batch: PromptBatch, key, graphdef, optimizer, cfg: StepC
     valid_BxG = jnp.broadcast_to(valid_B[:, None], (B, G))
     rewards_BxG, advantages_BxG = _advantages(batch, roll, s_ema_BxK, valid_BxG, cfg)
 
-    rows = update_batch(roll, advantages_BxG, valid_BxG)
+    acted = _without_unreached_predictions(roll, cfg.rollout.max_thought_len) if cfg.objective == "rpt" else roll
+    rows = update_batch(acted, advantages_BxG, valid_BxG)
     if cfg.update_length_buckets > 1:
         rows = _sorted_by_length(rows, cfg.num_minibatches)
     micro = cfg.num_minibatches * cfg.grad_accum_steps
@@ -272,7 +330,7 @@ def _policy_step(state, batch: PromptBatch, key, graphdef, optimizer, cfg: StepC
 
     tokens = jnp.maximum(aux["num_tokens"].sum(), 1.0)
     token_mean = lambda name: aux[name].sum() / tokens
-    valid_N = rows.valid_N
+    valid_N = valid_BxG.reshape(-1)  # the rollouts' order: `rows` may be re-sorted by length
     num_rows = jnp.maximum(valid_N.sum(), 1)
     row_mean = lambda x_N: jnp.where(valid_N, x_N, 0).sum() / num_rows
     lengths_N = roll.thought_mask_NxL.sum(-1)

@@ -15,7 +15,7 @@ from rlp_jax.configs.demo import get_config as demo_rlp_config
 def test_t_flop_and_compute_matched_ntp_steps_by_hand():
     assert ablate.t_flop(n_rollouts=16, l_seq=4096, batch_size=512, iters=200, t_inp=10) == 16 * 4096 * 512 * 200 + 10
     c = demo_rlp_config()  # G=8, C=10, L=20, K=1, B=32, 300 steps
-    l_seq = 10 + 20 + 1 + 1
+    l_seq = 10 + 1 + 20 + 1 + 1  # context, <think>, L, the forced </think>, K
     want = 8 * l_seq * 32 * 300 + 32 * (10 + 1) * 300
     assert ablate.rlp_token_budget(c) == want
     assert ablate.ntp_steps_for_budget(want, batch_size=64, tokens_per_document=13) == -(-want // (64 * 13))

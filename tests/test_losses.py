@@ -382,8 +382,9 @@ def test_losses_example_raises_information_gain():
     assert np.mean(gains[-10:]) > np.mean(gains[:5]) + 0.5
 
 
-# A byte table by hand: id -> bytes ("" for id 0, the padding).
-_PIECES = [b"", b"a", b"b", b"bc", b"abc", b"c"]
+# A byte table by hand: id -> bytes ("" for id 0, the padding; id 6 an EOS with no bytes, as in the
+# byte and demo tokenizers; id 7 an EOS spelled by its text, as HF tokenizers give special tokens).
+_PIECES = [b"", b"a", b"b", b"bc", b"abc", b"c", b"", b"<e>"]
 _TABLE = np.zeros((len(_PIECES), 3), np.uint8)
 for _i, _p in enumerate(_PIECES):
     _TABLE[_i, :len(_p)] = np.frombuffer(_p, np.uint8)
@@ -405,6 +406,50 @@ def test_prefix_match_reward_on_bytes_by_hand(prediction, target, mask, want):
     got = losses.prefix_match_reward(jnp.array([prediction]), jnp.array([target]), jnp.array([mask], bool),
                                      _TABLE, _LENGTHS)
     assert float(got[0]) == want
+
+
+_ENDS = (0, 6, 7)
+
+
+@pytest.mark.parametrize("prediction, target, mask, want, without_ends", [
+    ([6, 4], [4, 0], [1, 0], 0.0, 1.0),  # [eos, "abc"] predicts no text; skipping the eos matched
+    ([4, 6], [4, 0], [1, 0], 1.0, 1.0),  # ["abc", eos] predicts "abc", exactly like ["abc"]
+    ([4, 7], [4, 5], [1, 1], 1.0, 0.0),  # an EOS with bytes ends the prediction too
+    ([7, 4], [4, 5], [1, 1], 0.0, 0.0),
+    ([4, 5], [4, 6], [1, 1], 0.0, 0.0),  # "abcc" runs past the document's end after "abc"
+    ([4, 6], [4, 6], [1, 1], 1.0, 1.0),
+    ([4, 7], [4, 7], [1, 1], 1.0, 1.0),  # the document's HF-style EOS is not text to predict
+    ([4, 5], [4, 7], [1, 1], 0.0, 0.0),
+    ([6, 0], [6, 0], [1, 0], 0.0, 0.0),  # at a document's end there is no text to predict
+])
+def test_prefix_match_reward_ends_the_prediction_at_eos_by_hand(prediction, target, mask, want, without_ends):
+    args = (jnp.array([prediction]), jnp.array([target]), jnp.array([mask], bool), _TABLE, _LENGTHS)
+    assert float(losses.prefix_match_reward(*args, end_ids=_ENDS)[0]) == want
+    assert float(losses.prefix_match_reward(*args)[0]) == without_ends
+
+
+def test_grpo_advantages_by_hand():
+    """A = (r − mean) / (std + 1e-6) with the group's sample std (n − 1); all-equal groups and
+    invalid rollouts get exactly 0."""
+    rewards = jnp.array([[1.0, 0.0, 0.0, 1.0],   # mean 0.5, std √(1/3) = 0.57735
+                         [1.0, 1.0, 1.0, 1.0],   # no signal
+                         [0.0, 1.0, 0.0, 0.0],   # mean 0.25, std √(0.75/3) = 0.5
+                         [2.0, 0.0, 1.0, 9.0],   # the 9 is invalid: mean 1, std √(2/2) = 1
+                         [0.1, 0.1, 0.1, 0.1]])  # equal: exactly 0, whatever r − mean rounds to
+    valid = jnp.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    want = [[0.866024, -0.866024, -0.866024, 0.866024],
+            [0.0, 0.0, 0.0, 0.0],
+            [-0.499999, 1.499997, -0.499999, -0.499999],
+            [0.999999, -0.999999, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0]]
+    got = losses.grpo_advantages(rewards, valid)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert (np.asarray(got)[[1, 4]] == 0).all() and np.asarray(got)[3, 3] == 0
+    one_valid = losses.grpo_advantages(jnp.array([[3.0, 5.0]]), jnp.array([[True, False]]))
+    assert (np.asarray(one_valid) == 0).all()
+    # The leave-one-out advantage of the RLP paper (eq. 7) on the first group, for contrast: ±2/3.
+    np.testing.assert_allclose(losses.group_relative_advantages(rewards[:1]), [[2 / 3, -2 / 3, -2 / 3, 2 / 3]],
+                               rtol=1e-6)
 
 
 def test_top_k_entropy_by_hand():

@@ -111,8 +111,31 @@ def test_kv_cache_activations_and_flops_match_hand_computation():
     # FLOPs of decode: N = 16 thoughts × L = 4 tokens × (body + head + attention over P + L/2 keys);
     # body 2·layers·(D·hd·(2H + 2K) + 3·D·F) = 147456, head 2·D·V = 32768, attention 4·layers·H·hd = 512.
     assert est.flops["rollout decode"] == 16 * 4 * (147_456 + 32_768 + 512 * (11 + 2)) == 11_960_320
-    # The paper's T_flop per step: n·l_seq·bs + T_inp = 2·(10 + 4)·8 + 8·10.
-    assert est.tokens["t_flop"] == 2 * (10 + 4) * 8 + 8 * 10 == 304
+    # The paper's T_flop per step: n·l_seq·bs + T_inp with l_seq = context 10 + <think> + L 4 +
+    # forced </think> + K 1 and T_inp = 8 prompts × (context 10 + K 1).
+    assert est.tokens["t_flop"] == 2 * (10 + 1 + 4 + 1 + 1) * 8 + 8 * (10 + 1) == 360
+
+
+@pytest.mark.parametrize("objective, suffix_len", [("rlp", 0), ("rpt", 3)])
+def test_t_flop_is_one_count_for_the_step_the_plan_and_the_ablation_budget(objective, suffix_len):
+    """The step's `flop_tokens` (`train_step.processed_tokens`) at every length's maximum — full
+    contexts, K targets, every thought cut at L with its forced `</think>`, RPT's M prediction
+    tokens — equals the plan's T_flop per step and `ablate.rlp_token_budget` per step."""
+    import numpy as np
+
+    from rlp_jax import ablate
+    from rlp_jax.batch import prompt_batch
+
+    config = tiny_config(objective=objective, rpt_prediction_len=2)
+    config.data.target_len, config.train.steps = 3, 5
+    B, G, C, L, K, M = 8, 2, 10, 4, 3, (2 if objective == "rpt" else 0)
+    model_config, _ = plan.model_config_for(config, [])
+    est = plan.estimate(config, model_config, (2, 2, 2), suffix_len=suffix_len)
+    batch = prompt_batch(np.ones((B, C), np.int32), np.full(B, C), np.ones((B, K), np.int32))
+    counted = ts.processed_tokens(batch, np.full((B, G), L + M), np.ones((B, G), bool), suffix_len)["flop_tokens"]
+    want = B * (G * (C + suffix_len + 1 + L + M + 1 + K) + C + K)  # 8·(2·19 + 13) = 408 for rlp
+    assert float(counted) == est.tokens["t_flop"] == ablate.rlp_token_budget(config, suffix_len) / 5 == want
+    assert objective == "rpt" or want == 408
 
 
 def run_plan(capsys, *argv):
@@ -133,9 +156,9 @@ def test_paper_config_fits_and_reports_flops(capsys):
     result = json.loads(out)
     assert code == 0 and result["fits"]
     assert result["devices"] == 8 and result["model"]["num_params"] == 1_720_574_976
-    # 512 prompts × 16 thoughts × 2048 thought tokens; T_flop = 16·(2048 + 2048)·512 + 512·2048.
+    # 512 prompts × 16 thoughts × 2048 thought tokens; T_flop = 16·(2048 + 1 + 2048 + 1 + 1)·512 + 512·(2048 + 1).
     assert result["tokens"]["thought_tokens"] == 512 * 16 * 2048
-    assert result["tokens"]["t_flop"] == 16 * 4096 * 512 + 512 * 2048
+    assert result["tokens"]["t_flop"] == 16 * 4099 * 512 + 512 * 2049 == 34_628_096
     # float32 params over fsdp = 8, except the RMSNorm scales, which are replicated: the final norm
     # (2048) and per layer two norms of 2048 and the q/k norms of 128.
     norms = 2048 + 28 * (2 * 2048 + 2 * 128)

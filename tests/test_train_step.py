@@ -18,6 +18,7 @@ from flax import nnx
 from rlp_jax import losses, rollouts, sharding
 from rlp_jax import train_step as ts
 from rlp_jax.batch import prompt_batch, step_fields
+from rlp_jax.config import ConfigError, base_config, validate
 from rlp_jax.models import preset
 from rlp_jax.rollouts import RolloutConfig
 
@@ -259,14 +260,18 @@ def test_grad_accumulation_and_minibatches_give_the_unsplit_update():
         run_steps(single_device_mesh(), ts.StepConfig(rollout=ROLLOUT, grad_accum_steps=3), optimizer, steps=1)
 
 
-def test_length_buckets_give_the_unbucketed_update():
+def test_length_buckets_give_the_unbucketed_update_and_metrics():
     """Rows sorted by length and each gradient micro-batch cut to the shortest bucket that holds
-    it: the same SGD update as every row at full width (contexts of 2 … 24 tokens, so the
-    micro-batches of short rows run at a fraction of the width)."""
+    it: the same SGD update as every row at full width (contexts of 24 … 2 tokens, so the
+    micro-batches of short rows run at a fraction of the width). 5 real prompts padded to 8: the
+    sort reverses the rows and moves the padding rows first, and every metric, the row metrics
+    (s_pred_mean, s_ema_mean, thought_len_*, truncated_frac, match_rate) included, still equals
+    the one-bucket step's (same state, same key)."""
     rng = np.random.RandomState(7)
     batch = jax.tree.map(jnp.asarray, prompt_batch(rng.randint(3, VOCAB, (B, 24)).astype(np.int32),
-                                                   np.linspace(2, 24, B).astype(np.int32),
-                                                   rng.randint(3, VOCAB, (B, 1)).astype(np.int32)))
+                                                   np.linspace(24, 2, B).astype(np.int32),
+                                                   rng.randint(3, VOCAB, (B, 1)).astype(np.int32),
+                                                   example_mask_B=np.arange(B) < 5))
     assert ts.bucket_lengths(30, 4) == (8, 16, 24, 30)
     runs = {}
     for buckets in (1, 4):
@@ -275,7 +280,8 @@ def test_length_buckets_give_the_unbucketed_update():
     (_, whole, m1), (_, bucketed, m4) = runs[1], runs[4]
     for a, b in zip(leaves(bucketed.params), leaves(whole.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for name in ("loss", "entropy", "clip_frac", "thought_len_mean"):
+    assert m1[0].keys() == m4[0].keys() and m1[0]["num_prompts"] == 5
+    for name in m1[0]:
         np.testing.assert_allclose(m4[0][name], m1[0][name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
@@ -301,32 +307,55 @@ def test_rollout_microbatches_chunk_the_ema_baseline_without_changing_it():
 BYTES = (np.arange(VOCAB, dtype=np.uint8)[:, None], (np.arange(VOCAB) > 0).astype(np.int32))
 
 
+def _rpt_reward_by_hand(prediction, target, target_mask, truncated, end=0):
+    """1 byte per token: the prediction before its first EOS is non-empty, no longer than the
+    document's continuation before its EOS, and equals its start; a thought cut at L earns 0."""
+    cut = lambda xs: xs[:xs.index(end)] if end in xs else xs
+    p, t = cut(list(prediction)), cut([x for x, m in zip(target, target_mask) if m])
+    return float(not truncated and 0 < len(p) <= len(t) and p == t[:len(p)])
+
+
 def test_rpt_update_is_the_policy_gradient_of_thought_and_prediction_with_prefix_rewards():
     """objective='rpt': the action is the thought then M sampled prediction tokens; the reward is 1
-    where the prediction's bytes are a prefix of the true continuation ending on a token boundary;
-    SGD(lr=1) moves θ by exactly the hand-built policy gradient of thought and prediction tokens."""
-    M, K = 2, 2
-    rollout = dataclasses.replace(ROLLOUT, prediction_len=M, temperature=0.5)
-    cfg = ts.StepConfig(rollout=rollout, objective="rpt", token_bytes=BYTES)
+    where the prediction (ended at EOS) is a byte prefix of the true continuation ending on a token
+    boundary, and 0 for a thought cut at L, whose prediction is then no action; the advantage is
+    GRPO's (RPT's default). SGD(lr=1) moves θ by exactly the hand-built policy gradient. Two
+    padding prompts and length buckets (rows re-sorted for the update): the row metrics are the
+    rollouts' own, by hand."""
+    M, K, L_rpt = 2, 2, 24  # L long enough that about 2 in 3 thoughts close on their own
+    rollout = dataclasses.replace(ROLLOUT, prediction_len=M, max_thought_len=L_rpt)
+    cfg = ts.StepConfig(rollout=rollout, objective="rpt", token_bytes=BYTES, rpt_end_ids=(0,), update_length_buckets=2)
+    assert cfg.advantage_estimator == "grpo" and ts.StepConfig(rollout=ROLLOUT).advantage_estimator == "rlp"
     optimizer = optax.sgd(1.0)
     mesh = single_device_mesh()
     graphdef, state0, _ = ts.create_state_from_scratch(MODEL, optimizer, 0, mesh)
     params0 = jax.tree.map(jnp.copy, state0.params)
-    batch = make_batch(seed=3, K=K)
     key = jax.random.fold_in(jax.random.wrap_key_data(state0.rng), 0)
+    # Targets that some predictions match: each prompt's first rollout's prediction; prompt 1 then
+    # has one target token only (a 2-token prediction runs past it), prompt 2 ends at EOS after one.
+    real = np.arange(B) < 6
+    batch = make_batch(seed=3, K=K, example_mask=real)
+    first = np.asarray(rollouts.sample_and_score(graphdef, params0, batch, key, rollout).prediction_NxM)[::G]
+    target, target_mask = first.copy(), np.ones((B, K), bool)
+    target_mask[1, 1] = False
+    target[2, 1] = 0
+    batch = dataclasses.replace(batch, target_BxK=jnp.asarray(target), target_mask_BxK=jnp.asarray(target_mask))
     roll = rollouts.sample_and_score(graphdef, params0, batch, key, rollout)
-    rewards = losses.prefix_match_reward(roll.prediction_NxM.reshape(B, G, M), batch.target_BxK[:, None],
-                                         batch.target_mask_BxK[:, None], *BYTES)
-    # by hand: the first j predicted tokens equal the targets and j is the number of valid targets or fewer
-    pred, tgt, tmask = (np.asarray(x) for x in (roll.prediction_NxM.reshape(B, G, M), batch.target_BxK,
-                                                 batch.target_mask_BxK))
-    for b in range(B):
-        for g in range(G):
-            want = M <= tmask[b].sum() and (pred[b, g] == tgt[b, :M]).all()
-            assert float(rewards[b, g]) == float(want)
-    adv = losses.group_relative_advantages(rewards)
+    np.testing.assert_array_equal(np.asarray(roll.prediction_NxM)[::G], first)  # targets do not steer sampling
+    pred, truncated = np.asarray(roll.prediction_NxM).reshape(B, G, M), np.asarray(roll.truncated_N).reshape(B, G)
+    want = np.array([[_rpt_reward_by_hand(pred[b, g], target[b], target_mask[b], truncated[b, g]) for g in range(G)]
+                     for b in range(B)], np.float32)
+    rewards = ts.rpt_rewards(batch, roll, cfg)
+    np.testing.assert_array_equal(rewards, want)
+    assert want[real].sum() >= 2 and truncated[real].any() and not truncated[real].all()
+    valid = np.broadcast_to(real[:, None], (B, G))
+    adv = losses.grpo_advantages(want * valid, valid)
     seq, predict_at = rollouts.thought_sequences(roll, G)
-    mask = roll.thought_mask_NxL.reshape(B, G, -1)
+    # A thought cut at L: its prediction (after the forced </think>) is not trained; padding prompts train nothing.
+    mask = np.asarray(roll.thought_mask_NxL).reshape(B, G, -1).copy()
+    lengths = mask.sum(-1)  # the whole action as sampled: the row metrics count it
+    mask[:, :, L_rpt:] &= ~truncated[..., None]
+    mask &= real[:, None, None]
     num_thoughts = float((mask.sum(-1) > 0).sum())
 
     def manual(p):
@@ -335,13 +364,21 @@ def test_rpt_update_is_the_policy_gradient_of_thought_and_prediction_with_prefix
         per_action = jnp.where(mask, logp.reshape(mask.shape), 0).sum(-1) / jnp.maximum(mask.sum(-1), 1)
         return -(adv * per_action).sum() / num_thoughts
 
-    want = jax.grad(manual)(params0)
+    want_grad = jax.grad(manual)(params0)
     step = ts.compile_train_step(graphdef, optimizer, cfg, mesh, *_shardings(state0, optimizer, mesh, batch))
     state1, metrics = step(state0, batch)
     got = jax.tree.map(lambda new, old: old - new, state1.params, params0)
-    for g, w in zip(leaves(got), leaves(want)):
+    for g, w in zip(leaves(got), leaves(want_grad)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
-    assert float(metrics["rpt_match_rate"]) == float(rewards.mean()) and float(metrics["rpt_filtered_frac"]) == 0.0
+    assert float(metrics["grad_norm"]) > 0
+    assert float(metrics["rpt_match_rate"]) == float(want[real].mean()) and float(metrics["rpt_filtered_frac"]) == 0.0
+    s_pred = np.where(target_mask[:, None], np.asarray(roll.s_pred_NxK).reshape(B, G, K), 0)[real].sum(-1)
+    argmax_hit = np.asarray(roll.predicted_NxK)[:, 0].reshape(B, G) == target[:, :1]
+    np.testing.assert_allclose(metrics["s_pred_mean"], s_pred.mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["thought_len_mean"], lengths[real].mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["truncated_frac"], truncated[real].mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["match_rate"], argmax_hit[real].mean(), rtol=1e-6)
+    assert float(metrics["thought_len_max"]) == lengths[real].max() and float(metrics["num_prompts"]) == 6
 
 
 def test_rpt_entropy_filter_trains_only_positions_the_frozen_start_model_finds_hard():
@@ -428,6 +465,14 @@ def test_bad_configs_fail_with_one_sentence():
         RolloutConfig(think_open_id=1, think_close_id=2, num_rollouts=1)
     with pytest.raises(ValueError, match="objective"):
         ts.StepConfig(rollout=ROLLOUT, objective="dpo")
+    with pytest.raises(ValueError, match="advantage"):
+        ts.StepConfig(rollout=ROLLOUT, advantage="ppo")
+    c = base_config()
+    c.rlp.objective, c.rlp.rpt_prediction_len, c.data.target_len = "rpt", 3, 2
+    with pytest.raises(ConfigError, match=r"data.target_len >= rlp.rpt_prediction_len"):
+        validate(c, 8)
+    c.data.target_len = 3
+    validate(c, 8)
     with pytest.raises(ValueError, match="needs 8 devices but 4"):
         sharding.make_mesh((2, 2, 2), devices=jax.devices()[:4])
 
