@@ -164,7 +164,7 @@ def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Pr
     devices = target_devices(target)
     processes = len({d.process_index for d in devices})
     try:
-        mesh_shape = config_lib.validate(config, len(devices), processes)
+        mesh_shape = config_lib.validate_shapes(config, len(devices), processes)
     except config_lib.ConfigError as error:
         raise CompileError(f"{error} ({target.describe()} has {len(devices)} devices on {processes} hosts)") from None
     model_config, tok = plan.model_config_for(config, notes)

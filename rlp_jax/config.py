@@ -219,6 +219,16 @@ def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
     return shape
 
 
+def validate_shapes(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> tuple[int, ...]:
+    """`validate` without the check that `init.path` exists: for the commands that need a run's
+    shapes, not its weights (`plan`, `compile`, on a machine without the cluster's files)."""
+    kind, config.init.kind = config.init.kind, "scratch"
+    try:
+        return validate(config, num_devices, num_processes)
+    finally:
+        config.init.kind = kind
+
+
 def resolve_batch_tokens(config: ml_collections.ConfigDict) -> None:
     """Token-sized batches (`train.batch_tokens`, next-token training on documents): sets
     `train.batch_size` to the rows of `data.seq_len` tokens they hold, in place."""

@@ -559,7 +559,7 @@ def suggest(config, model_config, mesh_shape, usable: float, est: Estimate, suff
             section, leaf = key.split(".")
             trial[section][leaf] = value
         try:
-            _validate_without_paths(trial, devices)
+            config_lib.validate_shapes(trial, devices)
         except config_lib.ConfigError:
             return None
         return estimate(trial, model_config.replace(remat=trial.model.remat), mesh_shape, suffix_len, est.state,
@@ -648,7 +648,7 @@ def plan(config, config_path: str | None = None, devices: int | None = None, hbm
         if -1 in shape:
             raise config_lib.ConfigError(f"mesh.shape {shape} has a -1; pass --devices N to say how many devices.")
         devices = math.prod(shape)
-    mesh_shape = _validate_without_paths(config, devices)
+    mesh_shape = config_lib.validate_shapes(config.copy_and_resolve_references(), devices)
     spec = PLATFORMS.get(platform) if platform else None
     if hbm_gib is None and spec is not None:
         hbm_gib = spec.hbm_gib
@@ -680,15 +680,6 @@ def plan(config, config_path: str | None = None, devices: int | None = None, hbm
         if not out["fits"]:
             out["knob"] = suggest(config, model_config, mesh_shape, usable * GiB, est, suffix_len, platform)
     return out
-
-
-def _validate_without_paths(config, devices: int):
-    """`config.validate` minus the check that init.path exists (weights live on the cluster)."""
-    from rlp_jax import config as config_lib
-
-    trial = config.copy_and_resolve_references()
-    trial.init.kind = "scratch"
-    return config_lib.validate(trial, devices, 1)
 
 
 def format_plan(p: dict) -> str:

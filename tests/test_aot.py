@@ -161,3 +161,19 @@ def test_train_refuses_a_compiled_step_larger_than_the_free_device_memory(monkey
     monkeypatch.setattr(jax, "local_devices", lambda: [Device(needed + 1000 - 1)])
     with pytest.raises(config_lib.ConfigError, match="rlp.rollout_microbatches.*train.batch_size"):
         preflight.check_compiled_memory(compiled, config)
+
+
+def test_a_shipped_config_compiles_without_its_weights_or_tokenizer(tmp_path):
+    """A paper config names weights and a tokenizer that live on the cluster (`init.path` unset
+    here): `compile` takes the shapes from `model.preset`, as `plan` does, instead of refusing.
+    The model and lengths are shrunk to keep the test short; the checks are the config's own."""
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "compile", "--config",
+                             "configs/rlp_qwen3_0p6b_h100x1.py", "--json", str(out), "--config.model.preset=tiny",
+                             "--config.rlp.max_thought_len=16", "--config.data.max_context=32"],
+                            capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["target"] == "h100:1x1" and report["fits"]
+    assert any("init.path is not set" in note for note in report["notes"]), report["notes"]
