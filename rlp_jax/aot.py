@@ -184,9 +184,9 @@ def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Pr
 def knobs(config) -> str:
     """What makes a step hold less at once, in the config's own terms."""
     r = config.rlp
-    return (f"rlp.rollout_microbatches (now {r.rollout_microbatches}), rlp.grad_accum_steps (now "
-            f"{r.grad_accum_steps}), model.remat (now {config.model.remat!r}), or fewer prompts per step "
-            f"(train.batch_size, now {config.train.batch_size})")
+    return (f"raise rlp.rollout_microbatches (now {r.rollout_microbatches}) or rlp.grad_accum_steps (now "
+            f"{r.grad_accum_steps}), set model.remat='full' (now {config.model.remat!r}), or lower "
+            f"train.batch_size (now {config.train.batch_size})")
 
 
 def report(config_path: str, target: targets_lib.Target, programs: list[Program], notes: list[str],
@@ -288,6 +288,6 @@ def run(args: argparse.Namespace) -> int:
         if worst.out_of_memory:  # XLA:TPU counts the temporaries it could not place, not the rest
             needs = f"more than {needs} (its temporaries alone, by the compiler)" if worst.peak_bytes else "more"
         print(f"rlp-jax compile: {worst.name} needs {needs} per device but {target.name} has "
-              f"{target.usable_bytes / targets_lib.GiB:.1f} GiB usable; lower {knobs(config)}.", file=sys.stderr)
+              f"{target.usable_bytes / targets_lib.GiB:.1f} GiB usable; {knobs(config)}.", file=sys.stderr)
         return 2
     return 0

@@ -155,6 +155,6 @@ def check_compiled_memory(compiled, config) -> str | None:
     if needed > free:
         raise ConfigError(
             f"the compiled train step needs {gib(needed)} per {device.device_kind} beyond the train state it is "
-            f"given, but {gib(free)} is free; lower {aot.knobs(config)}, or pass --config.train.check_memory=False "
+            f"given, but {gib(free)} is free; {aot.knobs(config)}, or pass --config.train.check_memory=False "
             "to start anyway.")
     return f"memory: the compiled step needs {gib(needed)} per device beyond its arguments, of {gib(free)} free"

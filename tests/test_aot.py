@@ -98,7 +98,8 @@ def test_a_config_that_does_not_fit_is_refused_in_one_sentence_naming_the_knobs(
     assert not report["fits"] and report["programs"][0]["peak_bytes"] > report["usable_bytes"]
     lines = [line for line in stderr.splitlines() if line.startswith("rlp-jax compile:")]
     assert len(lines) == 1, stderr[-2000:]
-    for knob in ("rlp.rollout_microbatches", "rlp.grad_accum_steps", "model.remat", "train.batch_size"):
+    for knob in ("raise rlp.rollout_microbatches", "rlp.grad_accum_steps", "model.remat='full'",
+                 "lower train.batch_size"):
         assert knob in lines[0]
 
 
