@@ -146,7 +146,7 @@ def group_relative_advantages(rewards_BxG: Array, valid_BxG: Array | None = None
 
 def grpo_advantages(rewards_BxG: Array, valid_BxG: Array | None = None, eps: float = 1e-6) -> Array:
     """GRPO's group-normalised advantage (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300,
-    §4.1.2, outcome supervision), the advantage RPT (Dong et al. 2025, arXiv 2506.08007) trains
+    its outcome-supervision advantage), the advantage RPT (Dong et al. 2025, arXiv 2506.08007) trains
     with: `A_i = (r_i − mean_j r_j) / (std_j r_j + eps)`, a stop-gradient constant.
 
     `std` is the sample standard deviation of the group (divisor n − 1, as `torch.std` in the
