@@ -2,7 +2,8 @@
 hybrid counterpart of `rlp_jax.sampling.sample`, with the same `SamplingConfig` semantics.
 
 `sample(weights, prompts, ...)` is pure (jit it, cfg static); `generate(model, ...)` is the jitted
-convenience for a live NNX model.
+convenience for a live NNX model. As in `sampling`, `sample` is exactly
+`decode_loop(weights, prefill(weights, prompts, ...), key, cfg)`.
 
 Conventions (as `sampling`, except where the state differs from an attention cache)
 - Prompts are right-padded `[B, P]` with lengths `[B]`; each prompt is prefilled ONCE (B rows) and
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlp_jax.models import nemotron_h as nh
-from rlp_jax.sampling import SampleOutput, SamplingConfig, next_token
+from rlp_jax.sampling import Prefilled, SampleOutput, SamplingConfig, next_token
 from rlp_jax.sharding import constrain
 
 Array = jax.Array
@@ -77,14 +78,29 @@ def sample(weights: nh.Weights, prompts_BxP: Array, prompt_lengths_B: Array, key
     `nemotron_h.State` (see the module docstring). Pure; jit it (cfg static). `weights`:
     `decode_weights(model.weights())`, made once outside any loop. `extra_slots`: attention room
     for tokens a caller appends afterwards (`1 + target_len` for RLP scoring)."""
-    B, P = prompts_BxP.shape
-    G, L = num_samples, cfg.max_new_tokens
-    N = B * G
+    start = prefill(weights, prompts_BxP, prompt_lengths_B, cfg, num_samples, extra_slots)
+    return decode_loop(weights, start, key, cfg)
+
+
+def prefill(weights: nh.Weights, prompts_BxP: Array, prompt_lengths_B: Array, cfg: SamplingConfig,
+            num_samples: int = 1, extra_slots: int = 0) -> Prefilled:
+    """The first half of `sample`: each prompt's forward once, its last position's logits and its
+    state repeated to its `num_samples` rows, with attention room for
+    `cfg.max_new_tokens + extra_slots` tokens per row. Pure; jit it (cfg, num_samples and
+    extra_slots static)."""
+    P, G = prompts_BxP.shape[1], num_samples
     prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
-    hidden_BxPxD, state = nh.prefill(weights, prompts_BxP, prompt_lengths_B, capacity=P + L + extra_slots)
+    hidden_BxPxD, state = nh.prefill(weights, prompts_BxP, prompt_lengths_B,
+                                     capacity=P + cfg.max_new_tokens + extra_slots)
     last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (prompt_lengths_B - 1)[:, None, None], axis=1)
     logits_NxV = jnp.repeat(nh.logits(weights, last_Bx1xD)[:, 0], G, axis=0)
-    state = nh.constrain_state(nh.repeat_rows(state, G))
+    return Prefilled(logits_NxV, jnp.repeat(prompt_lengths_B, G), nh.constrain_state(nh.repeat_rows(state, G)))
+
+
+def decode_loop(weights: nh.Weights, start: Prefilled, key: Array, cfg: SamplingConfig) -> SampleOutput:
+    """The second half of `sample`: `cfg.max_new_tokens` steps (fewer once every row has
+    finished) from `start`, which `prefill` made with the same `cfg`. Pure; jit it (cfg static)."""
+    N, L = start.logits_NxV.shape[0], cfg.max_new_tokens
     stop_ids = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
 
     def cond(carry):
@@ -105,11 +121,10 @@ def sample(weights: nh.Weights, prompts_BxP: Array, prompt_lengths_B: Array, key
         logits_NxV = nh.logits(weights, hidden_NxD[:, None])[:, 0]
         return step + 1, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N, state
 
-    carry = (jnp.int32(0), logits_NxV, jnp.full((N, L), cfg.pad_id, jnp.int32), jnp.zeros((N, L), jnp.float32),
-             jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32), state)
+    carry = (jnp.int32(0), start.logits_NxV, jnp.full((N, L), cfg.pad_id, jnp.int32), jnp.zeros((N, L), jnp.float32),
+             jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32), start.cache)
     _, _, tokens_NxL, logprobs_NxL, finished_N, lengths_N, state = jax.lax.while_loop(cond, body, carry)
-    return SampleOutput(tokens_NxL, logprobs_NxL, lengths_N, finished_N, state,
-                        jnp.repeat(prompt_lengths_B, G) + lengths_N)
+    return SampleOutput(tokens_NxL, logprobs_NxL, lengths_N, finished_N, state, start.prompt_lengths_N + lengths_N)
 
 
 def generate(model: nh.NemotronH, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,

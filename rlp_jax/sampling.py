@@ -1,7 +1,9 @@
 """Jitted prefill + decode over the rollout cache (rlp_jax.models.decode).
 
 `sample(weights, prompts, ...)` is a pure function (call it inside your own jit, e.g. a train
-step); `generate(model, ...)` is the jitted convenience for a live NNX model.
+step); `generate(model, ...)` is the jitted convenience for a live NNX model. `sample` is exactly
+`decode_loop(weights, prefill(weights, prompts, ...), key, cfg)`: the two halves are public so
+that each can be run (and timed, `rlp-jax bench`) on its own.
 
 Conventions
 - Prompts are right-padded `[B, P]` with lengths `[B]`; each prompt is prefilled ONCE and its keys
@@ -121,38 +123,78 @@ def next_token(logits_NxV: Array, key: Array, step: Array, cfg: SamplingConfig):
     return token.astype(jnp.int32), logprob
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Prefilled:
+    """Where the decode loop starts: the prompts prefilled once each, for N = B·G rows."""
+
+    logits_NxV: Array  # the first generated token's logits: each prompt's, repeated to its G rows
+    prompt_lengths_N: Array  # int32: the prompt length of each row, where its generated tokens go
+    cache: RolloutCache  # the prompts' keys and values and empty suffix blocks (hybrid: nemotron_h.State)
+
+
+def weights_of(model: nnx.Module):
+    """The weights `sample` decodes a live model with: `decode.decode_weights(model)`, or for the
+    Nemotron-H hybrid `hybrid_sampling.decode_weights(model.weights())`. Call it once per rollout,
+    outside any loop."""
+    from rlp_jax.models.nemotron_h import NemotronH
+    if isinstance(model, NemotronH):
+        from rlp_jax import hybrid_sampling
+        return hybrid_sampling.decode_weights(model.weights())
+    return decode.decode_weights(model)
+
+
 def sample(weights: DecodeWeights, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
            cfg: SamplingConfig, num_samples: int = 1, extra_slots: int = 0) -> SampleOutput:
     """Samples `num_samples` continuations of each prompt. Pure; jit it (cfg static).
 
-    `weights`: `decode.decode_weights(model)`, made once outside any loop. `extra_slots`: room in
-    the cache for tokens a caller appends afterwards (`1 + target_len` for RLP scoring). The
-    Nemotron-H hybrid's weights (`hybrid_sampling.decode_weights(model.weights())`) sample on its
-    recurrent state instead (rlp_jax.hybrid_sampling; `cache` is then that state).
+    `weights`: `weights_of(model)`, made once outside any loop. `extra_slots`: room in the cache
+    for tokens a caller appends afterwards (`1 + target_len` for RLP scoring). The Nemotron-H
+    hybrid's weights sample on its recurrent state instead (rlp_jax.hybrid_sampling; `cache` is
+    then that state).
     """
+    start = prefill(weights, prompts_BxP, prompt_lengths_B, cfg, num_samples, extra_slots)
+    return decode_loop(weights, start, key, cfg)
+
+
+def prefill(weights: DecodeWeights, prompts_BxP: Array, prompt_lengths_B: Array, cfg: SamplingConfig,
+            num_samples: int = 1, extra_slots: int = 0) -> Prefilled:
+    """The first half of `sample`: each prompt's forward once, its last position's logits for
+    its `num_samples` rows, and a cache with room for `cfg.max_new_tokens + extra_slots` tokens
+    per row. Pure; jit it (cfg, num_samples and extra_slots static)."""
     if not isinstance(weights, DecodeWeights):
         from rlp_jax import hybrid_sampling
-        return hybrid_sampling.sample(weights, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots)
+        return hybrid_sampling.prefill(weights, prompts_BxP, prompt_lengths_B, cfg, num_samples, extra_slots)
     c = weights.config
-    B, P = prompts_BxP.shape
+    G, L = num_samples, cfg.max_new_tokens
+    N = prompts_BxP.shape[0] * G
     # Blocks no longer than the suffix needs: a short thought must not read a long block.
-    G, L, block_len = num_samples, cfg.max_new_tokens, min(cfg.block_len, cfg.max_new_tokens + extra_slots)
-    N = B * G
+    block_len = min(cfg.block_len, L + extra_slots)
     prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
     hidden_BxPxD, prefix_k, prefix_v = decode.prefill(weights, prompts_BxP, prompt_lengths_B)
     last_BxD = jnp.take_along_axis(hidden_BxPxD, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
     logits_NxV = jnp.repeat(decode.logits(weights, last_BxD), G, axis=0)
     blocks = [decode.empty_block(c, N, block_len) for _ in range(decode.num_blocks(L + extra_slots, block_len))]
     cache = RolloutCache(prefix_k, prefix_v, prompt_lengths_B, tuple(k for k, _ in blocks), tuple(v for _, v in blocks))
+    return Prefilled(logits_NxV, jnp.repeat(prompt_lengths_B, G), cache)
+
+
+def decode_loop(weights: DecodeWeights, start: Prefilled, key: Array, cfg: SamplingConfig) -> SampleOutput:
+    """The second half of `sample`: `cfg.max_new_tokens` steps (fewer once every row has
+    finished) from `start`, which `prefill` made with the same `cfg`. Pure; jit it (cfg static)."""
+    if not isinstance(weights, DecodeWeights):
+        from rlp_jax import hybrid_sampling
+        return hybrid_sampling.decode_loop(weights, start, key, cfg)
+    N, L = start.logits_NxV.shape[0], cfg.max_new_tokens
+    cache, block_len = start.cache, start.cache.block_len
     stop_ids = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
-    state = (jnp.int32(0), logits_NxV, jnp.full((N, L), cfg.pad_id, jnp.int32), jnp.zeros((N, L), jnp.float32),
+    state = (jnp.int32(0), start.logits_NxV, jnp.full((N, L), cfg.pad_id, jnp.int32), jnp.zeros((N, L), jnp.float32),
              jnp.zeros((N,), bool), jnp.zeros((N,), jnp.int32))
     # Segment i: steps i·block_len … while no row writes past block i, reading blocks 0 … i.
     for i in range(decode.num_blocks(L, block_len)):
         state, cache = _decode_segment(weights, cache, state, key, cfg, i, min((i + 1) * block_len, L), stop_ids)
     _, _, tokens_NxL, logprobs_NxL, finished_N, lengths_N = state
-    return SampleOutput(tokens_NxL, logprobs_NxL, lengths_N, finished_N, cache,
-                        jnp.repeat(prompt_lengths_B, G) + lengths_N)
+    return SampleOutput(tokens_NxL, logprobs_NxL, lengths_N, finished_N, cache, start.prompt_lengths_N + lengths_N)
 
 
 def _decode_segment(weights, cache: RolloutCache, state, key, cfg: SamplingConfig, block: int, end: int, stop_ids):
@@ -192,8 +234,10 @@ def _with(blocks: tuple, index: int, block) -> tuple:
     return blocks[:index] + (block,) + blocks[index + 1:]
 
 
-# `sample` jitted on its own (cfg, num_samples and extra_slots static).
+# `sample` and its two halves jitted on their own (cfg, num_samples and extra_slots static).
 sample_jit = jax.jit(sample, static_argnames=("cfg", "num_samples", "extra_slots"))
+prefill_jit = jax.jit(prefill, static_argnames=("cfg", "num_samples", "extra_slots"))
+decode_loop_jit = jax.jit(decode_loop, static_argnames=("cfg",))
 
 
 def generate(model: nnx.Module, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,

@@ -8,6 +8,7 @@ import math
 
 from rlp_jax import bench
 from rlp_jax.bench import measure
+from test_bench import assert_decode_structure
 
 P, NEW, BATCH = 8, 4, 2
 TINY = ["--model", "nemotron-h-tiny", "--repeats", "1", "--batch", "2", "--rollouts", "2", "--context", "8",
@@ -68,17 +69,16 @@ def test_hybrid_bench_runs_on_the_tiny_preset_with_the_hf_peer(tmp_path, capsys)
     # Decode: the bytes of one step against the hand count, as a fraction of the measured bandwidth.
     for framework in ("jax", "torch"):
         d = r["decode"][framework][str(BATCH)]
-        assert d["batch"] == BATCH and positive(d["generate_tokens_per_s"])
-        assert d["decode_tokens_per_s"] is None or positive(d["decode_tokens_per_s"])
+        assert_decode_structure(d, batch=BATCH, prompt=P, new=NEW)
         # mean filled attention slots per row over the decode steps: P + NEW / 2 (each row its own copy)
         parts = {"weights": WEIGHT_BYTES, "recurrent_state": BATCH * (CONV_BYTES + SSM_BYTES),
                  "kv": KV_BYTES_PER_TOKEN * BATCH * (P + NEW / 2)}
         assert d["step_bytes_parts"] == parts
         assert d["step_bytes"] == 449_184 + 2 * 9_600 + 512 * 2 * 10 == sum(parts.values())
     jd = r["decode"]["jax"][str(BATCH)]
-    if jd["decode_tokens_per_s"] is not None:
-        step_s = jd["decode_ms_per_step"] / 1e3
-        assert math.isclose(jd["bandwidth_fraction"], jd["step_bytes"] / step_s / r["bandwidth"]["bytes_per_s"])
+    step_s = jd["decode_ms_per_step"] / 1e3
+    assert math.isclose(jd["bandwidth_fraction"], jd["step_bytes"] / step_s / r["bandwidth"]["bytes_per_s"])
+    assert positive(r["ratios"][f"decode_b{BATCH}"]) and positive(r["ratios"][f"prefill_b{BATCH}"])
 
     # Update: forward + backward tokens/s and MFU against the measured peak, rlp-jax and HF.
     upd = r["update"]["jax"]

@@ -91,6 +91,29 @@ def test_sampler_equals_one_that_reruns_the_full_forward_with_the_same_noise(mod
         assert finished.any() and (~finished).any()
 
 
+def test_prefill_then_decode_loop_jitted_apart_equal_sample(model):
+    """The hybrid sampler's two halves, each jitted alone (as `rlp-jax bench` times them):
+    `prefill` holds each prompt's last logits and state on its G rows with room for every new and
+    extra token, and `decode_loop` from it samples what `sample` samples."""
+    G, steps, key = 2, 6, jax.random.key(4)
+    cfg = sampling.SamplingConfig(max_new_tokens=steps, temperature=0.8, stop_tokens=(CLOSE,))
+    weights = sampling.weights_of(model)
+    start = sampling.prefill_jit(weights, PROMPTS, LENGTHS, cfg, num_samples=G, extra_slots=2)
+    assert isinstance(start.cache, nh.State) and start.cache.capacity == PROMPTS.shape[1] + steps + 2
+    np.testing.assert_array_equal(start.cache.lengths_B, np.repeat(LENGTHS, G))
+    np.testing.assert_array_equal(start.prompt_lengths_N, np.repeat(LENGTHS, G))
+    np.testing.assert_array_equal(start.logits_NxV[0::G], start.logits_NxV[1::G])
+    logits = forward(model, [list(PROMPTS[b, :LENGTHS[b]]) for b in range(len(PROMPTS))])
+    np.testing.assert_allclose(start.logits_NxV[::G], logits[np.arange(len(PROMPTS)), LENGTHS - 1], atol=1e-4)
+
+    split = sampling.decode_loop_jit(weights, start, key, cfg)
+    whole = sampling.sample_jit(weights, PROMPTS, LENGTHS, key, cfg, num_samples=G, extra_slots=2)
+    for name in ("tokens_NxL", "lengths_N", "finished_N", "next_positions_N"):
+        np.testing.assert_array_equal(getattr(split, name), getattr(whole, name), err_msg=name)
+    np.testing.assert_allclose(split.logprobs_NxL, whole.logprobs_NxL, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), split.cache, whole.cache)
+
+
 # ---------------------------------------------------------------- rollouts: scoring and log-probs
 
 B, T, G, L, K = 4, 7, 3, 6, 2

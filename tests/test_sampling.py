@@ -122,6 +122,32 @@ def test_tokens_equal_a_sampler_that_reruns_the_whole_forward_with_the_same_nois
         length += 1
 
 
+def test_prefill_then_decode_loop_jitted_apart_equal_sample(hf_pair):
+    """`sample`'s two halves, each jitted alone (as `rlp-jax bench` times them): `prefill` holds
+    each prompt's last logits on its G rows and empty blocks for every new and extra slot, and
+    `decode_loop` from it samples what `sample` samples, over several cache blocks and early stops."""
+    _, model, _ = hf_pair
+    G, key = 2, jax.random.key(2)
+    cfg = sampling.SamplingConfig(max_new_tokens=7, temperature=1.0, stop_tokens=(3, 8), block_len=3)
+    weights = sampling.weights_of(model)
+    start = sampling.prefill_jit(weights, PROMPTS, LENGTHS, cfg, num_samples=G, extra_slots=2)
+    assert start.logits_NxV.shape == (3 * G, VOCAB)
+    np.testing.assert_array_equal(start.logits_NxV[0::G], start.logits_NxV[1::G])
+    logits = model(jnp.asarray(PROMPTS), jnp.broadcast_to(jnp.arange(PROMPTS.shape[1]), PROMPTS.shape))
+    np.testing.assert_allclose(start.logits_NxV[::G], logits[np.arange(3), LENGTHS - 1], atol=1e-4)
+    np.testing.assert_array_equal(start.prompt_lengths_N, np.repeat(LENGTHS, G))
+    assert (start.cache.num_blocks, start.cache.block_len) == (3, 3)  # 7 + 2 slots
+    assert not any(np.asarray(block).any() for block in jax.tree.leaves((start.cache.block_k, start.cache.block_v)))
+
+    split = sampling.decode_loop_jit(weights, start, key, cfg)
+    whole = sampling.sample_jit(weights, PROMPTS, LENGTHS, key, cfg, num_samples=G, extra_slots=2)
+    for name in ("tokens_NxL", "lengths_N", "finished_N", "next_positions_N"):
+        np.testing.assert_array_equal(getattr(split, name), getattr(whole, name), err_msg=name)
+    assert len(set(np.asarray(whole.lengths_N))) > 1  # rows that stopped early and rows that ran on
+    np.testing.assert_allclose(split.logprobs_NxL, whole.logprobs_NxL, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), split.cache, whole.cache)
+
+
 def test_stop_tokens_end_rows_early_and_min_new_tokens_defers_them(hf_pair):
     _, model, _ = hf_pair
     greedy = sampling.SamplingConfig(max_new_tokens=8, temperature=0.0)

@@ -2,8 +2,9 @@
 the same model in HF transformers (PyTorch). See docs/benchmarks.md.
 
 Measured in one run: (1) matmul roofline, (2) policy update (forward + backward) tokens/s and MFU,
-(3) sampler decode tokens/s at several batch sizes, (4) an RLP step piece by piece, (5) the PyTorch
-peer on identical weights. Medians of `--repeats` timed calls after one untimed warm-up.
+(3) the sampler's prefill and its decode loop, timed apart, at several batch sizes, (4) an RLP step
+piece by piece, (5) the PyTorch peer on identical weights. Medians of up to `--repeats` timed calls
+after one untimed warm-up (3 once their median is within 10 % of the fastest).
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--remat", default=None, choices=["none", "dots_saveable", "full"],
                    help="rematerialisation in the update (the paper configs use full)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write every number to this JSON file")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement (median)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repetitions per measurement, at most (median; it stops after 3 once their median "
+                        "is within 10%% of the fastest)")
     p.add_argument("--skip-torch", action="store_true", help="rlp-jax only (torch not imported)")
     p.add_argument("--batch", type=int, default=None, help="RLP step: prompts B")
     p.add_argument("--rollouts", type=int, default=None, help="RLP step: thoughts per prompt G")
@@ -158,8 +161,14 @@ def _progress(text: str) -> None:
 
 
 def measure_all(config, args: argparse.Namespace) -> dict[str, Any]:
-    from rlp_jax.bench import jax_side, measure
+    import jax
 
+    from rlp_jax.bench import jax_side, measure
+    from rlp_jax.models import kernels
+
+    # The kernels a training run compiles for this platform (build.kernels_for): fused attention on
+    # GPU / TPU, the CPU form of the decode's cached attention.
+    config = kernels.resolve_kernels(config, jax.default_backend())
     load_before = measure.load_average()
     started = time.time()
     _START[0] = time.perf_counter()
@@ -180,6 +189,7 @@ def measure_all(config, args: argparse.Namespace) -> dict[str, Any]:
                    "update_seq_len": shapes.seq_len, "decode_prompt": shapes.decode_prompt,
                    "decode_new": shapes.decode_new, "decode_batches": list(shapes.decode_batches),
                    "temperature": shapes.temperature, "repeats": shapes.repeats, "block_len": shapes.block_len,
+                   "settled_after": measure.SETTLED_AFTER, "settled_within": measure.SETTLED,
                    "shape_preset": args.shape},
     }
     _progress("matmul roofline")
@@ -212,8 +222,8 @@ def measure_all(config, args: argparse.Namespace) -> dict[str, Any]:
         _progress(f"profiling (traces under {args.profile})")
         small = [b for b in shapes.decode_batches if b <= 16]
         b = max(small) if small else min(shapes.decode_batches)
-        result["profile"] = {"update": jax_side.profile_update(prepared, f"{args.profile}/update"),
-                             f"decode_b{b}": jax_side.profile_decode(model, shapes, b, f"{args.profile}/decode")}
+        result["profile"] = {"update": jax_side.profile_update(prepared, f"{args.profile}/update")} | {
+            f"{name}_b{b}": ops for name, ops in jax_side.profile_decode(model, shapes, b, args.profile).items()}
 
     if not args.skip_torch:
         from rlp_jax.bench import torch_side
@@ -259,8 +269,8 @@ def ratios(result: dict[str, Any]) -> dict[str, float | None]:
                           result["update"]["torch"]["fwd_bwd_tokens_per_s"])}
     for b, ours in result["decode"]["jax"].items():
         theirs = result["decode"]["torch"][b]
-        out[f"decode_b{b}"] = div(ours["decode_tokens_per_s"], theirs["decode_tokens_per_s"])
-        out[f"generate_b{b}"] = div(ours["generate_tokens_per_s"], theirs["generate_tokens_per_s"])
+        for key in ("decode", "prefill", "generate"):
+            out[f"{key}_b{b}"] = div(ours[f"{key}_tokens_per_s"], theirs[f"{key}_tokens_per_s"])
     return out
 
 
@@ -271,12 +281,18 @@ def aims(result: dict[str, Any]) -> dict[str, Any]:
     values = {"update_mfu": upd["update_mfu"], "scoring_fraction": step["fractions"]["scoring"],
               "decode_speedup_b16": result.get("ratios", {}).get("decode_b16"),
               "decode_bandwidth_fraction": decode16.get("bandwidth_fraction")}
+    # Why an aim has no value, rather than an empty verdict.
+    why = {"decode_speedup_b16": ("batch 16 not measured: add it to --decode-batches" if not decode16
+                                  else "PyTorch skipped: --skip-torch"),
+           "decode_bandwidth_fraction": "batch 16 not measured: add it to --decode-batches"}
     out = {}
     for name, aim in table.items():
         value = values[name]
         below = name == "scoring_fraction"  # an aim from below: at most this share of the step
         out[name] = {"value": value, "aim": aim,
                      "met": None if value is None else (value <= aim if below else value >= aim)}
+        if value is None:
+            out[name]["why"] = why[name]
     out["update_mfu"]["against"] = ("rlp-jax's own matmul peak (update_mfu_best_peak: against the best peak of "
                                     "either framework)")
     return out
@@ -308,7 +324,9 @@ def format_table(r: dict[str, Any]) -> str:
         + f"): {model['num_params']:,} params, "
         f"{model['matmul_params']:,} in body matmuls; step B={s['batch']} G={s['rollouts']} "
         f"context {s['context']} thought {s['thought']}; decode prompt {s['decode_prompt']} "
-        f"+ {s['decode_new']} new; median of {s['repeats']}",
+        f"+ {s['decode_new']} new; median of up to {s['repeats']} calls"
+        + (f" ({s['settled_after']} once their median is within {s['settled_within']:.0%} of the fastest)"
+           if s["repeats"] > s["settled_after"] else ""),
     ]
     if torch:
         lines.append(f"identical weights: max |logit rlp-jax − HF| = {torch['max_abs_logit_diff']:.2e}")
@@ -334,16 +352,23 @@ def format_table(r: dict[str, Any]) -> str:
         ("update MFU vs best peak (either framework)",
          f"{upd['update_mfu_best_peak']:.1%}" if "update_mfu_best_peak" in upd else "-", "", ""),
     ]
+    notes = []
     for b, ours in r["decode"]["jax"].items():
         theirs = r["decode"].get("torch", {}).get(b, {})
         rows.append((f"decode tokens/s, batch {b}", _fmt(ours["decode_tokens_per_s"]),
                      _fmt(theirs.get("decode_tokens_per_s")), _fmt(ratio.get(f"decode_b{b}"), 2)))
-        rows.append((f"  generate incl. prefill, batch {b}", _fmt(ours["generate_tokens_per_s"]),
-                     _fmt(theirs.get("generate_tokens_per_s")), _fmt(ratio.get(f"generate_b{b}"), 2)))
         fraction = ours.get("bandwidth_fraction")
         rows.append(("  ms per step; MB it must read; of bandwidth", f"{_fmt(ours['decode_ms_per_step'], 2)}; "
                      f"{ours['step_bytes'] / 1e6:.0f}; " + ("-" if fraction is None else f"{fraction:.0%}"),
                      _fmt(theirs.get("decode_ms_per_step"), 2), ""))
+        rows.append((f"  prefill tokens/s ({b} × {ours['prompt']}; s per call)",
+                     f"{_fmt(ours['prefill_tokens_per_s'])} ({ours['prefill']['median_s']:.3g})",
+                     f"{_fmt(theirs['prefill_tokens_per_s'])} ({theirs['prefill']['median_s']:.3g})" if theirs else "-",
+                     _fmt(ratio.get(f"prefill_b{b}"), 2)))
+        rows.append(("  generate incl. prefill tokens/s", _fmt(ours["generate_tokens_per_s"]),
+                     _fmt(theirs.get("generate_tokens_per_s")), _fmt(ratio.get(f"generate_b{b}"), 2)))
+        for side, d in (("rlp-jax", ours), ("PyTorch", theirs)):
+            notes += [f"{side} batch {b} {note}" for note in d.get("notes", [])]
         parts = ours.get("step_bytes_parts", {})
         if "recurrent_state" in parts:  # the hybrid: what those bytes are
             rows.append(("  MB: weights / Mamba conv+SSM state / attention KV",
@@ -365,9 +390,11 @@ def format_table(r: dict[str, Any]) -> str:
         lines += ["", f"profile of {name}: costliest XLA operations (one call, {prof['trace']})"]
         for op in prof["ops"][:10]:
             lines.append(f"  {op['ms']:9.1f} ms {op['calls']:5d}×  {op['name']:36} {prof['what'].get(op['name'], '')}")
+    if notes:
+        lines += ["", "noisy timings:"] + [f"  {note}" for note in notes]
     lines.append("")
     for name, aim in r["aims"].items():
-        verdict = "n/a" if aim["met"] is None else ("met" if aim["met"] else "MISSED")
+        verdict = f"n/a ({aim['why']})" if aim["met"] is None else ("met" if aim["met"] else "MISSED")
         value = "-" if aim["value"] is None else f"{aim['value']:.3g}"
         lines.append(f"aim {name}: {value} (aim {aim['aim']:g}) {verdict}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
-"""The rlp-jax half of the bench: matmul roofline, memory bandwidth, policy update, sampler
-decode, RLP step pieces.
+"""The rlp-jax half of the bench: matmul roofline, memory bandwidth, policy update, the sampler's
+prefill and decode loop (timed apart), RLP step pieces.
 
-Every function here jits what it times, runs it once untimed (compilation) and then `repeats`
+Every function here jits what it times, runs it once untimed (compilation) and then up to `repeats`
 times, blocking on the results (`measure.timeit`).
 """
 
@@ -17,11 +17,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rlp_jax import hybrid_sampling, losses, rollouts, sampling, sharding
+from rlp_jax import losses, rollouts, sampling, sharding
 from rlp_jax import train_step as ts
 from rlp_jax.batch import PromptBatch, prompt_batch
 from rlp_jax.bench import measure
-from rlp_jax.models import decode as decode_lib
 from rlp_jax.models.config import ModelConfig
 from rlp_jax.models.nemotron_h import NemotronH
 from rlp_jax.models.transformer import Transformer
@@ -194,51 +193,61 @@ def update(p: Prepared) -> dict[str, Any]:
             "update_gflops": flops / t_up.median_s / 1e9}
 
 
-# ---------------------------------------------------------------- (3) decode
+# ---------------------------------------------------------------- (3) prefill and decode
 
-def decode(model: Transformer, shapes: Shapes, batch_size: int, seed: int = 0,
-           read_bytes_per_s: float | None = None) -> dict[str, Any]:
-    """`sampling.generate` with a `decode_prompt`-token prompt per row (one prompt per row, as HF
-    `generate` is given them), `decode_new` tokens and with 1 token; decode tokens/s =
-    B·(n−1) / (t(n) − t(1)) (both include the same prefill)."""
+def decode_inputs(model: Transformer | NemotronH, shapes: Shapes, batch_size: int, seed: int = 0):
+    """What the bench's prefill and decode run on: the sampler's weights of `model` (made once),
+    `batch_size` rows of one random `decode_prompt`-token prompt each (as HF `generate` is given
+    them), their lengths, and the config that samples `decode_new` tokens."""
     rng = np.random.RandomState(seed)
-    P, n = shapes.decode_prompt, shapes.decode_new
-    prompts = jnp.asarray(rng.randint(3, model.config.vocab_size, (batch_size, P)), jnp.int32)
-    lengths = jnp.full((batch_size,), P, jnp.int32)
-
-    def run(new_tokens):
-        cfg = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=shapes.temperature,
-                                      block_len=shapes.block_len)
-        return lambda: sampling.generate(model, prompts, lengths, jax.random.key(seed), cfg).tokens_NxL
-
-    t_n = measure.timeit(run(n), shapes.repeats)
-    t_1 = measure.timeit(run(1), shapes.repeats)
-    return decode_result(model.config, batch_size, P, n, t_n, t_1, read_bytes_per_s)
+    P = shapes.decode_prompt
+    prompts_BxP = jnp.asarray(rng.randint(3, model.config.vocab_size, (batch_size, P)), jnp.int32)
+    lengths_B = jnp.full((batch_size,), P, jnp.int32)
+    cfg = sampling.SamplingConfig(max_new_tokens=shapes.decode_new, temperature=shapes.temperature,
+                                  block_len=shapes.block_len)
+    return jax.jit(sampling.weights_of)(model), prompts_BxP, lengths_B, cfg
 
 
-def decode_result(config, batch_size, P, n, t_n, t_1, read_bytes_per_s: float | None = None) -> dict[str, Any]:
-    """Decode throughput from t(n) − t(1); None where timing noise swamps the difference (tiny
-    models), rather than a meaningless number. With the measured read bandwidth: the bytes a
-    step must read (weights once + every row's filled cache) and the fraction of the bandwidth
-    that achieves."""
-    decode_s = t_n.median_s - t_1.median_s
-    ok = decode_s > 0.05 * t_n.median_s
-    tokens_per_s = batch_size * (n - 1) / decode_s if ok else None
-    # Mean context of the decode steps: P + 1 … P + n − 1 cached keys.
+def decode(model: Transformer | NemotronH, shapes: Shapes, batch_size: int, seed: int = 0,
+           read_bytes_per_s: float | None = None) -> dict[str, Any]:
+    """The sampler's two halves timed apart: `sampling.prefill` (the prompts to the first token's
+    logits) and `sampling.decode_loop` (the `decode_new` = n steps alone), every decode call
+    starting from the same prefilled cache made beforehand, so that noise in the prefill cannot
+    reach the decode figure."""
+    weights, prompts_BxP, lengths_B, cfg = decode_inputs(model, shapes, batch_size, seed)
+    key = jax.random.key(seed)
+    t_prefill = measure.timeit(lambda: sampling.prefill_jit(weights, prompts_BxP, lengths_B, cfg), shapes.repeats)
+    start = sampling.prefill_jit(weights, prompts_BxP, lengths_B, cfg)
+    t_decode = measure.timeit(lambda: sampling.decode_loop_jit(weights, start, key, cfg), shapes.repeats)
+    return decode_result(model.config, batch_size, shapes.decode_prompt, shapes.decode_new, t_prefill, t_decode,
+                         read_bytes_per_s)
+
+
+def decode_result(config, batch_size: int, P: int, n: int, t_prefill: measure.Timing, t_decode: measure.Timing,
+                  read_bytes_per_s: float | None = None) -> dict[str, Any]:
+    """Decode throughput from the n decode steps timed alone (`t_decode`), prefill throughput
+    from the prefill timed alone, and "generate incl. prefill" as B·n over the sum of the two
+    medians. With the measured read bandwidth: the bytes a step must read (weights once + every
+    row's filled cache) and the fraction of the bandwidth that achieves. `notes` says which of the
+    two timings spread widely (a busy machine), so that no figure is taken on trust silently."""
+    step_s = t_decode.median_s / n
+    # Mean context of the decode steps: P … P + n − 1 cached keys.
     flops_per_token = measure.decode_flops_per_token(config, P + n / 2)
     parts = measure.decode_step_bytes_parts(config, prompts=batch_size, prompt_tokens=P, rows=batch_size,
                                             suffix_tokens=n / 2)
     step_bytes = sum(parts.values())
-    step_s = decode_s / (n - 1) if ok else None
+    notes = [note for note in (measure.spread_note("prefill", t_prefill), measure.spread_note("decode", t_decode))
+             if note]
     return {"batch": batch_size, "prompt": P, "new_tokens": n,
-            "generate": t_n.as_dict(), "prefill_plus_one": t_1.as_dict(),
-            "decode_tokens_per_s": tokens_per_s,
-            "generate_tokens_per_s": batch_size * n / t_n.median_s,
-            "decode_ms_per_step": 1e3 * step_s if ok else None,
-            "decode_gflops": tokens_per_s * flops_per_token / 1e9 if ok else None,
+            "prefill": t_prefill.as_dict(), "decode": t_decode.as_dict(),
+            "prefill_tokens_per_s": batch_size * P / t_prefill.median_s,
+            "decode_tokens_per_s": batch_size / step_s,
+            "decode_ms_per_step": 1e3 * step_s,
+            "generate_tokens_per_s": batch_size * n / (t_prefill.median_s + t_decode.median_s),
+            "decode_gflops": batch_size / step_s * flops_per_token / 1e9,
             "step_bytes": step_bytes, "step_bytes_parts": parts,
-            "bandwidth_fraction": (step_bytes / step_s / read_bytes_per_s
-                                   if ok and read_bytes_per_s else None)}
+            "bandwidth_fraction": step_bytes / step_s / read_bytes_per_s if read_bytes_per_s else None,
+            "notes": notes}
 
 
 # ---------------------------------------------------------------- (4) the step, piece by piece
@@ -260,10 +269,8 @@ def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]
     key = jax.random.key(1)
     prompt_BxP, prompt_len_B = rollouts.build_prompts(p.batch.context_BxT, p.batch.context_len_B, rcfg)
     hybrid = measure.is_hybrid(p.config)
-    if hybrid:  # the Nemotron-H hybrid samples on its recurrent state (sampling.sample dispatches)
-        weights_of = lambda params: hybrid_sampling.decode_weights(nnx.merge(gd, params).weights())
-    else:
-        weights_of = lambda params: decode_lib.decode_weights(nnx.merge(gd, params))
+    # The Nemotron-H hybrid samples on its recurrent state (sampling.sample dispatches).
+    weights_of = lambda params: sampling.weights_of(nnx.merge(gd, params))
 
     sample = jax.jit(lambda params, k: sampling.sample(weights_of(params), prompt_BxP, prompt_len_B, k,
                                                         rcfg.sampling_config(), s.rollouts, 1 + s.targets))
@@ -332,20 +339,19 @@ def profile_update(p: Prepared, folder: str) -> dict[str, Any]:
     return out | {"what": profile.describe(hlo, [op["name"] for op in out["ops"]])}
 
 
-def profile_decode(model: Transformer, shapes: Shapes, batch_size: int, folder: str) -> dict[str, Any]:
-    """Where `decode_new` sampler steps at one batch size spend their time."""
+def profile_decode(model: Transformer | NemotronH, shapes: Shapes, batch_size: int, folder: str) -> dict[str, Any]:
+    """Where the prefill and the `decode_new` decode steps at one batch size spend their time,
+    each profiled alone as `decode` times them."""
     from rlp_jax.bench import profile
 
-    if rollouts.is_hybrid(model):  # sampling.sample_jit dispatches on the weights' type
-        weights = jax.jit(lambda m: hybrid_sampling.decode_weights(m.weights()))(model)
-    else:
-        weights = jax.jit(decode_lib.decode_weights)(model)
-    P = shapes.decode_prompt
-    prompts = jnp.asarray(np.random.RandomState(0).randint(3, model.config.vocab_size, (batch_size, P)), jnp.int32)
-    lengths = jnp.full((batch_size,), P, jnp.int32)
-    cfg = sampling.SamplingConfig(max_new_tokens=shapes.decode_new, temperature=shapes.temperature,
-                                  block_len=shapes.block_len)
-    args = (weights, prompts, lengths, jax.random.key(0), cfg, 1, 0)
-    out = profile.top_ops(lambda: sampling.sample_jit(*args).tokens_NxL, folder)
-    hlo = sampling.sample_jit.lower(*args).compile().as_text()
-    return out | {"what": profile.describe(hlo, [op["name"] for op in out["ops"]])}
+    weights, prompts_BxP, lengths_B, cfg = decode_inputs(model, shapes, batch_size)
+    prefill_args = (weights, prompts_BxP, lengths_B, cfg)
+    start = sampling.prefill_jit(*prefill_args)
+    decode_args = (weights, start, jax.random.key(0), cfg)
+    out = {}
+    for name, program, args in (("prefill", sampling.prefill_jit, prefill_args),
+                                ("decode", sampling.decode_loop_jit, decode_args)):
+        ops = profile.top_ops(lambda: program(*args), f"{folder}/{name}")
+        hlo = program.lower(*args).compile().as_text()
+        out[name] = ops | {"what": profile.describe(hlo, [op["name"] for op in ops["ops"]])}
+    return out

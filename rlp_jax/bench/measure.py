@@ -31,14 +31,22 @@ def _block(out: Any) -> None:
     jax.block_until_ready(out)
 
 
+# A measurement stops after SETTLED_AFTER timed calls once their median is within SETTLED of the
+# fastest (at least half of them agree; one slow outlier does not hold it up): more calls would
+# not move the median, and the long ones (prefill and decode at batch 16, the update) are most of
+# the bench's run time.
+SETTLED_AFTER, SETTLED = 3, 0.10
+
+
 def timeit(fn: Callable[..., Any], repeats: int, *, warmup: int = 1,
            setup: Callable[[], tuple] | None = None, block: Callable[[Any], None] = _block) -> Timing:
-    """Calls `fn(*setup())` `warmup` times untimed (compilation, caches), then `repeats` times
-    timed, each call blocked until its results exist. `setup` runs outside the timed region
-    (fresh buffers for a function that donates its inputs)."""
+    """Calls `fn(*setup())` `warmup` times untimed (compilation, caches), then up to `repeats`
+    times timed, each call blocked until its results exist; it stops early once `SETTLED_AFTER`
+    or more calls have their median within `SETTLED` of their fastest. `setup` runs outside the
+    timed region (fresh buffers for a function that donates its inputs)."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats}; time at least one repetition.")
-    times = []
+    times: list[float] = []
     for i in range(warmup + repeats):
         args = setup() if setup is not None else ()
         start = time.perf_counter()
@@ -46,7 +54,20 @@ def timeit(fn: Callable[..., Any], repeats: int, *, warmup: int = 1,
         elapsed = time.perf_counter() - start
         if i >= warmup:
             times.append(elapsed)
+            if len(times) >= SETTLED_AFTER and statistics.median(times) <= (1 + SETTLED) * min(times):
+                break
     return Timing(statistics.median(times), min(times), times)
+
+
+def spread_note(name: str, t: Timing, tolerance: float = 0.25) -> str | None:
+    """A sentence when `t`'s repetitions span more than `tolerance` of their median (something
+    else took the cores for part of the time, or calls too short for the timer): the median is
+    still reported, with this caveat."""
+    spread = (max(t.times_s) - t.min_s) / t.median_s
+    if spread <= tolerance:
+        return None
+    return (f"{name}: repetitions span {t.min_s:.3g}–{max(t.times_s):.3g} s ({spread:.0%} of their median): "
+            f"a busy machine or calls too short to time; compare with care")
 
 
 # ---------------------------------------------------------------- FLOPs (docs/benchmarks.md)

@@ -124,27 +124,39 @@ class Peer:
                 "fwd_bwd": t.as_dict(), "fwd_bwd_tokens_per_s": tokens / t.median_s,
                 "fwd_bwd_gflops": flops / t.median_s / 1e9}
 
+    def prefill(self, prompts_BxP):
+        """HF's prefill: the forward over the prompts with a fresh cache, logits at the last
+        position only. Returns the model output (`.cache`, `.logits`)."""
+        torch = self.torch
+        with torch.no_grad():
+            return self.model(input_ids=prompts_BxP, attention_mask=torch.ones_like(prompts_BxP), use_cache=True,
+                              logits_to_keep=1)
+
+    def decode_from(self, prompts_BxP, cache, new_tokens: int, temperature: float, seed: int = 0):
+        """HF's decode: `generate` (sampling at `temperature`, no top-k / top-p, no stop token) of
+        `new_tokens` tokens given `cache`, which holds all of each prompt but its last token, so
+        that each of its forwards is one token: the last prompt token, then the sampled ones. It
+        samples what `generate` from the bare prompts samples. Returns `[B, P + new_tokens]`."""
+        torch = self.torch
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return self.model.generate(
+                input_ids=prompts_BxP, attention_mask=torch.ones_like(prompts_BxP), cache=cache, do_sample=True,
+                temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                eos_token_id=None, pad_token_id=0)
+
     def decode(self, shapes: jax_side.Shapes, batch_size: int, seed: int = 0) -> dict[str, Any]:
-        """HF `generate` (sampling at the same temperature, no top-k / top-p, no stop token,
-        default dynamic cache): t(n) and t(1), as on the rlp-jax side."""
+        """HF's prefill and decode timed apart, as on the rlp-jax side: the prefill of the whole
+        prompts (`prefill`), and the `decode_new` = n decode steps alone (`decode_from`), each call
+        from a fresh copy of one cache of the first P − 1 prompt tokens, made outside the timed call."""
+        import copy
+
         torch = self.torch
         rng = np.random.RandomState(seed)
         P, n = shapes.decode_prompt, shapes.decode_new
-        prompts = torch.tensor(rng.randint(3, self.model.config.vocab_size, (batch_size, P)), device=self.device)
-        attention = torch.ones_like(prompts)
-
-        def run(new_tokens):
-            def go():
-                torch.manual_seed(seed)
-                with torch.no_grad():
-                    return self.model.generate(
-                        input_ids=prompts, attention_mask=attention, do_sample=True,
-                        temperature=shapes.temperature, top_k=0, top_p=1.0,
-                        max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                        eos_token_id=None, pad_token_id=0)
-            return go
-
-        t_n = measure.timeit(run(n), shapes.repeats, block=self.block)
-        t_1 = measure.timeit(run(1), shapes.repeats, block=self.block)
-        return jax_side.decode_result(self.config, batch_size, P, n, t_n, t_1)
-
+        prompts_BxP = torch.tensor(rng.randint(3, self.model.config.vocab_size, (batch_size, P)), device=self.device)
+        t_prefill = measure.timeit(lambda: self.prefill(prompts_BxP), shapes.repeats, block=self.block)
+        cache = self.prefill(prompts_BxP[:, :-1]).cache
+        t_decode = measure.timeit(lambda fresh: self.decode_from(prompts_BxP, fresh, n, shapes.temperature, seed),
+                                  shapes.repeats, setup=lambda: (copy.deepcopy(cache),), block=self.block)
+        return jax_side.decode_result(self.config, batch_size, P, n, t_prefill, t_decode)
