@@ -152,13 +152,16 @@ def _token_bytes(tok):
 
 def step_config(config, tok) -> ts.StepConfig:
     r = config.rlp
+    if r.rpt_entropy_threshold < 0:
+        raise ConfigError(f"rlp.rpt_entropy_threshold is {r.rpt_entropy_threshold}; use 0 (train every position) "
+                          "or a positive entropy in nats.")
     try:
         return ts.StepConfig(
             rollout=rollout_config(config, tok), objective=r.objective, eps_low=r.eps_low,
             eps_high=r.eps_high, kl_coef=r.kl_coef, kl_estimator=r.kl_estimator, ema_decay=r.ema_decay,
             ppo_epochs=r.ppo_epochs, num_minibatches=r.num_minibatches, grad_accum_steps=r.grad_accum_steps,
             rollout_microbatches=r.rollout_microbatches, head_chunk_len=r.head_chunk_len,
-            update_length_buckets=r.update_length_buckets, rpt_entropy_threshold=r.rpt_entropy_threshold,
+            update_length_buckets=r.update_length_buckets,
             token_bytes=_token_bytes(tok) if r.objective == "rpt" else None,
             rpt_end_ids=tuple(sorted({tok.eos_id, tok.pad_id})) if r.objective == "rpt" else (),
             advantage=r.advantage)
@@ -244,9 +247,10 @@ def _built_corpus_dir(spec: str) -> str | None:
 
 
 def batches(config, corpus_, tok, split: str, batch_size: int, *, num_epochs=None, pad_final_batch=False,
-            shuffle=True, seed_offset=0, whole_split=False):
+            shuffle=True, seed_offset=0, whole_split=False, keep_positions=None):
     """Batches of this process's shard of `split`, or of the whole split (`whole_split`: every
-    process reads the same batches, as held-out evaluation needs)."""
+    process reads the same batches, as held-out evaluation needs); prompts only at
+    `keep_positions` when given (RPT's hard positions, rlp_jax.rpt_positions)."""
     from rlp_jax import data
 
     d = config.data
@@ -260,7 +264,7 @@ def batches(config, corpus_, tok, split: str, batch_size: int, *, num_epochs=Non
                 seq_len=d.seq_len, pack=d.pack_documents, **common), **layout)
         return data.prompt_batches(corpus_, split, tok, data.PromptBatchConfig(
             max_context=d.max_context, target_len=d.target_len, positions=position_config(config), **common),
-            **layout)
+            keep_positions=keep_positions, **layout)
     except ValueError as error:
         raise ConfigError(f"data: {error}") from None
 
@@ -330,16 +334,13 @@ def eval_note(config, corpus_, held_out: list[PromptBatch]) -> str | None:
 
 def needs_reference(config) -> bool:
     """A frozen copy of the start weights in the state (`StepConfig.needs_reference`): the KL
-    reference, or the proxy model of RPT's entropy filter."""
-    r = config.rlp
-    return r.kl_coef > 0 or (r.objective == "rpt" and r.rpt_entropy_threshold > 0)
+    reference."""
+    return config.rlp.kl_coef > 0
 
 
 def initial_state(config, model_config_: ModelConfig, optimizer_, mesh):
     """(graphdef, abstract state, shardings, make_state) for `init.kind`: `make_state()` builds
-    the state (random, or from the weights at `init.path`) directly in its shardings. With
-    `rlp.rpt_proxy` set, the frozen reference copy holds that model's weights instead of the
-    start weights (RPT's proxy)."""
+    the state (random, or from the weights at `init.path`) directly in its shardings."""
     with_reference = needs_reference(config)
     logical_rules = rules(config)
     graphdef, abstract, shardings, init = ts.abstract_state_from_scratch(
@@ -353,17 +354,7 @@ def initial_state(config, model_config_: ModelConfig, optimizer_, mesh):
         with jax.set_mesh(mesh), nnx.logical_axis_rules(logical_rules):
             return jax.jit(init_fn, out_shardings=shardings)(load(kind, path))
 
-    make_state = init if kind == "scratch" else from_params
-    proxy = config.rlp.rpt_proxy if config.rlp.objective == "rpt" and with_reference else ""
-    if not proxy:
-        return graphdef, abstract, shardings, make_state
-    if config.rlp.kl_coef > 0:
-        raise ConfigError("rlp.rpt_proxy and rlp.kl_coef > 0 both want the frozen reference copy; use one of them.")
-    proxy_kind = "checkpoint" if (Path(proxy) / "model_config.json").exists() else "hf"
-    import dataclasses
-
-    return graphdef, abstract, shardings, lambda: dataclasses.replace(make_state(),
-                                                                      ref_params=load(proxy_kind, proxy))
+    return graphdef, abstract, shardings, init if kind == "scratch" else from_params
 
 
 def _load_params(kind: str, path: str, abstract_params, params_sharding, model_config_: ModelConfig, mesh,

@@ -136,7 +136,7 @@ class RunDir:
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.on_nonfinite", "train.check_memory", "checkpoint.",
                   "eval.", "mesh.", "model.remat", "model.attention", "rlp.rollout_microbatches",
                   "rlp.grad_accum_steps", "rlp.head_chunk_len", "rlp.update_length_buckets",
-                  "rlp.cache_block_len", "data.data_dir", "data.shuffle_window")
+                  "rlp.cache_block_len", "rlp.rpt_proxy_batch", "data.data_dir", "data.shuffle_window")
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:

@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rlp.objective = "rlp"  # rlp | rpt | ntp
     c.rlp.rpt_prediction_len = 1  # rpt: tokens of the prediction sampled (and trained) after the thought
     c.rlp.rpt_entropy_threshold = 0.5  # rpt: train positions whose proxy top-16 entropy (nats) is at least this
-    c.rlp.rpt_proxy = ""  # rpt: the proxy model: "" the frozen start weights, or a run workdir / HF folder
+    c.rlp.rpt_proxy = ""  # rpt: the proxy model ("" the start weights; a run workdir, params or HF folder)
+    c.rlp.rpt_proxy_batch = 16  # rpt: windows per device in each forward of the proxy's scoring pass
     c.rlp.advantage = "auto"  # group advantage: rlp (the RLP paper's eq. 7) | grpo (std-normalised) | auto: grpo for rpt, rlp otherwise
     c.rlp.num_rollouts = 16  # G
     c.rlp.max_thought_len = 2048  # L

@@ -331,6 +331,14 @@ def top_k_entropy(logits: Array, k: int = 16) -> Array:
     return -(jnp.exp(logp) * logp).sum(-1)
 
 
+def text_token_entropy(logits: Array, marker_ids: tuple[int, ...], k: int = 16) -> Array:
+    """RPT's hardness of a position: the top-k entropy (`top_k_entropy`) of the next TEXT token,
+    the think markers masked out first, since a proxy that expects `<think>` is not thereby sure
+    of the text (the demo's warm-up puts most of its mass on the marker at every answer)."""
+    masked = logits.astype(jnp.float32).at[..., jnp.asarray(marker_ids)].set(jnp.finfo(jnp.float32).min)
+    return top_k_entropy(masked, k)
+
+
 def next_token_loss(logits: Array, targets: Array, mask: Array | None = None) -> Array:
     """The NTP / continued-pretraining objective: mean cross-entropy over valid tokens.
 

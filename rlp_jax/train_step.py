@@ -6,8 +6,9 @@
 2. φ ← θ on the very first step (lines 8–9, lazy EMA init), then the EMA scores the targets with
    no thought (S_ema, eq. 4).
 3. Rewards and group-relative advantages: `losses.rlp_advantages` (eq. 5, eq. 7), or RPT's
-   byte prefix-match reward on the sampled prediction (`rpt_rewards`), on the positions a proxy
-   finds hard, with GRPO's std-normalised advantage (`StepConfig.advantage`).
+   byte prefix-match reward on the sampled prediction (`rpt_rewards`), with GRPO's
+   std-normalised advantage (`StepConfig.advantage`); RPT's hard positions are chosen by the
+   data pipeline before the step (rlp_jax.data.hard_positions).
 4. `losses.policy_loss` — the clipped surrogate over the thought tokens only (eq. 8), + β·KL to a
    frozen reference — in `ppo_epochs × num_minibatches` optimizer steps per rollout batch (line
    14), each accumulated over `grad_accum_steps` micro-batches; φ ← τφ + (1−τ)θ after every
@@ -50,9 +51,6 @@ class StepConfig:
     rollout_microbatches: int = 1  # prompts in this many sequential chunks: rollouts and S_ema
     head_chunk_len: int = 0  # > 0: the update's LM head over this many thought positions at a time
     update_length_buckets: int = 1  # > 1: update rows sorted by length, each micro-batch cut to a bucket length
-    # RPT (objective "rpt"): positions whose next-token entropy over the proxy's top-16 (the
-    # frozen start model, kept as `ref_params`) is below this are not trained (0: all are).
-    rpt_entropy_threshold: float = 0.0
     # Every token id's bytes (data.tokenizer.token_byte_table), for RPT's prefix-match reward.
     token_bytes: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
     # RPT: the token ids that end a prediction (EOS, padding; losses.prefix_match_reward).
@@ -77,8 +75,6 @@ class StepConfig:
         if self.objective == "rpt" and (self.rollout.prediction_len < 1 or self.token_bytes is None):
             raise ValueError("objective='rpt' samples a prediction after the thought: set rlp.rpt_prediction_len >= 1 "
                              "(and pass the tokenizer's token bytes).")
-        if self.rpt_entropy_threshold < 0:
-            raise ValueError(f"rpt_entropy_threshold={self.rpt_entropy_threshold}; use 0 (no filter) or more.")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"clip range eps_low={self.eps_low}, eps_high={self.eps_high}; need 0 <= eps_low < 1 "
                              "and eps_high >= 0.")
@@ -93,8 +89,8 @@ class StepConfig:
 
     @property
     def needs_reference(self) -> bool:
-        """A frozen copy of the start weights is kept: the KL reference, or RPT's proxy model."""
-        return self.kl_coef > 0 or (self.objective == "rpt" and self.rpt_entropy_threshold > 0)
+        """A frozen copy of the start weights is kept: the KL reference."""
+        return self.kl_coef > 0
 
     @property
     def fresh_old_logprobs(self) -> bool:
@@ -224,25 +220,6 @@ def _without_unreached_predictions(roll: rollouts.Rollouts, max_thought_len: int
     return dataclasses.replace(roll, thought_mask_NxL=roll.thought_mask_NxL & ~beyond_NxW)
 
 
-def rpt_hard_positions(state, batch: PromptBatch, graphdef: nnx.GraphDef, cfg: StepConfig) -> Array:
-    """RPT's position filter: True where the proxy model (the frozen start weights) finds the next
-    token hard — the entropy of its top-16 next-token distribution, think markers excluded, at
-    least the threshold."""
-    if not cfg.rpt_entropy_threshold:
-        return jnp.ones(batch.example_mask_B.shape, bool)
-    logits_BxV = rollouts.no_think_logits(graphdef, state.ref_params, batch)
-    markers = (cfg.rollout.think_open_id, cfg.rollout.think_close_id)
-    return text_token_entropy(logits_BxV, markers) >= cfg.rpt_entropy_threshold
-
-
-def text_token_entropy(logits_BxV: Array, marker_ids: tuple[int, ...], k: int = 16) -> Array:
-    """The top-k entropy of the next TEXT token: the think markers are masked out first, since a
-    proxy that expects `<think>` is not thereby sure of the text (the demo's warm-up puts most of
-    its mass on the marker at every answer)."""
-    masked = logits_BxV.astype(jnp.float32).at[:, jnp.asarray(marker_ids)].set(jnp.finfo(jnp.float32).min)
-    return losses.top_k_entropy(masked, k)
-
-
 def rollout_flop_tokens(context_len, thought_len, forced_close, target_len, suffix_len=0):
     """The tokens one rollout processes: `l_seq`, the per-rollout length of the paper's compute
     accounting `T_flop = n · l_seq · bs · iters + T_inp`, as `[context, suffix, <think>, thought,
@@ -309,9 +286,6 @@ def _policy_step(state, batch: PromptBatch, key, graphdef, optimizer, cfg: StepC
     roll = _rollouts(state, batch, key, graphdef, cfg)
     s_ema_BxK = ema_baseline(state, batch, graphdef, cfg)
     valid_B = batch.example_mask_B.astype(bool)
-    real_B = valid_B
-    if cfg.objective == "rpt":  # positions the proxy finds easy are not trained (and counted)
-        valid_B = valid_B & jax.lax.stop_gradient(rpt_hard_positions(state, batch, graphdef, cfg))
     valid_BxG = jnp.broadcast_to(valid_B[:, None], (B, G))
     rewards_BxG, advantages_BxG = _advantages(batch, roll, s_ema_BxK, valid_BxG, cfg)
 
@@ -352,9 +326,8 @@ def _policy_step(state, batch: PromptBatch, key, graphdef, optimizer, cfg: StepC
         "grad_norm": aux["grad_norm"].mean(),
         "nonfinite_skipped": skipped,
         "match_rate": row_mean((roll.predicted_NxK == jnp.repeat(batch.target_BxK, G, 0))[:, 0]),
-        "num_prompts": real_B.sum(),
-        **({"rpt_filtered_frac": 1.0 - valid_B.sum() / jnp.maximum(real_B.sum(), 1),
-            "rpt_match_rate": jnp.where(valid_BxG, rewards_BxG, 0).sum() / jnp.maximum(valid_BxG.sum(), 1)}
+        "num_prompts": valid_B.sum(),
+        **({"rpt_match_rate": jnp.where(valid_BxG, rewards_BxG, 0).sum() / jnp.maximum(valid_BxG.sum(), 1)}
            if cfg.objective == "rpt" else {}),
         **processed_tokens(batch, lengths_N.reshape(B, G), roll.truncated_N.reshape(B, G),
                            len(cfg.rollout.prompt_suffix_ids)),

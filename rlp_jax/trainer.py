@@ -28,6 +28,7 @@ from rlp_jax import build
 from rlp_jax import checkpoint as ckpt_lib
 from rlp_jax import config as config_lib
 from rlp_jax import evaluate as eval_lib
+from rlp_jax import rpt_positions
 from rlp_jax import sharding
 from rlp_jax.metrics_io import MetricsWriter
 
@@ -88,6 +89,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
                                      tokenizer_fingerprint(tokenizer))
     preflight.check_tokenizer(config, tokenizer)
     preflight.check_benchmarks(config)
+    if rpt_positions.enabled(config):
+        rpt_positions.proxy_source(config)  # a proxy path that is no model is refused before the workdir is touched
     do_bench = bool(tuple(config.eval.benchmark_tasks))
     binding = run.bind(identity, force_new)  # refuses another run's workdir before anything is written
     memory_note = preflight.check_memory(config, model_config, mesh_shape, len(step_cfg.rollout.prompt_suffix_ids))
@@ -105,11 +108,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     run.write_identity(identity)  # the inputs are good: the workdir now belongs to this run
     run.model_config.write_text(model_json)
     run.config.write_text(config.to_json(indent=2))
-    train_iter = build.batches(config, corpus, tokenizer, "train", per_process)
-
     program = build.train_program(config, model_config, tokenizer, mesh)
     graphdef, abstract, shardings, make_state = (program.graphdef, program.abstract_state,
                                                  program.state_shardings, program.make_state)
+    keep_positions = None
+    if rpt_positions.enabled(config):  # RPT's hard positions, scored once by the proxy before any step
+        keep_positions = rpt_positions.hard_positions_for_run(config, run.path, corpus, tokenizer,
+                                                              lambda: make_state().params, graphdef, echo)
+    train_iter = build.batches(config, corpus, tokenizer, "train", per_process, keep_positions=keep_positions)
     checkpointer = ckpt_lib.Checkpointer(run.checkpoints, keep=config.checkpoint.keep)
     restored = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract, shardings))
     if restored is not None:

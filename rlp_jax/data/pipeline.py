@@ -220,10 +220,11 @@ class _PromptsOfDocument(grain.experimental.FlatMapTransform):
 
     max_fan_out = _UNLIMITED_FAN_OUT
 
-    def __init__(self, positions: PositionConfig, seed: int, wanted_kinds: np.ndarray | None):
+    def __init__(self, positions: PositionConfig, seed: int, wanted_kinds: np.ndarray | None, keep_positions=None):
         self._positions = positions
         self._seed = seed
         self._wanted_kinds = wanted_kinds
+        self._keep = keep_positions
 
     def flat_map(self, document: dict) -> list[tuple]:
         tokens_N = document["tokens"]
@@ -235,12 +236,14 @@ class _PromptsOfDocument(grain.experimental.FlatMapTransform):
             candidates_M = marked_M[keep_M]
         rng = (position_rng(self._seed, document["epoch"], document["doc_id"])
                if self._positions.draws_randomly else None)
-        sample = sample_positions(self._positions, len(tokens_N), rng, candidates_M)
+        keep_K = None if self._keep is None else self._keep.positions(document["doc_id"], len(tokens_N))
+        sample = sample_positions(self._positions, len(tokens_N), rng, candidates_M, keep_K)
         positions_P = sample.positions_P
         kinds_P = _kinds_at(positions_P, marked_M, kinds_M)
         counts = {"documents": 1, "documents_without_prompts": int(len(positions_P) == 0),
                   "positions_skipped_short_context": sample.skipped_short_context,
                   "positions_shortfall": sample.shortfall,
+                  **({"positions_filtered_out": sample.filtered_out} if self._keep is not None else {}),
                   "marked_offsets_unmapped": document["marked_unmapped"]}
         if not len(positions_P):
             return [(None, counts)]
@@ -327,12 +330,12 @@ class _WindowsOfDocument(grain.experimental.FlatMapTransform):
 
 
 def _fingerprint(kind: str, corpus: Corpus, split: str, tokenizer: Tokenizer,
-                 config: StreamConfig, process_index: int, process_count: int) -> str:
+                 config: StreamConfig, process_index: int, process_count: int, keep: str = "") -> str:
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                 if f.name != "read_threads"}  # threads change speed, not batches
     parts = (kind, corpus.name, corpus.fingerprint, split, corpus.num_documents(split),
              tokenizer_fingerprint(tokenizer), repr(sorted(settings.items())), process_index,
-             process_count)
+             process_count) + ((keep,) if keep else ())
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -392,8 +395,8 @@ def _wanted_kind_ids(corpus: Corpus, positions: PositionConfig) -> np.ndarray | 
 
 def prompt_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
                    config: PromptBatchConfig = PromptBatchConfig(), *,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> batching.BatchIterator:
+                   process_index: int | None = None, process_count: int | None = None,
+                   keep_positions=None) -> batching.BatchIterator:
     """An iterator of RLP `PromptBatch`es (fields: see `rlp_jax.data.batching`).
 
     Args:
@@ -403,6 +406,10 @@ def prompt_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
       config: batch, position and stream settings.
       process_index, process_count: this process and how many read the corpus together
         (default: `jax.process_index()`, `jax.process_count()`); pass them to simulate hosts.
+      keep_positions: an optional filter with `positions(doc_id, num_tokens)` (sorted int32
+        positions that may be chosen) and a `fingerprint`, e.g. RPT's hard positions
+        (`hard_positions.EntropyTable.at_least`); the candidates it leaves out are counted in
+        `stats["positions_filtered_out"]`.
 
     Returns:
       A `BatchIterator`: iterate for batches; `stats`, `get_state()`, `set_state()`.
@@ -412,7 +419,7 @@ def prompt_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
     stream, initial_counts = _document_stream(corpus, split, tokenizer, config, process_index,
                                               process_count, map_marked=True)
     prompts = grain.experimental.FlatMapIterDataset(
-        stream, _PromptsOfDocument(config.positions, config.seed, wanted_kinds))
+        stream, _PromptsOfDocument(config.positions, config.seed, wanted_kinds, keep_positions))
     prompts = _shuffled(prompts, config)
 
     def collate(rows, batch_size):
@@ -423,7 +430,7 @@ def prompt_batches(corpus: Corpus, split: str, tokenizer: Tokenizer,
         prompts, batch_size=config.batch_size, collate=collate,
         pad_final_batch=config.pad_final_batch,
         fingerprint=_fingerprint("prompts", corpus, split, tokenizer, config, process_index,
-                                 process_count),
+                                 process_count, keep_positions.fingerprint if keep_positions else ""),
         batch_spec=batching.prompt_batch_spec(config.batch_size, config.max_context,
                                               config.target_len),
         position_kind_names=corpus.position_kind_names, initial_stats=initial_counts))

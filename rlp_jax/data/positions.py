@@ -15,6 +15,9 @@ Strategies:
 - `marked`: the positions stored with the record (e.g. where the demo generator's answers start),
   optionally only those of some kinds, optionally subsampled to `positions_per_document`.
 
+A `keep` array (RPT's hard positions, rlp_jax.data.hard_positions) restricts any strategy to
+those positions before it chooses; the candidates it removed are counted (`filtered_out`).
+
 Every random choice comes from `position_rng(seed, epoch, doc_id)`: the same document in the same
 epoch gets the same positions whatever process, step or shard layout reads it.
 """
@@ -97,11 +100,13 @@ class PositionSample:
         fewer than `min_context` context tokens.
       shortfall: positions a strategy asked for but the document could not give (uniform and
         subsampled marked: `k − len(positions_P)` when fewer were available).
+      filtered_out: candidate positions removed because `keep_K` left them out.
     """
 
     positions_P: np.ndarray
     skipped_short_context: int
     shortfall: int
+    filtered_out: int = 0
 
 
 def position_rng(seed: int, epoch: int, doc_id: int) -> np.random.Generator:
@@ -118,7 +123,8 @@ def _subsample(candidates_N: np.ndarray, k: int | None, rng: np.random.Generator
 
 
 def sample_positions(config: PositionConfig, num_tokens: int, rng: np.random.Generator | None,
-                     marked_positions_M: np.ndarray | None = None) -> PositionSample:
+                     marked_positions_M: np.ndarray | None = None, keep_K: np.ndarray | None = None
+                     ) -> PositionSample:
     """Chooses prompt positions in a document of `num_tokens` tokens.
 
     Args:
@@ -128,15 +134,17 @@ def sample_positions(config: PositionConfig, num_tokens: int, rng: np.random.Gen
         False).
       marked_positions_M: token positions stored with the record, already filtered to the wanted
         kinds (`marked` only); need not be sorted or unique.
+      keep_K: if given, only these positions may be chosen; the strategy's candidates outside it
+        are counted in `filtered_out`.
 
     Returns:
       A `PositionSample`; positions are int32, sorted and unique.
     """
     lo = config.min_context
     if config.strategy == "uniform":
-        valid_N = np.arange(lo, num_tokens, dtype=np.int32)
+        valid_N, filtered_out = _kept(np.arange(lo, num_tokens, dtype=np.int32), keep_K)
         chosen, shortfall = _subsample(valid_N, config.positions_per_document, rng)
-        return PositionSample(chosen.astype(np.int32), 0, shortfall)
+        return PositionSample(chosen.astype(np.int32), 0, shortfall, filtered_out)
 
     if config.strategy == "all":
         candidates_N = np.arange(1, num_tokens, dtype=np.int32)
@@ -158,8 +166,15 @@ def sample_positions(config: PositionConfig, num_tokens: int, rng: np.random.Gen
 
     keep_N = candidates_N >= lo
     skipped = int((~keep_N).sum())
-    candidates_N = candidates_N[keep_N]
+    candidates_N, filtered_out = _kept(candidates_N[keep_N], keep_K)
     shortfall = 0
     if config.strategy == "marked":
         candidates_N, shortfall = _subsample(candidates_N, config.positions_per_document, rng)
-    return PositionSample(candidates_N.astype(np.int32), skipped, shortfall)
+    return PositionSample(candidates_N.astype(np.int32), skipped, shortfall, filtered_out)
+
+
+def _kept(candidates_N: np.ndarray, keep_K: np.ndarray | None) -> tuple[np.ndarray, int]:
+    if keep_K is None:
+        return candidates_N, 0
+    kept_N = candidates_N[np.isin(candidates_N, keep_K)]
+    return kept_N, len(candidates_N) - len(kept_N)
