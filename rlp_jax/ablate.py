@@ -253,7 +253,40 @@ def summary_table(grid: str, results: dict[str, list[dict]]) -> str:
             values = np.array([r[name] for r in runs], float)
             cells.append(f"{values.mean():+.3f} [{values.min():+.3f}, {values.max():+.3f}]")
         lines.append(f"| {cell} | {len(runs)} | " + " | ".join(cells) + " |")
+    compared = [cell for cell in results if cell != START_ROW]
+    if len(compared) >= 2 and len(results[compared[0]]) >= 2:
+        first = compared[0]
+        lines += ["", f"Paired by seed, `{first}` minus each other cell: mean difference [95% t-interval]", "",
+                  "| difference | seeds | " + " | ".join(label for _, label in shown) + " |",
+                  "|---|---|" + "---|" * len(shown)]
+        for cell in compared[1:]:
+            n = min(len(results[first]), len(results[cell]))
+            cells = []
+            for name, _ in shown:
+                mean, low, high = paired_interval([r[name] for r in results[first][:n]],
+                                                  [r[name] for r in results[cell][:n]])
+                cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
+            lines.append(f"| {first} − {cell} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (df > 30: the normal's 1.960).
+_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+          20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def paired_interval(a, b) -> tuple[float, float, float]:
+    """The mean of the per-seed differences `a − b` and its 95% t-interval (n − 1 degrees of
+    freedom, the sample standard deviation); n ≥ 2."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = len(d)
+    if n < 2:
+        raise ValueError("a paired interval needs at least 2 seeds.")
+    df = n - 1
+    t = _T_975.get(df) or (1.960 if df > 30 else _T_975[max(k for k in _T_975 if k <= df)])
+    half = t * d.std(ddof=1) / np.sqrt(n)
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
 def _slug(name: str) -> str:

@@ -49,6 +49,20 @@ def test_summary_table_mean_and_spread():
     assert "| a | 2 | +2.000 [+1.000, +3.000] | +0.600 [+0.500, +0.700] | +0.200 [+0.100, +0.300] | +1.500 [+1.000, +2.000] |" in table
 
 
+def test_paired_differences_by_seed_with_95_percent_t_intervals_by_hand():
+    # differences 1, 2, 3, 6: mean 3, sample sd sqrt(14/3), t(0.975, 3) = 3.182
+    mean, low, high = ablate.paired_interval([2.0, 4.0, 6.0, 10.0], [1.0, 2.0, 3.0, 4.0])
+    half = 3.182 * np.sqrt(14 / 3) / 2
+    assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half), abs=1e-12)
+    runs = {ablate.START_ROW: [{"gain_start": 0.0}] * 2, "a": [{"gain_start": 1.0}, {"gain_start": 3.0}],
+            "b": [{"gain_start": 0.5}, {"gain_start": 0.5}]}
+    # differences 0.5 and 2.5: mean 1.5, sd sqrt(2), t(0.975, 1) = 12.706
+    half = 12.706 * np.sqrt(2) / np.sqrt(2)
+    assert f"| a − b | 2 | {1.5:+.3f} [{1.5 - half:+.3f}, {1.5 + half:+.3f}] |" in ablate.summary_table("g", runs)
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        ablate.paired_interval([1.0], [0.0])
+
+
 def test_tiny_grid_runs_and_resumes_only_unfinished_cells(tmp_path):
     lines = []
     results = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32, benchmark_items=0,
