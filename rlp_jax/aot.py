@@ -184,9 +184,9 @@ def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Pr
 def knobs(config) -> str:
     """What makes a step hold less at once, in the config's own terms."""
     r = config.rlp
+    remat = "" if config.model.remat == "full" else f", set model.remat='full' (now {config.model.remat!r})"
     return (f"raise rlp.rollout_microbatches (now {r.rollout_microbatches}) or rlp.grad_accum_steps (now "
-            f"{r.grad_accum_steps}), set model.remat='full' (now {config.model.remat!r}), or lower "
-            f"train.batch_size (now {config.train.batch_size})")
+            f"{r.grad_accum_steps}){remat}, or lower train.batch_size (now {config.train.batch_size})")
 
 
 def report(config_path: str, target: targets_lib.Target, programs: list[Program], notes: list[str],
