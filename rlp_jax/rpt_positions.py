@@ -122,27 +122,29 @@ def hard_positions_for_run(config, workdir: Path, corpus, tokenizer, start_param
                 "seed": config.seed if kind == "scratch" else None, "window": scoring.window,
                 "add_bos": scoring.add_bos, "add_eos": scoring.add_eos, "markers": marker_ids, "top_k": 16,
                 "process": [process_index, process_count]}
-    if not hard_positions.EntropyTable.complete(directory):
-        model = load_proxy(config, start_params, graphdef)
-        vocab = model.config.vocab_size
-        if tokenizer.vocab_size > vocab:
-            raise ConfigError(f"the RPT proxy ({kind} {path or 'start weights'}) has {vocab} token ids but the "
-                              f"tokenizer has {tokenizer.vocab_size}; use a proxy that shares the run's tokenizer.")
-        echo(f"rpt: scoring the train split's positions with the proxy ({kind} {path or '(start weights)'}, "
-             f"{sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters) into {directory}")
-        source = corpus.source("train")
-        shard = pipeline.shard_indices(len(source), process_index, process_count, even_shards=True)
-        try:
-            table = hard_positions.score_split(source, shard, tokenizer, scoring, directory,
-                                               identity, proxy_entropies(model, marker_ids), echo)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    else:
-        try:  # the identity check of a finished table
-            table = hard_positions.score_split(None, (), tokenizer, scoring, directory, identity, None)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+    try:
+        table = hard_positions.open_scored(directory, identity)
+        if table is None:
+            table = _score(config, corpus, tokenizer, start_params, graphdef, scoring, directory, identity, echo)
+    except hard_positions.ScoringError as error:
+        raise ConfigError(str(error)) from None
     kept = table.fraction_at_least(r.rpt_entropy_threshold)
     echo(f"rpt: {kept:.1%} of the train split's {table.meta['positions']:,} positions have a proxy entropy of at least "
          f"{r.rpt_entropy_threshold} nats; prompts are placed only there")
     return table.at_least(r.rpt_entropy_threshold)
+
+
+def _score(config, corpus, tokenizer, start_params, graphdef, scoring, directory, identity, echo):
+    kind, path = proxy_source(config)
+    model = load_proxy(config, start_params, graphdef)
+    vocab = model.config.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(f"the RPT proxy ({kind} {path or 'start weights'}) has {vocab} token ids but the "
+                          f"tokenizer has {tokenizer.vocab_size}; use a proxy that shares the run's tokenizer.")
+    echo(f"rpt: scoring the train split's positions with the proxy ({kind} {path or '(start weights)'}, "
+         f"{sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters) into {directory}")
+    source = corpus.source("train")
+    shard = pipeline.shard_indices(len(source), jax.process_index(), jax.process_count(), even_shards=True)
+    markers = (tokenizer.think_open_id, tokenizer.think_close_id)
+    return hard_positions.score_split(source, shard, tokenizer, scoring, directory, identity,
+                                      proxy_entropies(model, markers), echo)

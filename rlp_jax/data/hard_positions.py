@@ -34,10 +34,14 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-__all__ = ["EntropyTable", "HardPositions", "ScoringConfig", "score_split", "window_plan"]
+__all__ = ["EntropyTable", "HardPositions", "ScoringConfig", "ScoringError", "open_scored", "score_split", "window_plan"]
 
 _META = "meta.json"
 _IDENTITY = "identity.json"
+
+
+class ScoringError(ValueError):
+    """A folder or corpus that cannot be scored as asked (the message says what to do)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +183,31 @@ def _score_chunk(records: list[dict], tokenizer, config: ScoringConfig, pad_id: 
             "entropy": np.concatenate(out) if out else np.zeros(0, np.float32)}
 
 
+def _bound(directory: Path, identity: dict[str, Any]) -> str:
+    """The fingerprint of `identity`, recorded in `directory` (created) or checked against what a
+    previous pass recorded there: a folder scored for another identity is refused, not mixed."""
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    directory.mkdir(parents=True, exist_ok=True)
+    identity_file = directory / _IDENTITY
+    if identity_file.exists():
+        stored = json.loads(identity_file.read_text())
+        if stored.get("fingerprint") != fingerprint:
+            raise ScoringError(f"{directory} holds entropies scored for another proxy, corpus or setting "
+                             f"({stored.get('identity')}); delete that folder or use another workdir.")
+    else:
+        identity_file.write_text(json.dumps({"fingerprint": fingerprint, "identity": identity}, indent=2,
+                                            default=str))
+    return fingerprint
+
+
+def open_scored(directory: str | Path, identity: dict[str, Any]) -> EntropyTable | None:
+    """The finished table in `directory` scored for `identity`, or None when no pass has finished
+    there yet (raises if the folder belongs to another identity)."""
+    directory = Path(directory)
+    _bound(directory, identity)
+    return EntropyTable(directory) if EntropyTable.complete(directory) else None
+
+
 def score_split(source, indices: Iterable[int], tokenizer, config: ScoringConfig, directory: str | Path,
                 identity: dict[str, Any], entropies_fn: Callable[[np.ndarray], np.ndarray],
                 echo: Callable[[str], None] = lambda _: None) -> EntropyTable:
@@ -189,17 +218,7 @@ def score_split(source, indices: Iterable[int], tokenizer, config: ScoringConfig
     next token after `tokens_BxW[b, :i + 1]`. `identity` says what is scored (corpus, split,
     tokenizer, proxy, window …): a folder scored for another identity is refused, not mixed."""
     directory = Path(directory)
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    directory.mkdir(parents=True, exist_ok=True)
-    identity_file = directory / _IDENTITY
-    if identity_file.exists():
-        stored = json.loads(identity_file.read_text())
-        if stored.get("fingerprint") != fingerprint:
-            raise ValueError(f"{directory} holds entropies scored for another proxy, corpus or setting "
-                             f"({stored.get('identity')}); delete that folder or use another workdir.")
-    else:
-        identity_file.write_text(json.dumps({"fingerprint": fingerprint, "identity": identity}, indent=2,
-                                            default=str))
+    fingerprint = _bound(directory, identity)
     if EntropyTable.complete(directory):
         return EntropyTable(directory)
 
@@ -224,7 +243,7 @@ def score_split(source, indices: Iterable[int], tokenizer, config: ScoringConfig
     entropy = np.concatenate([p["entropy"] for p in parts]) if parts else np.zeros(0, np.float32)
     order = np.argsort(doc_ids, kind="stable")
     if len(np.unique(doc_ids)) != len(doc_ids):
-        raise ValueError(f"the split's records repeat a doc_id, so {directory} cannot key entropies by it; "
+        raise ScoringError(f"the split's records repeat a doc_id, so {directory} cannot key entropies by it; "
                          "rebuild the corpus.")
     starts_in_file = np.concatenate([[0], np.cumsum(lengths)])
     entropy_sorted = np.concatenate([entropy[starts_in_file[i]:starts_in_file[i + 1]] for i in order]) \
