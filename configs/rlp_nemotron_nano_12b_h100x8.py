@@ -19,6 +19,8 @@ Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments,
   and SSM state.
 Memory: `rlp-jax plan --config configs/rlp_nemotron_nano_12b_h100x8.py` (docs/launch.md) gives a
   lower bound for the hybrid (its step's activations are not estimated yet).
+NOT LAUNCHABLE YET: compiled for its target (`rlp-jax compile`, docs/compile/rlp_nemotron_nano_12b_h100x8.json) the step
+  needs 300.1 GiB per GPU of 71.2 usable; docs/launch.md says what was tried and what is left.
 """
 
 from rlp_jax.configs import rlp_nemotron_nano_12b_h100x32 as cluster
