@@ -90,6 +90,9 @@ class Program:
     hlo: str = dataclasses.field(repr=False, default="")
     out_of_memory: str | None = None
     required_bytes: int | None = None  # what the compiler said it needed, when it ran out
+    # What stays on the device while this program runs but is not among its arguments: for the
+    # evaluation programs, the rest of the train state (EMA, optimizer moments).
+    resident_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -99,12 +102,12 @@ class Program:
             return self.required_bytes or 0
         m = self.memory
         return (m["argument_size_in_bytes"] + m["output_size_in_bytes"] - m["alias_size_in_bytes"]
-                + m["temp_size_in_bytes"] + m["generated_code_size_in_bytes"])
+                + m["temp_size_in_bytes"] + m["generated_code_size_in_bytes"] + self.resident_bytes)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "lower_s": self.lower_s, "compile_s": self.compile_s, "memory": self.memory,
-                "peak_bytes": self.peak_bytes, "compiler_estimate": self.cost, "custom_calls": self.custom_calls,
-                "out_of_memory": self.out_of_memory}
+                "peak_bytes": self.peak_bytes, "resident_bytes": self.resident_bytes, "compiler_estimate": self.cost,
+                "custom_calls": self.custom_calls, "out_of_memory": self.out_of_memory}
 
 
 def _required_bytes(message: str) -> int | None:
@@ -158,7 +161,8 @@ class _StandInTokenizer:
 
 
 def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Program]:
-    """Every program of a run of `config` on `target`, compiled (today: the train step)."""
+    """Every program of a run of `config` on `target`, compiled: the train step, and the held-out
+    evaluation's programs when the config evaluates during training (`eval.num_positions` > 0)."""
     from rlp_jax import build, config as config_lib, plan, sharding
 
     devices = target_devices(target)
@@ -175,8 +179,22 @@ def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Pr
     program = build.train_program(config, model_config, tok, mesh)
     probes = cudnn_probes_for(targets_lib.GPU_CHIPS[target.chip]) if target.platform == "gpu" \
         else contextlib.nullcontext()
+    lowered = [(f"train step ({config.rlp.objective})", program.lower)]
+    if config.rlp.objective != "ntp" and config.data.kind == "prompts" and config.eval.num_positions > 0:
+        from rlp_jax import evaluate
+
+        lowered += evaluate.lowered_programs(
+            program.graphdef, program.abstract_state.params, program.abstract_state.ema_params,
+            config.eval.batch_size, config.data.max_context, config.data.target_len,
+            build.rollout_config(config, tok, config.eval.num_thoughts), mesh, program.rules)
     with probes:
-        return [compile_lowered(f"train step ({config.rlp.objective})", program.lower)]
+        programs = [compile_lowered(name, lower) for name, lower in lowered]
+    step = programs[0]
+    for evaluation in programs[1:]:  # the train state stays resident while the evaluation runs
+        if step.memory and evaluation.memory:
+            evaluation.resident_bytes = max(step.memory["argument_size_in_bytes"]
+                                            - evaluation.memory["argument_size_in_bytes"], 0)
+    return programs
 
 
 # ---------------------------------------------------------------- the command
@@ -216,8 +234,9 @@ def format_report(r: dict[str, Any]) -> str:
             continue
         lines.append(f"  {p['name']}: {gib(p['peak_bytes'])} = arguments {gib(m['argument_size_in_bytes'])} + "
                      f"outputs {gib(m['output_size_in_bytes'])} - aliased {gib(m['alias_size_in_bytes'])} + "
-                     f"temporaries {gib(m['temp_size_in_bytes'])} + code {gib(m['generated_code_size_in_bytes'])}; "
-                     f"lowered in {p['lower_s']:.1f} s, compiled in {p['compile_s']:.1f} s")
+                     f"temporaries {gib(m['temp_size_in_bytes'])} + code {gib(m['generated_code_size_in_bytes'])}"
+                     + (f" + the rest of the train state {gib(p['resident_bytes'])}" if p.get("resident_bytes") else "")
+                     + f"; lowered in {p['lower_s']:.1f} s, compiled in {p['compile_s']:.1f} s")
         if p["compiler_estimate"]:
             e = p["compiler_estimate"]
             lines.append("    compiler's estimate (a while loop's body counted once): "

@@ -8,6 +8,7 @@ thoughts' draws alone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -39,17 +40,54 @@ def _no_think(graphdef, params, batch, cfg, replicated=None):
     return _replicate(rollouts.no_think_logprobs(graphdef, params, batch, cfg), replicated)
 
 
+def _batch_sharding(shape, mesh: jax.sharding.Mesh, rules) -> NamedSharding:
+    """A held-out array's sharding: split over the mesh's batch axes (replicated where the batch
+    does not divide them)."""
+    batch_spec = sharding.logical_to_mesh(("batch",), rules)
+    return NamedSharding(mesh, sharding.fit_spec(shape, P(*batch_spec, *(None,) * (len(shape) - 1)), mesh))
+
+
 def _on_mesh(batch: PromptBatch, mesh: jax.sharding.Mesh, rules) -> PromptBatch:
     """A held-out batch that every process holds whole, as global arrays split over the mesh's
-    batch axes (replicated where the batch does not divide them)."""
-    batch_spec = sharding.logical_to_mesh(("batch",), rules)
+    batch axes."""
 
     def place(x):
         x = np.asarray(x)
-        spec = sharding.fit_spec(x.shape, P(*batch_spec, *(None,) * (x.ndim - 1)), mesh)
-        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+        return jax.make_array_from_callback(x.shape, _batch_sharding(x.shape, mesh, rules), lambda index: x[index])
 
     return jax.tree.map(place, batch)
+
+
+def lowered_programs(graphdef: nnx.GraphDef, abstract_params: Any, abstract_baseline_params: Any, batch_size: int,
+                     max_context: int, target_len: int, cfg: RolloutConfig, mesh: jax.sharding.Mesh,
+                     rules=sharding.DEFAULT_RULES) -> list[tuple[str, Callable[[], jax.stages.Lowered]]]:
+    """The programs `evaluate` runs on `mesh`, as `(name, lower)` over abstract inputs
+    (ShapeDtypeStructs with shardings) for `rlp-jax compile`: sampled and greedy rollouts, and the
+    no-think scoring of the trained params and, when its dtypes differ, of the baselines' (the EMA
+    is float32)."""
+    from rlp_jax.data import batching
+
+    spec = batching.prompt_batch_spec(batch_size, max_context, target_len)
+    fields = {f.name: None for f in dataclasses.fields(PromptBatch)}
+    for name in ("context_BxT", "context_len_B", "target_BxK", "target_mask_BxK", "example_mask_B"):
+        shape, dtype = spec[name]
+        fields[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=_batch_sharding(shape, mesh, rules))
+    batch = PromptBatch(**fields)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    replicated = NamedSharding(mesh, P())
+    programs = [
+        ("held-out evaluation: sampled thoughts",
+         lambda: _rollouts.lower(graphdef, abstract_params, batch, key, cfg, False, replicated)),
+        ("held-out evaluation: greedy thoughts",
+         lambda: _rollouts.lower(graphdef, abstract_params, batch, key, cfg, True, replicated)),
+        ("held-out evaluation: no-think scores",
+         lambda: _no_think.lower(graphdef, abstract_params, batch, cfg, replicated)),
+    ]
+    dtypes = lambda tree: [x.dtype for x in jax.tree.leaves(tree)]
+    if dtypes(abstract_baseline_params) != dtypes(abstract_params):
+        programs.append(("held-out evaluation: no-think scores of the EMA baseline",
+                         lambda: _no_think.lower(graphdef, abstract_baseline_params, batch, cfg, replicated)))
+    return programs
 
 
 def _mean_se(values: np.ndarray) -> tuple[float, float]:
