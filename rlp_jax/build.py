@@ -24,7 +24,6 @@ from rlp_jax import sharding
 from rlp_jax import train_step as ts
 from rlp_jax.batch import PromptBatch
 from rlp_jax.config import ConfigError
-from rlp_jax.models.config import ModelConfig, preset
 from rlp_jax.rollouts import RolloutConfig
 
 
@@ -44,37 +43,26 @@ def tokenizer(config):
 
 
 def model_config(config, tok):
-    """The model's shapes (a ModelConfig, or a NemotronHConfig for the Nemotron-H hybrid): from the
-    HF folder, params folder or run of `init.path`, or the `model.preset`; dtypes and remat from
-    `model`. An HF folder is the hybrid when its config.json has model_type `nemotron_h`."""
-    from rlp_jax.models import convert
-    from rlp_jax.models import nemotron_h
+    """The model's shapes (the config of its family, rlp_jax.models.families): from the HF folder
+    (of the family that reads its config.json's model_type), params folder or run of `init.path`,
+    or the `model.preset` (of the family that has it); dtypes and remat from `model`."""
+    from rlp_jax.models import convert, families
 
     overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
                      attention=config.model.attention)
     try:
         if config.init.kind == "hf":
             hf_json = json.loads((Path(config.init.path) / "config.json").read_text())
-            if hf_json.get("model_type") == convert.NEMOTRON_H:
-                from rlp_jax.models import nemotron_h_hf
-
-                result = nemotron_h_hf.config_from_hf(hf_json, **overrides)
-            else:
-                from rlp_jax.models import hf
-
-                result = hf.config_from_hf(hf_json, **overrides)
+            result = families.family_for_hf_model_type(hf_json.get("model_type")).config_from_hf(hf_json, **overrides)
         elif config.init.kind == "params":
             result = convert.config_from_json((Path(config.init.path) / convert.CONFIG_FILE).read_text()
                                               ).replace(**overrides)
         elif config.init.kind == "checkpoint":
             result = convert.config_from_json(ckpt_lib.RunDir(config.init.path).model_config.read_text()
                                               ).replace(**overrides)
-        elif config.model.preset in nemotron_h.PRESETS:
-            result = nemotron_h.preset(config.model.preset, vocab_size=config.model.vocab_size or tok.vocab_size,
-                                       **overrides)
         else:
-            result = preset(config.model.preset, vocab_size=config.model.vocab_size or tok.vocab_size,
-                            **overrides)
+            result = families.family_for_preset(config.model.preset).preset(
+                config.model.preset, vocab_size=config.model.vocab_size or tok.vocab_size, **overrides)
     except FileNotFoundError as error:
         raise ConfigError(f"init.path {config.init.path!r} has no {Path(error.filename).name}; point "
                           f"--config.init.path at a {config.init.kind} folder.") from None
@@ -338,7 +326,7 @@ def needs_reference(config) -> bool:
     return config.rlp.kl_coef > 0
 
 
-def initial_state(config, model_config_: ModelConfig, optimizer_, mesh):
+def initial_state(config, model_config_, optimizer_, mesh):
     """(graphdef, abstract state, shardings, make_state) for `init.kind`: `make_state()` builds
     the state (random, or from the weights at `init.path`) directly in its shardings."""
     with_reference = needs_reference(config)
@@ -357,12 +345,12 @@ def initial_state(config, model_config_: ModelConfig, optimizer_, mesh):
     return graphdef, abstract, shardings, init if kind == "scratch" else from_params
 
 
-def _load_params(kind: str, path: str, abstract_params, params_sharding, model_config_: ModelConfig, mesh,
+def _load_params(kind: str, path: str, abstract_params, params_sharding, model_config_, mesh,
                  logical_rules):
     """The params of an HF folder (`hf`), an rlp-jax params folder (`params`) or a run's newest
     checkpoint (`checkpoint`), placed in `params_sharding` (the model's shapes must agree)."""
     if kind == "hf":
-        from rlp_jax.models import convert  # by config.json's model_type: a NemotronH or a Transformer
+        from rlp_jax.models import convert  # of the family that reads config.json's model_type
 
         try:
             model = convert.load_hf(path, mesh=mesh, rules=logical_rules, dtype=model_config_.dtype,
@@ -389,11 +377,10 @@ def _load_params(kind: str, path: str, abstract_params, params_sharding, model_c
 
 
 def model_from_run(workdir: str | Path):
-    """The model (a Transformer, or a NemotronH for a Nemotron-H run) with the params of the newest
+    """The model (of the family the run's model_config.json records) with the params of the newest
     checkpoint of a run (host, unsharded)."""
     from rlp_jax.models import convert
-    from rlp_jax.models.nemotron_h import NemotronH, NemotronHConfig
-    from rlp_jax.models.transformer import Transformer
+    from rlp_jax.models.families import family_of
 
     run = ckpt_lib.RunDir(workdir).require_run()
     config = convert.config_from_json(run.model_config.read_text())
@@ -401,9 +388,7 @@ def model_from_run(workdir: str | Path):
         pure = run.latest_params()
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
-    with nnx.use_eager_sharding(False):
-        model_class = NemotronH if isinstance(config, NemotronHConfig) else Transformer
-        model = nnx.eval_shape(lambda: model_class(config, nnx.Rngs(0)))
+    model = family_of(config).abstract_model(config)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
     nnx.update(model, state)

@@ -63,9 +63,9 @@ def evaluate_run(run_dir: str | Path | None = None, hf_dir: str | Path | None = 
     else:
         if config is None:
             raise ConfigError("evaluating an HF folder needs a config for the tokenizer and data; pass --config.")
-        from rlp_jax.models import hf
+        from rlp_jax.models import convert  # any family's HF folder, by its config.json model_type
 
-        model = kernels.on_local_platform(hf.load_hf(hf_dir))
+        model = kernels.on_local_platform(convert.load_hf(hf_dir))
     graphdef, params = nnx.split(model, nnx.Param)
     baselines = {"self": params}
     start = (_params(build.model_from_run(start_from)) if start_from is not None

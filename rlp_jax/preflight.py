@@ -11,7 +11,6 @@ import os
 import jax
 
 from rlp_jax.config import ConfigError
-from rlp_jax.models.nemotron_h import NemotronHConfig
 
 
 def check_corpus(config, corpus, tokenizer, sample: int = 256) -> None:
@@ -108,7 +107,8 @@ def device_memory_bytes() -> tuple[float, str] | None:
 
 def check_memory(config, model_config, mesh_shape, suffix_len: int) -> str | None:
     """Refuses (ConfigError) a config whose `rlp-jax plan` peak exceeds the usable device memory;
-    returns a one-line note of the estimate, or None when the device memory is unknown."""
+    returns a one-line note of the estimate, or None when the device memory is unknown (or the
+    model's family has no planner)."""
     from rlp_jax import plan
 
     memory = device_memory_bytes()
@@ -117,24 +117,10 @@ def check_memory(config, model_config, mesh_shape, suffix_len: int) -> str | Non
     available, what = memory
     backend = jax.default_backend()
     usable = available * plan.USABLE_FRACTION
-    gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
-    if isinstance(model_config, NemotronHConfig):  # the planner bounds the hybrid from below only
-        est = plan.hybrid_estimate(config, model_config, mesh_shape, suffix_len)
-        if est.peak_bytes > usable:
-            raise ConfigError(
-                f"this config needs at least {gib(est.peak_bytes)} per device ({est.peak_phase}) but {gib(usable)} "
-                f"is usable ({what}); shard over more devices or lower train.batch_size / raise "
-                "rlp.rollout_microbatches, or pass --config.train.check_memory=False to start anyway.")
-        return (f"memory: at least {gib(est.peak_bytes)} per device at the peak ({est.peak_phase}) of {gib(usable)} "
-                "usable (the hybrid's activations are not estimated)")
-    est = plan.estimate(config, model_config, mesh_shape, suffix_len, platform=backend)
-    if est.peak_bytes > usable:
-        knob = plan.suggest(config, model_config, mesh_shape, usable, est, suffix_len, backend)
-        raise ConfigError(
-            f"this config needs about {gib(est.peak_bytes)} per device at its largest phase ({est.peak_phase}) "
-            f"but {gib(usable)} is usable ({what}); {knob}, or pass --config.train.check_memory=False "
-            "to start anyway.")
-    return f"memory: about {gib(est.peak_bytes)} per device at the peak ({est.peak_phase}) of {gib(usable)} usable"
+    planner = plan.planner_for(model_config)  # the model family's (the hybrid's bounds it from below only)
+    if planner is None:
+        return None
+    return planner.check_memory(config, model_config, mesh_shape, suffix_len, usable, what, backend)
 
 
 def check_compiled_memory(compiled, config) -> str | None:

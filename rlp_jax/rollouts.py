@@ -14,7 +14,7 @@ from flax import nnx
 
 from rlp_jax import losses, sampling
 from rlp_jax.batch import PromptBatch
-from rlp_jax.models import decode
+from rlp_jax.models.families import family_of
 from rlp_jax.models.transformer import head_logits
 
 Array = jax.Array
@@ -113,8 +113,8 @@ def _scoring_logits(logits_NxKxV: Array, cfg: RolloutConfig) -> Array:
 
 
 def _rollout_inputs(batch: PromptBatch, key: Array, cfg: RolloutConfig, greedy: bool):
-    """What both samplers (attention cache, hybrid state) start from: the prompts, the sampling
-    config (argmax when `greedy`) and the keys of the thoughts and of RPT's prediction."""
+    """What every family's sampler starts from: the prompts, the sampling config (argmax when
+    `greedy`) and the keys of the thoughts and of RPT's prediction."""
     prompt_BxP, prompt_len_B = build_prompts(batch.context_BxT, batch.context_len_B, cfg)
     sampling_cfg = cfg.sampling_config()
     if greedy:
@@ -133,13 +133,11 @@ def _rollouts_of(prompt_BxP: Array, prompt_len_B: Array, out: sampling.SampleOut
 def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBatch, key: Array,
                      cfg: RolloutConfig, greedy: bool = False) -> Rollouts:
     """Samples G thoughts per prompt from `params` (the behaviour policy θ_old) and scores the true
-    next token(s) after each thought on the rollout's own KV cache (`score_after_thoughts`).
-    `greedy` decodes the thought by argmax instead (evaluation); behaviour log-probs are then
-    taken at temperature 1."""
+    next token(s) after each thought on the rollout's own decode state (`score_after_thoughts`),
+    whatever the model's family (its sampler: rlp_jax.sampling). `greedy` decodes the thought by
+    argmax instead (evaluation); behaviour log-probs are then taken at temperature 1."""
     model = nnx.merge(graphdef, params)
-    if is_hybrid(model):
-        return _hybrid_sample_and_score(model, batch, key, cfg, greedy)
-    weights = decode.decode_weights(model)  # cast once for the whole rollout
+    weights = sampling.weights_of(model)  # cast once for the whole rollout
     L, K, M = cfg.max_thought_len, batch.target_BxK.shape[1], cfg.prediction_len
     prompt_BxP, prompt_len_B, sampling_cfg, thought_key, prediction_key = _rollout_inputs(batch, key, cfg, greedy)
     out = sampling.sample(weights, prompt_BxP, prompt_len_B, thought_key, sampling_cfg, num_samples=cfg.num_rollouts,
@@ -154,19 +152,19 @@ def sample_and_score(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBat
     return with_prediction(roll, prediction_NxM, logprobs_NxM, cfg.think_close_id)
 
 
-def sample_prediction(weights: decode.DecodeWeights, cache: decode.RolloutCache, close_slot_N: Array,
-                      close_id: int, key: Array, cfg: sampling.SamplingConfig, num_tokens: int) -> tuple[Array, Array]:
+def sample_prediction(weights, cache, close_slot_N: Array, close_id: int, key: Array, cfg: sampling.SamplingConfig,
+                      num_tokens: int) -> tuple[Array, Array]:
     """RPT's prediction: `</think>` fed at each row's `close_slot_N` (a sampled one rewrites its own
-    slot), then `num_tokens` tokens sampled as `cfg` samples (no stop, no minimum) on the rollout
-    cache, with their behaviour log-probs."""
+    slot; a recurrent state, which never held it, takes it next), then `num_tokens` tokens sampled
+    as `cfg` samples (no stop, no minimum) on the rollout's decode state (`cache`: what
+    `score_after_thoughts` returned), with their behaviour log-probs."""
+    sampler = family_of(weights).sampler
     cfg = dataclasses.replace(cfg, stop_tokens=(), min_new_tokens=0)
-    blocks = cache.num_blocks
 
     def step(carry, m):
         cache, fed_N = carry
-        hidden, cache = decode.extend(weights, cache, fed_N[:, None], (close_slot_N + m)[:, None],
-                                      attend_blocks=blocks, write_blocks=tuple(range(blocks)))
-        token_N, logprob_N = sampling.next_token(decode.logits(weights, hidden)[:, 0].astype(jnp.float32),
+        hidden_Nx1xD, cache = sampler.feed(weights, cache, fed_N[:, None], close_slot_N + m)
+        token_N, logprob_N = sampling.next_token(sampler.logits(weights, hidden_Nx1xD)[:, 0].astype(jnp.float32),
                                                  jax.random.fold_in(key, m), m, cfg)
         return (cache, token_N), (token_N, logprob_N)
 
@@ -196,89 +194,22 @@ def with_prediction(roll: Rollouts, prediction_NxM: Array, logprobs_NxM: Array, 
                                prediction_NxM=prediction_NxM)
 
 
-def score_after_thoughts(weights: decode.DecodeWeights, out: sampling.SampleOutput, target_BxK: Array,
-                         cfg: RolloutConfig):
+def score_after_thoughts(weights, out: sampling.SampleOutput, target_BxK: Array, cfg: RolloutConfig):
     """Eq. 3, `S_pred = log p_θ(x_t | x_<t, c)`: `[</think>, x_t, …]` fed into the finished
-    rollout's cache right after each thought (no second forward over context + thought).
-    Returns the log-probs and argmax predictions of the K targets, and the extended cache. A
-    sampled `</think>` is rewritten in its own slot (same token, same prefix: the same keys and
-    values)."""
+    rollout's decode state right after each thought (no second forward over context + thought).
+    Returns the log-probs and argmax predictions of the K targets, and the decode state that RPT's
+    prediction continues from: on an attention cache, the cache with these tokens written (a
+    sampled `</think>` is rewritten in its own slot: same token, same prefix, the same keys and
+    values); on a recurrent state, which cannot take them back, the state after the thought."""
+    sampler = family_of(weights).sampler
     N, K = out.tokens_NxL.shape[0], target_BxK.shape[1]
     close_slot_N = out.lengths_N - out.finished_N.astype(jnp.int32)
     target_NxK = jnp.repeat(target_BxK, N // target_BxK.shape[0], axis=0)
     feed_Nx1K = jnp.concatenate([jnp.full((N, 1), cfg.think_close_id, jnp.int32), target_NxK], axis=1)
-    blocks = out.cache.num_blocks
-    hidden, cache = decode.extend(weights, out.cache, feed_Nx1K, close_slot_N[:, None] + jnp.arange(K + 1),
-                                  attend_blocks=blocks, write_blocks=tuple(range(blocks)))
-    logits_NxKxV = _scoring_logits(decode.logits(weights, hidden[:, :K]), cfg)
+    hidden, cache = sampler.feed(weights, out.cache, feed_Nx1K, close_slot_N)
+    logits_NxKxV = _scoring_logits(sampler.logits(weights, hidden[:, :K]), cfg)
     return (losses.token_logprobs(logits_NxKxV, target_NxK),
-            jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32), cache)
-
-
-# ---------------------------------------------------------------- the Nemotron-H hybrid
-
-def is_hybrid(model: nnx.Module) -> bool:
-    """Whether `model` is the Nemotron-H hybrid: its rollouts run on its recurrent state
-    (rlp_jax.hybrid_sampling) rather than on the attention rollout cache."""
-    from rlp_jax.models.nemotron_h import NemotronH
-    return isinstance(model, NemotronH)
-
-
-def _hybrid_sample_and_score(model: nnx.Module, batch: PromptBatch, key: Array, cfg: RolloutConfig,
-                             greedy: bool) -> Rollouts:
-    """`sample_and_score` for the hybrid: the same prompts, keys, sampling and outputs, on the
-    recurrent state (each prompt prefilled once, its state repeated to its G rows)."""
-    from rlp_jax import hybrid_sampling
-
-    weights = hybrid_sampling.decode_weights(model.weights())
-    L, K, M = cfg.max_thought_len, batch.target_BxK.shape[1], cfg.prediction_len
-    prompt_BxP, prompt_len_B, sampling_cfg, thought_key, prediction_key = _rollout_inputs(batch, key, cfg, greedy)
-    out = hybrid_sampling.sample(weights, prompt_BxP, prompt_len_B, thought_key, sampling_cfg,
-                                 num_samples=cfg.num_rollouts, extra_slots=1 + max(K, M))
-    s_pred_NxK, predicted_NxK = hybrid_score_after_thoughts(weights, out, batch.target_BxK, cfg)
-    roll = _rollouts_of(prompt_BxP, prompt_len_B, out, s_pred_NxK, predicted_NxK, L)
-    if not M:
-        return roll
-    prediction_NxM, logprobs_NxM = hybrid_sample_prediction(weights, out.cache, cfg.think_close_id, prediction_key,
-                                                            sampling_cfg, M)
-    return with_prediction(roll, prediction_NxM, logprobs_NxM, cfg.think_close_id)
-
-
-def hybrid_score_after_thoughts(weights, out: sampling.SampleOutput, target_BxK: Array,
-                                cfg: RolloutConfig) -> tuple[Array, Array]:
-    """Eq. 3 on the hybrid: `[</think>, x_t, …]` fed from each row's state after its thought (the
-    state never holds a sampled `</think>`: hybrid_sampling), so no second forward over context
-    and thought. Returns the log-probs and argmax predictions of the K targets."""
-    from rlp_jax import hybrid_sampling
-    from rlp_jax.models import nemotron_h as nh
-
-    N, K = out.tokens_NxL.shape[0], target_BxK.shape[1]
-    target_NxK = jnp.repeat(target_BxK, N // target_BxK.shape[0], axis=0)
-    feed_NxK1 = jnp.concatenate([jnp.full((N, 1), cfg.think_close_id, jnp.int32), target_NxK], axis=1)
-    hidden_NxK1xD, _ = hybrid_sampling.extend(weights, out.cache, feed_NxK1)
-    logits_NxKxV = _scoring_logits(nh.logits(weights, hidden_NxK1xD[:, :K]), cfg)
-    return losses.token_logprobs(logits_NxKxV, target_NxK), jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32)
-
-
-def hybrid_sample_prediction(weights, state, close_id: int, key: Array, cfg: sampling.SamplingConfig,
-                             num_tokens: int) -> tuple[Array, Array]:
-    """RPT's prediction on the hybrid: `</think>` fed from each row's state after its thought, then
-    `num_tokens` tokens sampled as `sample_prediction` samples them (same keys, no stop, no minimum)."""
-    from rlp_jax.models import nemotron_h as nh
-
-    cfg = dataclasses.replace(cfg, stop_tokens=(), min_new_tokens=0)
-
-    def step(carry, m):
-        state, fed_N = carry
-        hidden_Nx1xD, state = nh.decode_step(weights, state, fed_N[:, None])
-        token_N, logprob_N = sampling.next_token(nh.logits(weights, hidden_Nx1xD)[:, 0].astype(jnp.float32),
-                                                 jax.random.fold_in(key, m), m, cfg)
-        return (state, token_N), (token_N, logprob_N)
-
-    N = state.lengths_B.shape[0]
-    _, (tokens_MxN, logprobs_MxN) = jax.lax.scan(step, (state, jnp.full((N,), close_id, jnp.int32)),
-                                                 jnp.arange(num_tokens))
-    return tokens_MxN.T, logprobs_MxN.T
+            jnp.argmax(logits_NxKxV, axis=-1).astype(jnp.int32), cache if sampler.rewrites_slots else out.cache)
 
 
 def context_then_targets(batch: PromptBatch) -> tuple[Array, Array]:

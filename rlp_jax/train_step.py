@@ -524,18 +524,16 @@ def abstract_state_from_scratch(model_config, optimizer, seed: int, mesh, rules=
     """(graphdef, abstract state, shardings, init) for a randomly initialised model, without
     creating any weights: `init()` builds the state inside one jitted init with out_shardings,
     identical on every process and never unsharded on any device."""
-    from rlp_jax.models.nemotron_h import NemotronH, NemotronHConfig
-    from rlp_jax.models.transformer import Transformer
+    from rlp_jax.models.families import family_of
 
-    model_class = NemotronH if isinstance(model_config, NemotronHConfig) else Transformer  # the hybrid, or not
+    family = family_of(model_config)
 
     def init_fn(key):
         with nnx.use_eager_sharding(False):
-            model = model_class(model_config, nnx.Rngs(params=key))
+            model = family.build(model_config, nnx.Rngs(params=key))
         return init_state(nnx.state(model, nnx.Param), optimizer, jax.random.fold_in(key, 1), with_reference)
 
-    with nnx.use_eager_sharding(False):
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_class(model_config, nnx.Rngs(0))), nnx.Param)
+    graphdef, _ = nnx.split(family.abstract_model(model_config), nnx.Param)
     key = jax.random.key(seed)
     abstract = jax.eval_shape(init_fn, key)
     shardings = state_shardings(abstract, optimizer, mesh, rules)

@@ -13,7 +13,6 @@ import pytest
 
 from rlp_jax import config as config_lib
 from rlp_jax import plan
-from rlp_jax.models.nemotron_h import NemotronHConfig
 
 ROOT = Path(__file__).parent.parent
 CONFIG_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
@@ -105,8 +104,8 @@ def test_config_validates_and_shape_initialises(path, simulated):
     config = config_lib.load_config(str(ROOT / path))
     model_config, _ = plan.model_config_for(config, [])
     assert out["model_params"] == model_config.num_params()
-    hybrid = isinstance(model_config, NemotronHConfig)  # the planner bounds the hybrid's step from below
-    est = (plan.hybrid_estimate if hybrid else plan.estimate)(config, model_config, tuple(out["mesh"]))
+    # The model family's planner (the hybrid's bounds its step from below).
+    est = plan.planner_for(model_config).estimate(config, model_config, tuple(out["mesh"]))
     for part in ("params", "ema", "optimizer"):  # the planner's abstract mesh = the real devices
         assert est.memory[part] == out[part], part
     assert not est.warnings, est.warnings

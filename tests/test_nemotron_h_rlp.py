@@ -62,7 +62,7 @@ def test_sampler_equals_one_that_reruns_the_full_forward_with_the_same_noise(mod
     G, steps, key = 2, 7, jax.random.key(3)
     cfg = sampling.SamplingConfig(max_new_tokens=steps, temperature=temperature, top_k=12, top_p=0.95,
                                   stop_tokens=(CLOSE,), min_new_tokens=2)
-    out = sampling.generate(model, PROMPTS, LENGTHS, key, cfg, num_samples=G, extra_slots=2)  # → hybrid_sampling
+    out = sampling.generate(model, PROMPTS, LENGTHS, key, cfg, num_samples=G, extra_slots=2)  # → the hybrid family's sampler
     N = len(PROMPTS) * G
     rows = [list(PROMPTS[n // G, :LENGTHS[n // G]]) for n in range(N)]
     finished = np.zeros(N, bool)

@@ -142,7 +142,7 @@ def nemotron_plan_config(mesh_shape):
 
 
 def test_plan_counts_the_hybrids_state_memory_by_hand():
-    from rlp_jax import plan
+    from rlp_jax import plan, plan_hybrid
 
     p = plan.plan(nemotron_plan_config((1, 1, 1)), devices=1, hbm_gib=141.0)
     assert p["hybrid"] and p["model"]["num_params"] == 12_310_001_152
@@ -176,7 +176,7 @@ def test_plan_counts_the_hybrids_state_memory_by_hand():
 
     # tensor = 2 splits the Mamba heads (conv x, SSM) and the kv heads; B and C stay whole.
     config = nemotron_plan_config((1, 1, 2))
-    est = plan.hybrid_estimate(config, plan.hybrid_model_config(config, []), (1, 1, 2))
+    est = plan_hybrid.estimate(config, plan_hybrid.hybrid_config(config, []), (1, 1, 2))
     assert est.row_bytes == {"mamba_conv": 28 * 3 * (64 * 80 + 2 * 8 * 128) * 2, "mamba_ssm": 146_800_640 // 2,
                              "kv": 3_022_848 // 2}
     assert est.rows == 16  # data × fsdp = 1: every device holds every row

@@ -53,15 +53,20 @@ BENCH_HYBRID_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def model_config(name: str, vocab_size: int | None, dtype: str, remat: str = "none"):
-    """The ModelConfig (a NemotronHConfig for a Nemotron-H hybrid) of a bench model or preset, in
-    `dtype`, with `remat` in the update."""
-    from rlp_jax.models import nemotron_h
-    from rlp_jax.models.config import PRESETS, ModelConfig
+# The bench models above by the model family whose config their fields are (rlp_jax.models.families).
+BENCH_FAMILY_MODELS: dict[str, dict[str, dict[str, Any]]] = {"transformer": BENCH_MODELS,
+                                                             "nemotron_h": BENCH_HYBRID_MODELS}
 
-    table = ({n: ModelConfig(**fields) for n, fields in BENCH_MODELS.items()} | PRESETS
-             | {n: nemotron_h.NemotronHConfig(**fields) for n, fields in BENCH_HYBRID_MODELS.items()}
-             | nemotron_h.PRESETS)
+
+def model_config(name: str, vocab_size: int | None, dtype: str, remat: str = "none"):
+    """The config (of its model family) of a bench model or preset, in `dtype`, with `remat` in
+    the update."""
+    from rlp_jax.models.families import FAMILIES
+
+    table = {}
+    for family in FAMILIES:
+        bench_models = BENCH_FAMILY_MODELS.get(family.name, {})
+        table |= {n: family.config_type(**fields) for n, fields in bench_models.items()} | dict(family.presets)
     if name not in table:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(table)}.")
     config = table[name].replace(dtype=dtype, param_dtype=dtype, remat=remat)
@@ -165,10 +170,12 @@ def measure_all(config, args: argparse.Namespace) -> dict[str, Any]:
 
     from rlp_jax.bench import jax_side, measure
     from rlp_jax.models import kernels
+    from rlp_jax.models.families import family_of
 
     # The kernels a training run compiles for this platform (build.kernels_for): fused attention on
     # GPU / TPU, the CPU form of the decode's cached attention.
     config = kernels.resolve_kernels(config, jax.default_backend())
+    family = family_of(config)
     load_before = measure.load_average()
     started = time.time()
     _START[0] = time.perf_counter()
@@ -180,8 +187,8 @@ def measure_all(config, args: argparse.Namespace) -> dict[str, Any]:
         bandwidth_mib=args.bandwidth_mib or (256 if measure.machine()["backend"] == "cpu" else 4096))
     result: dict[str, Any] = {
         "machine": measure.machine(),
-        "model": {"name": args.model, "family": "nemotron_h" if measure.is_hybrid(config) else config.family,
-                  "hybrid": measure.is_hybrid(config), "dtype": config.dtype, "num_params": config.num_params(),
+        "model": {"name": args.model, "family": family.json_tag(config),
+                  "hybrid": family.hybrid, "dtype": config.dtype, "num_params": config.num_params(),
                   "matmul_params": measure.matmul_params(config),
                   "config": {k: _json_value(v) for k, v in vars(config).items() if k != "rope_scaling"}},
         "shapes": {"batch": shapes.batch, "rollouts": shapes.rollouts, "context": shapes.context,

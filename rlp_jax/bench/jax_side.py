@@ -21,9 +21,7 @@ from rlp_jax import losses, rollouts, sampling, sharding
 from rlp_jax import train_step as ts
 from rlp_jax.batch import PromptBatch, prompt_batch
 from rlp_jax.bench import measure
-from rlp_jax.models.config import ModelConfig
-from rlp_jax.models.nemotron_h import NemotronH
-from rlp_jax.models.transformer import Transformer
+from rlp_jax.models.families import family_of
 
 THINK_OPEN, THINK_CLOSE = 1, 2
 
@@ -66,7 +64,7 @@ def rollout_config(shapes: Shapes) -> rollouts.RolloutConfig:
                                   cache_block_len=shapes.block_len)
 
 
-def make_batch(config: ModelConfig, shapes: Shapes, seed: int = 0) -> PromptBatch:
+def make_batch(config, shapes: Shapes, seed: int = 0) -> PromptBatch:
     rng = np.random.RandomState(seed)
     B, T, K = shapes.batch, shapes.context, shapes.targets
     return jax.tree.map(jnp.asarray, prompt_batch(rng.randint(3, config.vocab_size, (B, T)).astype(np.int32),
@@ -125,7 +123,7 @@ def bandwidth(size_mib: int, repeats: int) -> dict[str, float]:
 
 @dataclasses.dataclass
 class Prepared:
-    config: ModelConfig
+    config: Any  # the model's config (of any family)
     shapes: Shapes
     graphdef: Any
     params: Any
@@ -138,7 +136,7 @@ class Prepared:
     state_sharding: Any
 
 
-def prepare(config: ModelConfig, shapes: Shapes, seed: int = 0) -> Prepared:
+def prepare(config, shapes: Shapes, seed: int = 0) -> Prepared:
     graphdef, state, state_sharding = ts.create_state_from_scratch(config, optimizer(), seed,
                                                                    single_device_mesh())
     params = jax.tree.map(jnp.copy, state.params)
@@ -154,7 +152,7 @@ def prepare(config: ModelConfig, shapes: Shapes, seed: int = 0) -> Prepared:
                     sample_and_score, state, state_sharding)
 
 
-def model_of(p: Prepared) -> Transformer | NemotronH:
+def model_of(p: Prepared) -> nnx.Module:
     return nnx.merge(p.graphdef, p.params)
 
 
@@ -195,7 +193,7 @@ def update(p: Prepared) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- (3) prefill and decode
 
-def decode_inputs(model: Transformer | NemotronH, shapes: Shapes, batch_size: int, seed: int = 0):
+def decode_inputs(model: nnx.Module, shapes: Shapes, batch_size: int, seed: int = 0):
     """What the bench's prefill and decode run on: the sampler's weights of `model` (made once),
     `batch_size` rows of one random `decode_prompt`-token prompt each (as HF `generate` is given
     them), their lengths, and the config that samples `decode_new` tokens."""
@@ -208,7 +206,7 @@ def decode_inputs(model: Transformer | NemotronH, shapes: Shapes, batch_size: in
     return jax.jit(sampling.weights_of)(model), prompts_BxP, lengths_B, cfg
 
 
-def decode(model: Transformer | NemotronH, shapes: Shapes, batch_size: int, seed: int = 0,
+def decode(model: nnx.Module, shapes: Shapes, batch_size: int, seed: int = 0,
            read_bytes_per_s: float | None = None) -> dict[str, Any]:
     """The sampler's two halves timed apart: `sampling.prefill` (the prompts to the first token's
     logits) and `sampling.decode_loop` (the `decode_new` = n steps alone), every decode call
@@ -268,8 +266,7 @@ def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]
     s, rcfg, gd = p.shapes, p.rcfg, p.graphdef
     key = jax.random.key(1)
     prompt_BxP, prompt_len_B = rollouts.build_prompts(p.batch.context_BxT, p.batch.context_len_B, rcfg)
-    hybrid = measure.is_hybrid(p.config)
-    # The Nemotron-H hybrid samples on its recurrent state (sampling.sample dispatches).
+    # Each family samples on its own decode state (sampling.sample goes through the family).
     weights_of = lambda params: sampling.weights_of(nnx.merge(gd, params))
 
     sample = jax.jit(lambda params, k: sampling.sample(weights_of(params), prompt_BxP, prompt_len_B, k,
@@ -279,10 +276,10 @@ def step_breakdown(p: Prepared, update_result: dict[str, Any]) -> dict[str, Any]
 
     out = sample(p.params, key)
     weights = jax.jit(weights_of)(p.params)
-    if hybrid:
-        # The hybrid's scoring: `[</think>, x_t, …]` fed from each row's recurrent state (which it
-        # reads, not rewrites: nothing to donate).
-        score = jax.jit(lambda w, o, t: rollouts.hybrid_score_after_thoughts(w, o, t, rcfg))
+    if not family_of(p.config).sampler.rewrites_slots:
+        # Scoring on a recurrent state: `[</think>, x_t, …]` fed from each row's state after its
+        # thought (which it reads, not rewrites: nothing to donate).
+        score = jax.jit(lambda w, o, t: rollouts.score_after_thoughts(w, o, t, rcfg)[:2])
         t_score_alone = measure.timeit(lambda: score(weights, out, p.batch.target_BxK), s.repeats)
     else:
         # The scoring half of sample_and_score on a finished rollout; its cache donated (written in
@@ -339,7 +336,7 @@ def profile_update(p: Prepared, folder: str) -> dict[str, Any]:
     return out | {"what": profile.describe(hlo, [op["name"] for op in out["ops"]])}
 
 
-def profile_decode(model: Transformer | NemotronH, shapes: Shapes, batch_size: int, folder: str) -> dict[str, Any]:
+def profile_decode(model: nnx.Module, shapes: Shapes, batch_size: int, folder: str) -> dict[str, Any]:
     """Where the prefill and the `decode_new` decode steps at one batch size spend their time,
     each profiled alone as `decode` times them."""
     from rlp_jax.bench import profile

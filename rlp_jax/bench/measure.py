@@ -10,8 +10,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rlp_jax.models.config import ModelConfig
-
 
 @dataclasses.dataclass
 class Timing:
@@ -71,73 +69,41 @@ def spread_note(name: str, t: Timing, tolerance: float = 0.25) -> str | None:
 
 
 # ---------------------------------------------------------------- FLOPs (docs/benchmarks.md)
+# Each model family's own formulas (`ModelFamily.costs`).
 
-def is_hybrid(c) -> bool:
-    """Whether `c` is a Nemotron-H hybrid config (rlp_jax.models.nemotron_h.NemotronHConfig)."""
-    from rlp_jax.models.nemotron_h import NemotronHConfig
+def _costs(c):
+    from rlp_jax.models.families import family_of  # here: importing this module imports no JAX
 
-    return isinstance(c, NemotronHConfig)
-
-
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+    return family_of(c).costs
 
 
-def matmul_params(c: ModelConfig) -> int:
-    """Weights that multiply every token in the decoder body: q, k, v, o, gate, up, down (the
-    hybrid: each Mamba layer's in_proj and out_proj, each attention layer's q, k, v, o, each MLP
-    layer's up and down)."""
-    if is_hybrid(c):
-        D, di, G, N, Hm = c.hidden_size, c.mamba_inner, c.n_groups, c.ssm_state_size, c.mamba_num_heads
-        mamba = D * (2 * di + 2 * G * N + Hm) + di * D
-        attention = D * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-        mlp = 2 * D * c.intermediate_size
-        return c.count("mamba") * mamba + c.count("attention") * attention + c.count("mlp") * mlp
-    d, f, h, k, hd = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-    return c.num_layers * (d * hd * (2 * h + 2 * k) + 3 * d * f)
+def matmul_params(c) -> int:
+    """Weights that multiply every token in the decoder body (the Transformer: q, k, v, o, gate,
+    up, down; the hybrid: each Mamba layer's in_proj and out_proj, each attention layer's q, k, v,
+    o, each MLP layer's up and down)."""
+    return _costs(c).matmul_params(c)
 
 
-def forward_flops(c: ModelConfig, rows: int, seq_len: int, scored: int) -> float:
+def forward_flops(c, rows: int, seq_len: int, scored: int) -> float:
     """Model FLOPs of one teacher-forced causal forward over `rows × seq_len` tokens whose LM head
     runs at `scored` positions per row: 2·N_mm per token, causal attention (QKᵀ and PV, only the
-    key positions a query may see: Σ_i (i+1) = S(S+1)/2), and 2·D·V per scored position."""
-    body = 2.0 * matmul_params(c) * rows * seq_len
-    if is_hybrid(c):  # + each Mamba layer's conv and SSM per token; attention only in the `*` layers
-        attention = 4.0 * c.count("attention") * c.num_heads * c.head_dim * rows * seq_len * (seq_len + 1) / 2
-        head = 2.0 * c.hidden_size * c.vocab_size * rows * scored
-        return body + _mamba_flops_per_token(c) * rows * seq_len + attention + head
-    attention = 4.0 * c.num_layers * c.num_heads * c.head_dim * rows * seq_len * (seq_len + 1) / 2
-    head = 2.0 * c.hidden_size * c.vocab_size * rows * scored
-    return body + attention + head
+    key positions a query may see: Σ_i (i+1) = S(S+1)/2; the hybrid: only in its attention layers,
+    plus each Mamba layer's conv and SSM per token), and 2·D·V per scored position."""
+    return _costs(c).forward_flops(c, rows, seq_len, scored)
 
 
-def train_flops(c: ModelConfig, rows: int, seq_len: int, scored: int) -> float:
+def train_flops(c, rows: int, seq_len: int, scored: int) -> float:
     """Forward + backward = 3 × forward (the backward multiplies twice as much)."""
     return 3.0 * forward_flops(c, rows, seq_len, scored)
 
 
-def _mamba_flops_per_token(c) -> float:
-    """All Mamba layers' sequence mixing for one token, as the recurrence does it: the depthwise
-    causal conv (2·conv_dim·K) and the SSM (the input outer product Δx⊗B into the state and the
-    readout C·h: 2·Hm·P·N each). The chunked SSD of the training forward does more arithmetic than
-    this (its intra-chunk quadratic form); model FLOPs count the recurrence's."""
-    conv_dim = c.mamba_inner + 2 * c.n_groups * c.ssm_state_size
-    ssm = 4.0 * c.mamba_num_heads * c.mamba_head_dim * c.ssm_state_size
-    return c.count("mamba") * (2.0 * conv_dim * c.conv_kernel + ssm)
-
-
-def decode_flops_per_token(c: ModelConfig, context: int) -> float:
+def decode_flops_per_token(c, context: int) -> float:
     """One decode step of one row attending to `context` cached keys: body, attention, LM head
     (the hybrid: attention only in its attention layers, plus the Mamba layers' conv and SSM)."""
-    if is_hybrid(c):
-        return (2.0 * matmul_params(c) + _mamba_flops_per_token(c)
-                + 4.0 * c.count("attention") * c.num_heads * c.head_dim * context
-                + 2.0 * c.hidden_size * c.vocab_size)
-    return (2.0 * matmul_params(c) + 4.0 * c.num_layers * c.num_heads * c.head_dim * context
-            + 2.0 * c.hidden_size * c.vocab_size)
+    return _costs(c).decode_flops_per_token(c, context)
 
 
-def decode_step_bytes(c: ModelConfig, *, prompts: int, prompt_tokens: float, rows: int,
-                      suffix_tokens: float) -> float:
+def decode_step_bytes(c, *, prompts: int, prompt_tokens: float, rows: int, suffix_tokens: float) -> float:
     """What one decode step must read from memory, in the compute dtype: every body weight and the
     LM head once, each prompt's keys and values once (shared by its rows), and each row's own
     filled keys and values (the hybrid: see `decode_step_bytes_parts`)."""
@@ -145,7 +111,7 @@ def decode_step_bytes(c: ModelConfig, *, prompts: int, prompt_tokens: float, row
                                        suffix_tokens=suffix_tokens).values())
 
 
-def decode_step_bytes_parts(c: ModelConfig, *, prompts: int, prompt_tokens: float, rows: int,
+def decode_step_bytes_parts(c, *, prompts: int, prompt_tokens: float, rows: int,
                             suffix_tokens: float) -> dict[str, float]:
     """`decode_step_bytes` piece by piece: `weights`, `kv` and, for the hybrid, `recurrent_state`.
 
@@ -155,19 +121,8 @@ def decode_step_bytes_parts(c: ModelConfig, *, prompts: int, prompt_tokens: floa
     layer, compute dtype) and SSM state (Hm·P·N per Mamba layer, `mamba_ssm_cache_dtype`), and the
     keys and values of its attention layers: each row holds its own copy of its prompt's
     (nemotron_h.repeat_rows), so `rows × (prompt_tokens + suffix_tokens)` tokens of them."""
-    itemsize = _ITEMSIZE[c.dtype]
-    if is_hybrid(c):
-        conv_dim = c.mamba_inner + 2 * c.n_groups * c.ssm_state_size
-        conv = c.count("mamba") * (c.conv_kernel - 1) * conv_dim * itemsize
-        ssm = (c.count("mamba") * c.mamba_num_heads * c.mamba_head_dim * c.ssm_state_size
-               * _ITEMSIZE[c.mamba_ssm_cache_dtype])
-        kv_per_token = 2 * c.count("attention") * c.num_kv_heads * c.head_dim * itemsize
-        return {"weights": float((c.num_params() - c.vocab_size * c.hidden_size) * itemsize),
-                "recurrent_state": float(rows * (conv + ssm)),
-                "kv": float(kv_per_token * rows * (prompt_tokens + suffix_tokens))}
-    weights = (matmul_params(c) + c.hidden_size * c.vocab_size) * itemsize
-    kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * itemsize
-    return {"weights": float(weights), "kv": float(kv_per_token * (prompts * prompt_tokens + rows * suffix_tokens))}
+    return _costs(c).decode_step_bytes(c, prompts=prompts, prompt_tokens=prompt_tokens, rows=rows,
+                                                suffix_tokens=suffix_tokens)
 
 
 # ---------------------------------------------------------------- the machine

@@ -82,12 +82,12 @@ def load_model(hf_dir: str | None = None, workdir: str | None = None, step: int 
         raise BenchmarkError("give exactly one of an HF folder (--hf) or a training run (--workdir).")
     overrides = {} if dtype is None else {"dtype": dtype}
     if hf_dir is not None:
-        from rlp_jax.models import hf
+        from rlp_jax.models import convert  # any family's HF folder, by its config.json model_type
 
         if not Path(hf_dir).is_dir():
             raise BenchmarkError(f"{hf_dir} is not a folder; pass --hf with an HF model folder (config.json + "
                                  "safetensors).")
-        model = kernels.on_local_platform(hf.load_hf(hf_dir, mesh=mesh, rules=rules, **overrides))
+        model = kernels.on_local_platform(convert.load_hf(hf_dir, mesh=mesh, rules=rules, **overrides))
         return model, f"hf:{Path(hf_dir).absolute()}", str(hf_dir)
     config = _run_config(Path(workdir))
     model, used_step = _run_model(Path(workdir), step, mesh)
@@ -109,7 +109,7 @@ def _run_config(workdir: Path) -> dict:
 
 
 def _run_model(workdir: Path, step: int | None, mesh=None):
-    """A run's model (a Transformer, or a NemotronH) at checkpoint `step` (default: the newest) and
+    """A run's model (of any family) at checkpoint `step` (default: the newest) and
     that step. With `mesh` (data parallel), every device of the mesh holds the whole model: the
     checkpoint is restored replicated onto it, whatever topology saved it (a multi-host run's
     processes each read it)."""
@@ -119,8 +119,7 @@ def _run_model(workdir: Path, step: int | None, mesh=None):
 
     from rlp_jax import checkpoint as ckpt_lib
     from rlp_jax.models import convert
-    from rlp_jax.models.nemotron_h import NemotronH, NemotronHConfig
-    from rlp_jax.models.transformer import Transformer
+    from rlp_jax.models.families import family_of
 
     run = ckpt_lib.RunDir(workdir).require_run()
     steps: list[int] = []
@@ -146,9 +145,7 @@ def _run_model(workdir: Path, step: int | None, mesh=None):
         partial_restore=True))
     pure = ckpt_lib.pure_params(restored["params"])
     config = convert.config_from_json(run.model_config.read_text())
-    with nnx.use_eager_sharding(False):
-        model_class = NemotronH if isinstance(config, NemotronHConfig) else Transformer  # the hybrid, or not
-        model = nnx.eval_shape(lambda: model_class(config, nnx.Rngs(0)))
+    model = family_of(config).abstract_model(config)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
     nnx.update(model, state)

@@ -1,5 +1,6 @@
-"""Decoder LMs (Qwen3, Llama-3; the Nemotron-H hybrid) in Flax NNX, their presets, and HF
-safetensors import/export."""
+"""Decoder LMs (Qwen3, Llama-3; the Nemotron-H hybrid) in Flax NNX, their presets, HF
+safetensors import/export and samplers; the rest of the library reaches each through its
+`ModelFamily` (family.py, registered in families.py)."""
 
 from rlp_jax.models.config import PRESETS, ModelConfig, RopeScaling, preset
 from rlp_jax.models.nemotron_h import NemotronH, NemotronHConfig

@@ -16,17 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
-from safetensors.flax import save_file
 
 from rlp_jax.models.config import ModelConfig, RopeScaling
+from rlp_jax.models.safetensors_io import HFFormatError, SafetensorsFolder, flat, nest, read_config, write_safetensors
 from rlp_jax.models.transformer import Transformer
 
 _ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
-
-
-class HFFormatError(ValueError):
-    """A local HF folder that rlp-jax cannot read; the message names what is wrong and the fix."""
 
 
 # ---------------------------------------------------------------- config.json
@@ -138,61 +133,7 @@ def _tensor_map(c: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
     return table
 
 
-def _flat(tree: dict) -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= {f"{key}/{k}": v for k, v in _flat(value).items()}
-        else:
-            out[key] = value
-    return out
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 # ---------------------------------------------------------------- import
-
-class _SafetensorsFolder:
-    """Lazy access to the tensors of a folder's safetensors file(s)."""
-
-    def __init__(self, folder: Path):
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-            if not files:
-                raise HFFormatError(f"{folder} holds no *.safetensors file; point to a folder saved "
-                                    "with save_pretrained(safe_serialization=True).")
-            weight_map = {}
-            for f in files:
-                with safe_open(f, framework="flax") as st:
-                    weight_map |= {name: f.name for name in st.keys()}
-        self.folder, self.weight_map = folder, weight_map
-
-    def get(self, name: str) -> jax.Array:
-        if name not in self.weight_map:
-            raise HFFormatError(f"tensor {name!r} is missing from {self.folder}; the checkpoint is "
-                                "incomplete or of another architecture.")
-        with safe_open(self.folder / self.weight_map[name], framework="flax") as st:
-            return st.get_tensor(name)
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.exists():
-        raise HFFormatError(f"{folder} has no config.json; give the folder that save_pretrained wrote.")
-    return json.loads(path.read_text())
-
 
 def load_hf(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
             rules=None, **config_overrides) -> Transformer:
@@ -205,13 +146,13 @@ def load_hf(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
     from rlp_jax import sharding
 
     folder = Path(folder)
-    config = config_from_hf(_read_config(folder), **config_overrides)
-    tensors = _SafetensorsFolder(folder)
+    config = config_from_hf(read_config(folder), **config_overrides)
+    tensors = SafetensorsFolder(folder)
     abstract = nnx.eval_shape(lambda: _unsharded(config))
     state = nnx.state(abstract)
-    shapes = _flat(nnx.to_pure_dict(state))
+    shapes = flat(nnx.to_pure_dict(state))
     with nnx.logical_axis_rules(()):  # keep the logical names; they are mapped below
-        specs = _flat(nnx.to_pure_dict(nnx.get_partition_spec(state)))
+        specs = flat(nnx.to_pure_dict(nnx.get_partition_spec(state)))
     param_dtype = jnp.dtype(config.param_dtype)
     loaded = {}
     for path, (pattern, to_ours, to_hf) in _tensor_map(config).items():
@@ -239,7 +180,7 @@ def load_hf(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
             spec = sharding.fit_spec(value.shape, spec, mesh)
             value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
         loaded[path] = value
-    nnx.replace_by_pure_dict(state, _nest(loaded))
+    nnx.replace_by_pure_dict(state, nest(loaded))
     nnx.update(abstract, state)
     return abstract
 
@@ -251,21 +192,12 @@ def _unsharded(config: ModelConfig) -> Transformer:
 
 # ---------------------------------------------------------------- export
 
-def write_safetensors(tensors: dict[str, Any], path: str | os.PathLike) -> None:
-    """safetensors' `save_file`, leaving the file with the mode of any other new file (the library
-    writes 0600, which other users of a shared folder cannot read)."""
-    save_file(tensors, os.fspath(path), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def params_to_hf(model: Transformer, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
     """(HF tensor name, array) pairs for every weight of `model`, gathered to the host."""
     config = model.config
-    flat = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    leaves = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     for path, (pattern, _, to_hf) in _tensor_map(config).items():
-        value = jnp.asarray(jax.device_get(flat[path])).astype(jnp.dtype(dtype))
+        value = jnp.asarray(jax.device_get(leaves[path])).astype(jnp.dtype(dtype))
         if "{i}" in pattern:
             for i in range(config.num_layers):
                 yield pattern.format(i=i), to_hf(value[i])

@@ -283,13 +283,15 @@ def block_norm(x_BxTxD: Array, scale_D: Array, eps: float) -> Array:
     return (scale_D.astype(jnp.float32) * normed).astype(x_BxTxD.dtype)
 
 
-_FLOAT32_WEIGHTS = ("A_log", "D", "dt_bias")
+# The Mamba weights kept in float32 whatever the compute dtype (as the model keeps them); every other
+# weight is cast to the compute dtype where it is used.
+FLOAT32_WEIGHTS = ("A_log", "D", "dt_bias")
 
 
 def _layer_weights(stack: dict[str, Array], i: Array, dtype) -> dict[str, Array]:
     """Layer `i` of a type's stack, matrices cast to the compute dtype."""
     take = lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
-    return {name: take(a) if name in _FLOAT32_WEIGHTS else take(a).astype(dtype) for name, a in stack.items()}
+    return {name: take(a) if name in FLOAT32_WEIGHTS else take(a).astype(dtype) for name, a in stack.items()}
 
 
 def _attention_qkv(h_BxTxD: Array, w: dict[str, Array]) -> tuple[Array, Array, Array]:

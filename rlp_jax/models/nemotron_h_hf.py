@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlp_jax.models.hf import HFFormatError, _flat, _nest, _read_config, _SafetensorsFolder, write_safetensors
 from rlp_jax.models.nemotron_h import BLOCK_CHARS, NemotronH, NemotronHConfig
+from rlp_jax.models.safetensors_io import HFFormatError, SafetensorsFolder, flat, nest, read_config, write_safetensors
 
 _LAYER_TYPE_CHARS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
                      "mlp": "-", "moe": "E"}
@@ -252,13 +252,13 @@ def load_hf(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
     from rlp_jax import sharding
 
     folder = Path(folder)
-    config = config_from_hf(_read_config(folder), **config_overrides)
-    tensors = _SafetensorsFolder(folder)
+    config = config_from_hf(read_config(folder), **config_overrides)
+    tensors = SafetensorsFolder(folder)
     abstract = nnx.eval_shape(lambda: _unsharded(config))
     state = nnx.state(abstract, nnx.Param)
-    shapes = _flat(nnx.to_pure_dict(state))
+    shapes = flat(nnx.to_pure_dict(state))
     with nnx.logical_axis_rules(()):
-        specs = _flat(nnx.to_pure_dict(nnx.get_partition_spec(state)))
+        specs = flat(nnx.to_pure_dict(nnx.get_partition_spec(state)))
     param_dtype = jnp.dtype(config.param_dtype)
     # Checkpoints on disk name the body `backbone.*` (transformers renames it `model.*` on load).
     prefix = "model." if "model.embeddings.weight" in tensors.weight_map else "backbone."
@@ -296,7 +296,7 @@ def load_hf(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
             spec = sharding.logical_to_mesh(tuple(specs[path]), rules or sharding.DEFAULT_RULES)
             value = jax.device_put(value, jax.sharding.NamedSharding(mesh, sharding.fit_spec(value.shape, spec, mesh)))
         loaded[path] = value
-    nnx.replace_by_pure_dict(state, _nest(loaded))
+    nnx.replace_by_pure_dict(state, nest(loaded))
     nnx.update(abstract, state)
     return abstract
 
@@ -316,8 +316,8 @@ def params_to_hf(model: NemotronH, dtype: str = "float32") -> Iterator[tuple[str
     """(HF tensor name, array) pairs for every weight of `model`, gathered to the host; fused HF
     tensors (in_proj, conv1d) are concatenated from their pieces."""
     c = model.config
-    flat = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    host = lambda path: np.asarray(jax.device_get(flat[path])).astype(jnp.dtype(dtype))
+    leaves = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    host = lambda path: np.asarray(jax.device_get(leaves[path])).astype(jnp.dtype(dtype))
     fused: dict[str, list] = {}
     for path, (pattern, piece, _, to_hf) in _tensor_map(c).items():
         if "{i}" not in pattern:

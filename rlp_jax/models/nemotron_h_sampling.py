@@ -1,39 +1,41 @@
-"""Sampling from the Nemotron-H hybrid (rlp_jax.models.nemotron_h) on its recurrent state: the
-hybrid counterpart of `rlp_jax.sampling.sample`, with the same `SamplingConfig` semantics.
+"""The Nemotron-H family's sampler (rlp_jax.models.nemotron_h) on its recurrent state: the
+hybrid counterpart of rlp_jax.models.transformer_sampling, with the same `SamplingConfig`
+semantics and the conventions of rlp_jax.models.sampling_core. rlp_jax.sampling runs it through
+the family registry (`sampling.sample` is `decode_loop(weights, prefill(weights, prompts, ...),
+key, cfg)` here too).
 
-`sample(weights, prompts, ...)` is pure (jit it, cfg static); `generate(model, ...)` is the jitted
-convenience for a live NNX model. As in `sampling`, `sample` is exactly
-`decode_loop(weights, prefill(weights, prompts, ...), key, cfg)`.
-
-Conventions (as `sampling`, except where the state differs from an attention cache)
-- Prompts are right-padded `[B, P]` with lengths `[B]`; each prompt is prefilled ONCE (B rows) and
-  its state repeated to its G samples (`nemotron_h.repeat_rows`: rows `b·G … b·G+G−1`).
-- Thoughts are decoded token by token (`nemotron_h.decode_step`); the draw at step u is
-  `sampling.next_token(logits, fold_in(key, u), u, cfg)` over all N rows at once, exactly as the
-  attention sampler draws: the same logits give the same tokens and behaviour log-probs.
+This sampler's own conventions
+- Each prompt is prefilled ONCE (B rows) and its state repeated to its G samples
+  (`nemotron_h.repeat_rows`: rows `b·G … b·G+G−1`).
+- Thoughts are decoded token by token (`nemotron_h.decode_step`) with the shared draw
+  (`sampling_core.next_token`).
 - A recurrent state cannot take a token back, so a row's state holds only what a caller will
   continue from: every generated token EXCEPT a sampled stop token (the Mamba state has no slot
   to rewrite). `cache.lengths_B = prompt_len + lengths − finished` is where the stop token (RLP:
   `</think>`) goes next, for sampled and forced closes alike (`extend`). Rows that have finished
   keep their conv and SSM state unchanged; their attention slot at `lengths_B` is scratch that the
-  next token fed there overwrites before any query reads it.
+  next token fed there overwrites before any query reads it. What comes after the thought (RLP's
+  scored targets, RPT's prediction) is each fed from this state after the thought (`feed`): the
+  family's sampler has `rewrites_slots=False`.
 - Attention slots: `P + max_new_tokens + extra_slots`; decode attends over all of them under a
   mask (no block structure as in `rlp_jax.models.decode`).
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from rlp_jax.models import nemotron_h as nh
-from rlp_jax.sampling import Prefilled, SampleOutput, SamplingConfig, next_token
+from rlp_jax.models.sampling_core import Prefilled, SampleOutput, SamplingConfig, next_token
 from rlp_jax.sharding import constrain
 
 Array = jax.Array
+
+
+def weights_of(model: nh.NemotronH) -> nh.Weights:
+    """The weights the sampler decodes a live NemotronH with (`decode_weights(model.weights())`)."""
+    return decode_weights(model.weights())
 
 
 def decode_weights(w: nh.Weights) -> nh.Weights:
@@ -42,7 +44,7 @@ def decode_weights(w: nh.Weights) -> nh.Weights:
     a sharded model gathers each weight once, outside the decode loop. Same numbers as `w`."""
     dtype = jnp.dtype(w.config.dtype)
     unsplit = lambda axes: tuple(None if a == "embed" else a for a in axes)
-    cast = lambda name, a: a if name in nh._FLOAT32_WEIGHTS else a.astype(dtype)
+    cast = lambda name, a: a if name in nh.FLOAT32_WEIGHTS else a.astype(dtype)
     blocks = {t: {name: constrain(cast(name, a), unsplit(nh.AXES[t][name])) for name, a in stack.items()}
               for t, stack in w.blocks.items()}
     head = constrain(w.head_DxV.astype(dtype), (None, "vocab"))
@@ -72,22 +74,11 @@ def extend(w: nh.Weights, state: nh.State, tokens_NxK: Array) -> tuple[Array, nh
     return hidden_KxNxD.swapaxes(0, 1), state
 
 
-def sample(weights: nh.Weights, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
-           cfg: SamplingConfig, num_samples: int = 1, extra_slots: int = 0) -> SampleOutput:
-    """Samples `num_samples` continuations of each prompt; `SampleOutput.cache` is the rows'
-    `nemotron_h.State` (see the module docstring). Pure; jit it (cfg static). `weights`:
-    `decode_weights(model.weights())`, made once outside any loop. `extra_slots`: attention room
-    for tokens a caller appends afterwards (`1 + target_len` for RLP scoring)."""
-    start = prefill(weights, prompts_BxP, prompt_lengths_B, cfg, num_samples, extra_slots)
-    return decode_loop(weights, start, key, cfg)
-
-
 def prefill(weights: nh.Weights, prompts_BxP: Array, prompt_lengths_B: Array, cfg: SamplingConfig,
             num_samples: int = 1, extra_slots: int = 0) -> Prefilled:
-    """The first half of `sample`: each prompt's forward once, its last position's logits and its
-    state repeated to its `num_samples` rows, with attention room for
-    `cfg.max_new_tokens + extra_slots` tokens per row. Pure; jit it (cfg, num_samples and
-    extra_slots static)."""
+    """Each prompt's forward once, its last position's logits and its state repeated to its
+    `num_samples` rows, with attention room for `cfg.max_new_tokens + extra_slots` tokens per row.
+    Pure; jit it (cfg, num_samples and extra_slots static)."""
     P, G = prompts_BxP.shape[1], num_samples
     prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
     hidden_BxPxD, state = nh.prefill(weights, prompts_BxP, prompt_lengths_B,
@@ -98,8 +89,9 @@ def prefill(weights: nh.Weights, prompts_BxP: Array, prompt_lengths_B: Array, cf
 
 
 def decode_loop(weights: nh.Weights, start: Prefilled, key: Array, cfg: SamplingConfig) -> SampleOutput:
-    """The second half of `sample`: `cfg.max_new_tokens` steps (fewer once every row has
-    finished) from `start`, which `prefill` made with the same `cfg`. Pure; jit it (cfg static)."""
+    """`cfg.max_new_tokens` steps (fewer once every row has finished) from `start`, which
+    `prefill` made with the same `cfg`; `SampleOutput.cache` is the rows' `nemotron_h.State` (see
+    the module docstring). Pure; jit it (cfg static)."""
     N, L = start.logits_NxV.shape[0], cfg.max_new_tokens
     stop_ids = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
 
@@ -127,15 +119,11 @@ def decode_loop(weights: nh.Weights, start: Prefilled, key: Array, cfg: Sampling
     return SampleOutput(tokens_NxL, logprobs_NxL, lengths_N, finished_N, state, start.prompt_lengths_N + lengths_N)
 
 
-def generate(model: nh.NemotronH, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
-             cfg: SamplingConfig, num_samples: int = 1, extra_slots: int = 0) -> SampleOutput:
-    """Jitted `sample` for a live NemotronH model (compiled once per shape and config)."""
-    graphdef, params = nnx.split(model)
-    return _generate(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B), key, cfg,
-                     num_samples, extra_slots)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "num_samples", "extra_slots"))
-def _generate(graphdef, params, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots):
-    weights = decode_weights(nnx.merge(graphdef, params).weights())
-    return sample(weights, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots)
+def feed(weights: nh.Weights, state: nh.State, tokens_NxT: Array, first_slot_N: Array) -> tuple[Array, nh.State]:
+    """`T` tokens per row fed from `state` (every row; the state knows where each row stands, so
+    `first_slot_N` is not needed): the final-norm hidden states `[N, T, D]` after each, and the
+    state after all of them."""
+    del first_slot_N
+    if tokens_NxT.shape[1] == 1:
+        return nh.decode_step(weights, state, tokens_NxT)
+    return extend(weights, state, tokens_NxT)
