@@ -126,3 +126,13 @@ def state_lines(p: dict, model_line: str):
               f"  optimizer (AdamW moments)    {g(mem['optimizer'])}",
               f"  reference policy (KL)        {g(mem['reference'])}"]
     return lines, g, unit, scale
+
+
+def phase_lines(p: dict, g: Callable[[float], str], scale: float) -> list[str]:
+    """One line per phase of a plan: its total, its terms, and the peak marked."""
+    lines = []
+    for phase, terms in p["phases_gib"].items():
+        detail = ", ".join(f"{k} {v * scale:.2f}" for k, v in terms.items())
+        mark = "  <- peak" if phase == p["peak_phase"] else ""
+        lines.append(f"    {phase:<26} {g(sum(terms.values()))}   ({detail}){mark}")
+    return lines

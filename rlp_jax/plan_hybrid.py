@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 
 from rlp_jax import plan_common
-from rlp_jax.plan_common import GiB, USABLE_FRACTION, Ways, abstract_mesh, split_rows, state_lines, suffix_len
+from rlp_jax.plan_common import (GiB, USABLE_FRACTION, Ways, abstract_mesh, phase_lines, split_rows, state_lines,
+                                 suffix_len)
 
 
 def hybrid_config(config, notes: list[str]):
@@ -177,10 +178,7 @@ def format_plan(p: dict) -> str:
     lines += [f"  rollout state, one row: Mamba conv {row['mamba_conv']:,} B, SSM {row['mamba_ssm']:,} B, "
               f"KV {row['kv']:,} B ({p['slots_per_row']} slots); {p['rollout_rows_per_device']} rows per device",
               "  phases (only the largest counts; they never overlap):"]
-    for phase, terms in p["phases_gib"].items():
-        detail = ", ".join(f"{k} {v * scale:.2f}" for k, v in terms.items())
-        mark = "  <- peak" if phase == p["peak_phase"] else ""
-        lines.append(f"    {phase:<26} {g(sum(terms.values()))}   ({detail}){mark}")
+    lines += phase_lines(p, g, scale)
     lines.append(f"  peak, lower bound            {g(p['peak_gib'])}")
     lines += [f"warning: {w}" for w in p["warnings"]]
     lines.append("")

@@ -25,8 +25,8 @@ import types
 from pathlib import Path
 
 from rlp_jax import plan_common
-from rlp_jax.plan_common import (GiB, USABLE_FRACTION, Ways, abstract_mesh, model_config_for, split_rows, state_lines,
-                                 suffix_len)
+from rlp_jax.plan_common import (GiB, USABLE_FRACTION, Ways, abstract_mesh, model_config_for, phase_lines, split_rows,
+                                 state_lines, suffix_len)
 
 
 def shapes_without_files(config, notes: list[str], tokenizer):
@@ -356,10 +356,7 @@ def format_plan(p: dict) -> str:
                                f"remat {model['remat']}")
     lines += [f"  rollout buffers              {g(mem['buffers'])}",
               "  phases (only the largest counts; they never overlap):"]
-    for phase, terms in p["phases_gib"].items():
-        detail = ", ".join(f"{k} {v * scale:.2f}" for k, v in terms.items())
-        mark = "  <- peak" if phase == p["peak_phase"] else ""
-        lines.append(f"    {phase:<26} {g(sum(terms.values()))}   ({detail}){mark}")
+    lines += phase_lines(p, g, scale)
     lines.append(f"  peak                         {g(p['peak_gib'])}")
     if "fits" in p:
         lines.append(f"  usable                       {g(p['usable_gib'])}   ({USABLE_FRACTION:.0%} of "
