@@ -8,8 +8,9 @@ Launch:   launch/tpu_pod.sh --tpu NAME --zone ZONE -- --config configs/rlp_qwen3
 Mesh (1, 8, 1) over ('data', 'fsdp', 'tensor'): pure FSDP over the host's 2x4 ICI.
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (8 ways); embed →
   fsdp; heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
-Micro-batching: rollouts and the EMA no-think baseline in 32 chunks of 16 prompts (256 thoughts,
-  32 per chip); one update per step accumulated over 128 micro-batches of four prompts (64
+Micro-batching: rollouts and the EMA no-think baseline in 64 chunks of 8 prompts (128 thoughts,
+  16 per chip; with 32 chunks the compiled step needed 29.5 GiB per chip of 28.8 usable, with 64
+  it needs 19.2: docs/launch.md); one update per step accumulated over 128 micro-batches of four prompts (64
   thoughts, 8 per chip).
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v6e8.py` (docs/launch.md).
@@ -24,6 +25,6 @@ TARGET = "v6e:2x4"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 def get_config():
     c = rlp_paper.get_config()
     c.mesh.shape = (1, 8, 1)
-    c.rlp.rollout_microbatches = 32
+    c.rlp.rollout_microbatches = 64
     c.rlp.grad_accum_steps = 128
     return c
