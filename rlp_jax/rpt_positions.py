@@ -112,9 +112,12 @@ def hard_positions_for_run(config, workdir: Path, corpus, tokenizer, start_param
     r, d = config.rlp, config.data
     process_index, process_count = jax.process_index(), jax.process_count()
     directory = Path(workdir) / "rpt_entropy" / f"train-process-{process_index}-of-{process_count}"
-    scoring = hard_positions.ScoringConfig(
-        window=d.max_context, add_bos=tokenizer.bos_id is not None, add_eos=True,
-        batch_rows=max(r.rpt_proxy_batch, 1) * len(jax.local_devices()))
+    try:
+        scoring = hard_positions.ScoringConfig(
+            window=d.max_context, add_bos=tokenizer.bos_id is not None, add_eos=True,
+            batch_rows=r.rpt_proxy_batch * len(jax.local_devices()))
+    except ValueError as error:
+        raise ConfigError(f"rlp.rpt_proxy_batch / data.max_context: {error}") from None
     kind, path = proxy_source(config)
     marker_ids = (tokenizer.think_open_id, tokenizer.think_close_id)
     identity = {"corpus": build.corpus_fingerprint(config), "split": "train", "documents": corpus.num_documents("train"),
