@@ -112,21 +112,24 @@ def test_an_unknown_target_is_refused_in_one_sentence(tmp_path, target, message)
     assert code == 2 and message in stderr and "Traceback" not in stderr
 
 
-def test_the_decode_loop_compiled_for_an_h100_copies_no_layer_cache_or_weights(tmp_path):
-    """The sampler compiled by XLA:GPU: inside each decode while loop, no copy, slice or transpose
-    as large as a layer's cache block, prompt prefix or weight matrix (tests/decode_loop.py;
-    tests/test_decode.py checks XLA:CPU's program). XLA:TPU's program does copy each layer's cache
-    block per step today (docs/launch.md, "What the compilers found")."""
+@pytest.mark.parametrize("family", ["transformer", "hybrid"])
+def test_the_decode_loop_compiled_for_an_h100_copies_no_layer_cache_or_weights(tmp_path, family):
+    """The decode loops compiled by XLA:GPU, both model families: inside each decode while loop, no
+    copy, slice or transpose as large as a layer's cache block, prompt prefix, weight matrix or
+    (the hybrid) SSM state (tests/decode_loop.py; tests/test_decode.py checks XLA:CPU's program).
+    XLA:TPU's program does copy each layer's cache block per step today (docs/launch.md, "What the
+    compilers found")."""
     target = "h100:1x8"
     sys.path.insert(0, str(Path(__file__).parent))
     import decode_loop
 
     out = tmp_path / "sampler.hlo.txt"
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    result = subprocess.run([sys.executable, str(Path(__file__).parent / "aot_decode_worker.py"), target, str(out)],
-                            capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "aot_decode_worker.py"), target, family,
+                             str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    loops, offenders = decode_loop.loop_copies(out.read_text(), decode_loop.small_config(dtype="bfloat16"))
+    config = {"transformer": decode_loop.small_config, "hybrid": decode_loop.hybrid_config}[family]
+    loops, offenders = decode_loop.loop_copies(out.read_text(), config(dtype="bfloat16"))
     assert loops >= 2
     assert not offenders, "\n".join(offenders)
 

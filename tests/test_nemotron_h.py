@@ -16,9 +16,10 @@ import torch
 import transformers
 from flax import nnx
 
-from rlp_jax import sharding
-from rlp_jax.models import mamba2
+from rlp_jax import sampling, sharding
+from rlp_jax.models import decode, mamba2
 from rlp_jax.models import nemotron_h as nh
+from rlp_jax.models import nemotron_h_decode as hd
 from rlp_jax.models import nemotron_h_hf as nhf
 from rlp_jax.models.hf import HFFormatError
 from tolerances import forward_tolerance
@@ -187,61 +188,88 @@ def test_chunked_ssd_equals_recurrence(chunk):
     assert float(jnp.abs(with_gap - without).max()) < 1e-4 * float(jnp.abs(without).max())
 
 
-# ---------------------------------------------------------------- prefill + decode
+# ---------------------------------------------------------------- prefill + decode (the rollout cache)
 
-_prefill = jax.jit(nh.prefill, static_argnames="capacity")
-_decode = jax.jit(nh.decode_step)
+G_ROWS, BLOCK = 2, 3
+_extend = jax.jit(hd.extend, static_argnames=("attend_blocks", "write_blocks"))
+
+
+def _cache(w, prompts, lengths, suffix_slots):
+    """The prompts prefilled once each (`hd.prefill`) and a rollout cache for G_ROWS rows per prompt
+    with suffix blocks of BLOCK slots: (prefill hidden states, cache)."""
+    hidden, prefix_k, prefix_v, conv, ssm = jax.jit(hd.prefill)(w, jnp.asarray(prompts), jnp.asarray(lengths))
+    N = len(prompts) * G_ROWS
+    blocks = [hd.empty_blocks(w.config, N, BLOCK) for _ in range(decode.num_blocks(suffix_slots, BLOCK))]
+    kv = decode.RolloutCache(prefix_k, prefix_v, jnp.asarray(lengths, jnp.int32), tuple(k for k, _ in blocks),
+                             tuple(v for _, v in blocks))
+    rows = lambda a: jnp.repeat(a, G_ROWS, axis=0)
+    return hidden, hd.HybridCache(kv, tuple({k: rows(v) for k, v in c.items()} for c in conv), tuple(map(rows, ssm)))
 
 
 @pytest.mark.parametrize("pattern", ["MM*-M*-", "*--*M"])
-def test_prefill_then_decode_equals_forward(saved, pattern):
-    """Ragged prompts (right-padded) prefilled, then fed one token per step: every step's logits equal
-    the full forward's at that position."""
+def test_prefill_then_decode_across_blocks_equals_forward(saved, pattern):
+    """Ragged prompts (right-padded) prefilled once each, G rows per prompt fed their own tokens one
+    per step across cache blocks, then three at once (RLP scoring) straddling a block boundary:
+    every logit equals the full forward's at that position (each row's own sequence)."""
     _, _, ours = saved[pattern]
-    w = ours.weights()
-    prompt_lengths = np.array([6, 2, 4, 1])
-    steps = 5
-    tokens = random_tokens(4, int(prompt_lengths.max()) + steps, seed=4)
-    full = ours_logits(ours, tokens)
-    prompts = np.where(np.arange(prompt_lengths.max())[None] < prompt_lengths[:, None],
-                       tokens[:, :prompt_lengths.max()], 0)
-    hidden, state = _prefill(w, jnp.asarray(prompts), jnp.asarray(prompt_lengths), capacity=tokens.shape[1])
-    prefill_logits = np.asarray(nh.logits(w, hidden))
-    for b, n in enumerate(prompt_lengths):
-        assert float(np.abs(prefill_logits[b, :n] - full[b, :n]).max()) < TOL
-    assert state.ssm.dtype == jnp.float32 and state.ssm.shape == (3 if pattern == "MM*-M*-" else 1, 4, 8, 6, 5)
-    grouped = nh.repeat_rows(state, 3)  # G rollouts per prompt start from copies of its state
-    assert grouped.k.shape[1] == 12 and grouped.conv["x"].shape[1] == 12
-    np.testing.assert_array_equal(np.asarray(grouped.lengths_B), np.repeat(prompt_lengths, 3))
-    np.testing.assert_array_equal(np.asarray(grouped.ssm[:, 4]), np.asarray(state.ssm[:, 1]))
-    diffs = []
-    for j in range(steps):
-        at = prompt_lengths + j
-        hidden, state = _decode(w, state, jnp.asarray(tokens[np.arange(4), at])[:, None])
-        step_logits = np.asarray(nh.logits(w, hidden))[:, 0]
-        diffs.append(float(np.abs(step_logits - full[np.arange(4), at]).max()))
-    assert max(diffs) < TOL, diffs
-    np.testing.assert_array_equal(np.asarray(state.lengths_B), prompt_lengths + steps)
+    w = hd.decode_weights(ours.weights())
+    lengths = np.array([6, 2, 4, 1])
+    P, steps, fed = int(lengths.max()), 4, 3
+    prompts = np.where(np.arange(P)[None] < lengths[:, None], random_tokens(4, P, seed=4), 0)
+    new = random_tokens(4 * G_ROWS, steps + fed, seed=5)
+    hidden, cache = _cache(w, prompts, lengths, steps + fed)
+    prefill_logits = np.asarray(hd.logits(w, hidden))
+    for b, n in enumerate(lengths):
+        assert float(np.abs(prefill_logits[b, :n] - ours_logits(ours, prompts[b:b + 1, :n])[0]).max()) < TOL
+    got = []
+    for s in range(steps):
+        block = s // BLOCK
+        hidden, cache = _extend(w, cache, jnp.asarray(new[:, s:s + 1]), jnp.full((len(new), 1), s),
+                                attend_blocks=block + 1, write_blocks=(block,))
+        got.append(np.asarray(hd.logits(w, hidden)))
+    blocks = len(cache.kv.block_k)
+    hidden, cache = _extend(w, cache, jnp.asarray(new[:, steps:]), jnp.broadcast_to(steps + jnp.arange(fed), (len(new), fed)),
+                            attend_blocks=blocks, write_blocks=tuple(range(blocks)))
+    got = np.concatenate(got + [np.asarray(hd.logits(w, hidden))], axis=1)
+    width = P + steps + fed
+    seqs = np.zeros((len(new), width), np.int64)
+    for n in range(len(new)):
+        b = n // G_ROWS
+        seqs[n, :lengths[b] + steps + fed] = np.concatenate([prompts[b, :lengths[b]], new[n]])
+    full = ours_logits(ours, seqs)
+    want = np.stack([full[n, lengths[n // G_ROWS]:lengths[n // G_ROWS] + steps + fed] for n in range(len(new))])
+    assert float(np.abs(got - want).max()) < TOL
+
+
+def test_rows_not_advanced_keep_their_mamba_state(saved):
+    """`advance_N` False: the row's conv and SSM state stay exactly as they were (a sampled stop
+    token is not taken into the state a row continues from)."""
+    _, _, ours = saved["MM*-M*-"]
+    w = hd.decode_weights(ours.weights())
+    _, cache = _cache(w, random_tokens(2, 3, seed=7), np.array([3, 2]), 4)
+    advance = jnp.array([True, False, True, False])
+    _, after = jax.jit(hd.extend, static_argnames=("attend_blocks", "write_blocks"))(
+        w, cache, jnp.asarray(random_tokens(4, 1, seed=8)), jnp.zeros((4, 1), jnp.int32), attend_blocks=1,
+        write_blocks=(0,), advance_N=advance)
+    for before_ssm, after_ssm in zip(cache.ssm, after.ssm):
+        np.testing.assert_array_equal(np.asarray(after_ssm)[1::2], np.asarray(before_ssm)[1::2])
+        assert np.abs(np.asarray(after_ssm)[0::2] - np.asarray(before_ssm)[0::2]).max() > 1e-3
+    for before_conv, after_conv in zip(cache.conv, after.conv):
+        np.testing.assert_array_equal(np.asarray(after_conv["x"])[1::2], np.asarray(before_conv["x"])[1::2])
 
 
 def test_greedy_decoding_equals_hf_generate(saved):
-    """Greedy tokens from prefill + decode_step (the shapes of the test above: no new compile)
-    equal transformers' generate(do_sample=False)."""
+    """Greedy tokens of the hybrid's sampler (prefill, decode loop over cache blocks) equal
+    transformers' generate(do_sample=False)."""
     hf, _, ours = saved["MM*-M*-"]
-    w = ours.weights()
     prompts = random_tokens(4, 6, seed=6)
     new = 5
     with torch.no_grad():
         want = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
                            max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)[:, 6:].numpy()
-    hidden, state = _prefill(w, jnp.asarray(prompts), jnp.full((4,), 6), capacity=6 + new)
-    token = jnp.argmax(nh.logits(w, hidden[:, -1:]), axis=-1)  # [B, 1]
-    got = [token]
-    for _ in range(new - 1):
-        hidden, state = _decode(w, state, token)
-        token = jnp.argmax(nh.logits(w, hidden), axis=-1)
-        got.append(token)
-    np.testing.assert_array_equal(np.asarray(jnp.concatenate(got, axis=1)), want)
+    cfg = sampling.SamplingConfig(max_new_tokens=new, temperature=0.0, block_len=2)
+    out = sampling.generate(ours, prompts, np.full(4, 6), jax.random.key(0), cfg)
+    np.testing.assert_array_equal(np.asarray(out.tokens_NxL), want)
 
 
 # ---------------------------------------------------------------- HF export, counts, errors
@@ -349,17 +377,23 @@ def test_sharded_forward_equals_unsharded(saved):
     # Another summation order: 6 blocks of at most ~10 chained reductions of at most 48 terms.
     tol = forward_tolerance(want[valid], depth=62, width=48)
     assert float(np.abs(np.asarray(got) - want)[valid].max()) <= tol
-    # Prefill and a decode step under the mesh: the state sharded by its logical axes, same values.
-    lengths = jnp.asarray([6, 3, 5, 2])
-    prompts = jnp.asarray(tokens[:, :6])
-    _, state = _prefill(ours.weights(), prompts, lengths, capacity=T)
-    hidden, state = _decode(ours.weights(), state, prompts[:, :1])
+    # Prefill and a decode step under the mesh: the cache sharded by its logical axes, same values.
+    lengths = np.array([6, 3, 5, 2])
+    prompts = tokens[:, :6]
+
+    def prefill_and_step(model):
+        w = hd.decode_weights(model.weights())
+        _, cache = _cache(w, prompts, lengths, 2)
+        return _extend(w, cache, jnp.asarray(tokens[:, :2].reshape(-1, 1)), jnp.zeros((8, 1), jnp.int32),
+                       attend_blocks=1, write_blocks=(0,))
+
+    hidden, cache = prefill_and_step(ours)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
-        _, sharded_state = _prefill(sharded.weights(), prompts, lengths, capacity=T)
-        sharded_hidden, sharded_state = _decode(sharded.weights(), sharded_state, prompts[:, :1])
-    assert sharded_state.ssm.sharding.spec == P(None, ("data", "fsdp"), "tensor")
-    assert sharded_state.k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor")
+        sharded_hidden, sharded_cache = prefill_and_step(sharded)
+    assert sharded_cache.ssm[0].sharding.spec == P(("data", "fsdp"), "tensor")
+    assert sharded_cache.kv.prefix_k[0].sharding.spec == P(("data", "fsdp"), "tensor")
+    assert sharded_cache.kv.block_v[0][0].sharding.spec == P(("data", "fsdp"), "tensor")
     assert float(np.abs(np.asarray(sharded_hidden) - np.asarray(hidden)).max()) <= \
         forward_tolerance(hidden, depth=62, width=48)
-    for a, b in zip(jax.tree.leaves(sharded_state), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves(sharded_cache), jax.tree.leaves(cache)):
         assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= forward_tolerance(b, depth=62, width=48)

@@ -1,4 +1,4 @@
-"""The RLP step on the Nemotron-H hybrid (issue #14): the recurrent-state sampler against a sampler
+"""The RLP step on the Nemotron-H hybrid (issue #14): the rollout-cache sampler against a sampler
 that reruns the full forward with the same noise, scoring after the thought and behaviour
 log-probs against fresh forwards, the step's update against an unfused policy gradient, a
 (2, 2, 2) mesh against one device, and checkpoint resume bitwise.
@@ -20,6 +20,7 @@ from rlp_jax import checkpoint, losses, rollouts, sampling, sharding
 from rlp_jax import train_step as ts
 from rlp_jax.batch import prompt_batch
 from rlp_jax.models import nemotron_h as nh
+from rlp_jax.models import nemotron_h_decode as hd
 from rlp_jax.rollouts import RolloutConfig
 
 VOCAB, OPEN, CLOSE = 32, 1, 2
@@ -61,7 +62,7 @@ def test_sampler_equals_one_that_reruns_the_full_forward_with_the_same_noise(mod
     attention sampler applies them. Greedy: every rollout of a prompt the same (one prefill)."""
     G, steps, key = 2, 7, jax.random.key(3)
     cfg = sampling.SamplingConfig(max_new_tokens=steps, temperature=temperature, top_k=12, top_p=0.95,
-                                  stop_tokens=(CLOSE,), min_new_tokens=2)
+                                  stop_tokens=(CLOSE,), min_new_tokens=2, block_len=3)  # 3 cache blocks
     out = sampling.generate(model, PROMPTS, LENGTHS, key, cfg, num_samples=G, extra_slots=2)  # → the hybrid family's sampler
     N = len(PROMPTS) * G
     rows = [list(PROMPTS[n // G, :LENGTHS[n // G]]) for n in range(N)]
@@ -80,10 +81,24 @@ def test_sampler_equals_one_that_reruns_the_full_forward_with_the_same_noise(mod
     lengths = np.array([len(r) for r in rows]) - np.repeat(LENGTHS, G)
     np.testing.assert_array_equal(out.lengths_N, lengths)
     np.testing.assert_array_equal(out.finished_N, finished)
-    # The state holds the thought without a sampled stop token: that is where </think> goes next.
-    np.testing.assert_array_equal(out.cache.lengths_B, np.repeat(LENGTHS, G) + lengths - finished)
     np.testing.assert_array_equal(out.next_positions_N, np.repeat(LENGTHS, G) + lengths)
-    assert isinstance(out.cache, nh.State) and out.cache.capacity == PROMPTS.shape[1] + steps + 2
+    # Each prompt's keys once; room for every new and extra token in each row's suffix blocks.
+    kv = out.cache.kv
+    assert isinstance(out.cache, hd.HybridCache) and kv.prefix_k[0].shape[0] == len(PROMPTS)
+    assert sum(b[0].shape[3] for b in kv.block_k) >= steps + 2 and kv.block_k[0][0].shape[0] == N
+    # The Mamba state holds the thought without a sampled stop token (where </think> goes next):
+    # it equals a prefill of [prompt, thought minus a sampled stop].
+    held = [r[:len(r) - 1] if f else r for r, f in zip(rows, finished)]
+    seq = np.zeros((N, max(map(len, held))), np.int32)
+    for n, r in enumerate(held):
+        seq[n, :len(r)] = r
+    _, _, _, conv, ssm = jax.jit(hd.prefill)(sampling.weights_of(model), jnp.asarray(seq),
+                                             jnp.asarray([len(r) for r in held], jnp.int32))
+    for got_layer, want_layer in zip(out.cache.conv, conv):
+        for k in want_layer:
+            np.testing.assert_allclose(got_layer[k], want_layer[k], atol=2e-5)
+    for got_ssm, want_ssm in zip(out.cache.ssm, ssm):
+        np.testing.assert_allclose(got_ssm, want_ssm, atol=2e-5)
     if temperature == 0:
         tokens = np.asarray(out.tokens_NxL).reshape(len(PROMPTS), G, steps)
         assert (tokens == tokens[:, :1]).all()
@@ -99,8 +114,11 @@ def test_prefill_then_decode_loop_jitted_apart_equal_sample(model):
     cfg = sampling.SamplingConfig(max_new_tokens=steps, temperature=0.8, stop_tokens=(CLOSE,))
     weights = sampling.weights_of(model)
     start = sampling.prefill_jit(weights, PROMPTS, LENGTHS, cfg, num_samples=G, extra_slots=2)
-    assert isinstance(start.cache, nh.State) and start.cache.capacity == PROMPTS.shape[1] + steps + 2
-    np.testing.assert_array_equal(start.cache.lengths_B, np.repeat(LENGTHS, G))
+    kv = start.cache.kv
+    assert isinstance(start.cache, hd.HybridCache) and kv.prefix_k[0].shape[0] == len(PROMPTS)
+    np.testing.assert_array_equal(kv.prefix_len_B, LENGTHS)
+    assert sum(b[0].shape[3] for b in kv.block_k) >= steps + 2
+    np.testing.assert_array_equal(start.cache.ssm[0][0::G], start.cache.ssm[0][1::G])  # a prompt's state, to each row
     np.testing.assert_array_equal(start.prompt_lengths_N, np.repeat(LENGTHS, G))
     np.testing.assert_array_equal(start.logits_NxV[0::G], start.logits_NxV[1::G])
     logits = forward(model, [list(PROMPTS[b, :LENGTHS[b]]) for b in range(len(PROMPTS))])
@@ -118,7 +136,8 @@ def test_prefill_then_decode_loop_jitted_apart_equal_sample(model):
 
 B, T, G, L, K = 4, 7, 3, 6, 2
 ROLLOUT = RolloutConfig(think_open_id=OPEN, think_close_id=CLOSE, num_rollouts=G, max_thought_len=L,
-                        temperature=3.0, prompt_suffix_ids=(5, 6))  # hot: closed and truncated rows
+                        temperature=3.0, prompt_suffix_ids=(5, 6),  # hot: closed and truncated rows
+                        cache_block_len=4)  # scoring straddles a block boundary
 
 
 def _batch(seed=0):

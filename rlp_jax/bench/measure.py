@@ -119,8 +119,8 @@ def decode_step_bytes_parts(c, *, prompts: int, prompt_tokens: float, rows: int,
     and each row's own suffix. The Nemotron-H hybrid: every weight but the embedding table (of
     which a step reads one row per token), each row's Mamba conv history ((K−1)·conv_dim per Mamba
     layer, compute dtype) and SSM state (Hm·P·N per Mamba layer, `mamba_ssm_cache_dtype`), and the
-    keys and values of its attention layers: each row holds its own copy of its prompt's
-    (nemotron_h.repeat_rows), so `rows × (prompt_tokens + suffix_tokens)` tokens of them."""
+    keys and values of its attention layers, each prompt's once and each row's own suffix, as the
+    Transformer's."""
     return _costs(c).decode_step_bytes(c, prompts=prompts, prompt_tokens=prompt_tokens, rows=rows,
                                                 suffix_tokens=suffix_tokens)
 

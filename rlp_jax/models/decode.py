@@ -106,13 +106,26 @@ def num_blocks(suffix_len: int, block_len: int) -> int:
 def empty_block(config: ModelConfig, num_rows: int, block_len: int) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
     """One suffix block of every layer, zeros: keys `[N, J, H, block_len]`, values
     `[N, J, block_len, H]`."""
-    J, H = config.num_kv_heads, config.head_dim
-    zeros = lambda shape: tuple(_constrain_block(jnp.zeros(shape, config.dtype)) for _ in range(config.num_layers))
+    return empty_layer_blocks(config.num_layers, num_rows, config.num_kv_heads, config.head_dim, block_len,
+                              config.dtype)
+
+
+def empty_layer_blocks(num_layers: int, num_rows: int, num_kv_heads: int, head_dim: int, block_len: int,
+                       dtype) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+    """`empty_block` for `num_layers` attention layers of any model (the hybrid's attention layers)."""
+    J, H = num_kv_heads, head_dim
+    zeros = lambda shape: tuple(constrain_block(jnp.zeros(shape, dtype)) for _ in range(num_layers))
     return zeros((num_rows, J, H, block_len)), zeros((num_rows, J, block_len, H))
 
 
-def _constrain_block(x: Array) -> Array:
+def constrain_block(x: Array) -> Array:
+    """The sharding of a cache array `[rows or prompts, J, ·, ·]`: rows over `batch`, heads over `kv_heads`."""
     return constrain(x, ("batch", "kv_heads", None, None))
+
+
+def cache_layout(k_BxTxJxH: Array, v_BxTxJxH: Array) -> tuple[Array, Array]:
+    """Keys and values as the cache stores them: keys `[B, J, H, T]`, values `[B, J, T, H]`."""
+    return constrain_block(jnp.transpose(k_BxTxJxH, (0, 2, 3, 1))), constrain_block(jnp.swapaxes(v_BxTxJxH, 1, 2))
 
 
 # ---------------------------------------------------------------- prefill
@@ -139,7 +152,7 @@ def _prefill_layer(w, x_BxPxD, cos, sin, *, config: ModelConfig, context):
     del context  # part of the jit cache key only (see _layer_jit)
     q, k, v = tfm.attention_inputs(x_BxPxD, w, config, cos, sin)
     x_BxPxD = tfm.layer_output(x_BxPxD, tfm.self_attention(q, k, v, None, config.attention, config.platform), w, config)
-    return x_BxPxD, _constrain_block(jnp.transpose(k, (0, 2, 3, 1))), _constrain_block(jnp.swapaxes(v, 1, 2))
+    return (x_BxPxD, *cache_layout(k, v))
 
 
 _prefill_layer_jit = jax.jit(_prefill_layer, static_argnames=("config", "context"))
@@ -179,18 +192,26 @@ def _layer(w, x_NxTxD, cos, sin, prefix_k, prefix_v, prefix_len_B, blocks_k, blo
     residual stream and the layer's blocks."""
     del context  # only part of the jit cache key: rules and mesh decide the sharding constraints
     q, k, v = tfm.attention_inputs(x_NxTxD, w, config, cos, sin)
-    blocks_k, blocks_v = list(blocks_k), list(blocks_v)
-    for b in write_blocks:
-        local_NxT = slots_NxT - b * blocks_v[b].shape[2]
-        blocks_k[b] = _write(blocks_k[b], k, local_NxT, slot_axis=3)
-        blocks_v[b] = _write(blocks_v[b], v, local_NxT, slot_axis=2)
+    blocks_k, blocks_v = write_slots(blocks_k, blocks_v, k, v, slots_NxT, write_blocks)
     attn = cached_attention(q, prefix_k, prefix_v, prefix_len_B, blocks_k, blocks_v, slots_NxT, config.platform)
-    return tfm.layer_output(x_NxTxD, attn, w, config), tuple(blocks_k), tuple(blocks_v)
+    return tfm.layer_output(x_NxTxD, attn, w, config), blocks_k, blocks_v
 
 
 # Jitted on its own so that the layers of one `extend` (same shapes) are traced once, not once
 # each; XLA inlines the calls, so the compiled program is the same.
 _layer_jit = jax.jit(_layer, static_argnames=("config", "write_blocks", "context"))
+
+
+def write_slots(blocks_k, blocks_v, k_NxTxJxH: Array, v_NxTxJxH: Array, slots_NxT: Array,
+                write_blocks: tuple[int, ...]) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+    """One layer's blocks with each row's T new keys and values written at suffix slots
+    `slots_NxT`, in the blocks `write_blocks` only (a slot outside them writes nothing)."""
+    blocks_k, blocks_v = list(blocks_k), list(blocks_v)
+    for b in write_blocks:
+        local_NxT = slots_NxT - b * blocks_v[b].shape[2]
+        blocks_k[b] = _write(blocks_k[b], k_NxTxJxH, local_NxT, slot_axis=3)
+        blocks_v[b] = _write(blocks_v[b], v_NxTxJxH, local_NxT, slot_axis=2)
+    return tuple(blocks_k), tuple(blocks_v)
 
 
 def _write(block: Array, new_NxTxJxH: Array, local_NxT: Array, slot_axis: int) -> Array:

@@ -13,7 +13,7 @@ the recurrence across chunk boundaries only); `ssd_recurrent` is the token-by-to
 G groups, N state size, K conv width.
 
 The rest of the mixer (input projections, depthwise causal conv, gated grouped RMSNorm, output
-projection) lives in `mamba_mixer` and `mamba_decode_step`; the weights are a dict (see
+projection) lives in `mamba_mixer` and `mamba_extend`; the weights are a dict (see
 `MAMBA_AXES` for names, shapes and logical axes). Everything runs in float32 inside the scan, as
 transformers' reference path does.
 """
@@ -50,11 +50,11 @@ MAMBA_AXES = {
     "out": ("layers", "ssm_heads", "ssm_head_dim", "embed"),  # [H, P, D]
 }
 
-# Logical axes of a Mamba layer's decode state (stacked over Mamba layers, batch second).
-CONV_STATE_AXES = {"x": ("layers", "batch", None, "ssm_heads", "ssm_head_dim"),
-                   "B": ("layers", "batch", None, "ssm_groups", "ssm_state"),
-                   "C": ("layers", "batch", None, "ssm_groups", "ssm_state")}
-SSM_STATE_AXES = ("layers", "batch", "ssm_heads", "ssm_head_dim", "ssm_state")
+# Logical axes of one Mamba layer's decode state: conv histories [B, K−1, ...] and the SSM state.
+CONV_STATE_AXES = {"x": ("batch", None, "ssm_heads", "ssm_head_dim"),
+                   "B": ("batch", None, "ssm_groups", "ssm_state"),
+                   "C": ("batch", None, "ssm_groups", "ssm_state")}
+SSM_STATE_AXES = ("batch", "ssm_heads", "ssm_head_dim", "ssm_state")
 
 
 def mamba_shapes(num_layers: int, D: int, H: int, P: int, G: int, N: int, K: int,
@@ -159,7 +159,11 @@ def ssm_step(state_BxHxPxN: Array, x_BxHxP: Array, dt_BxH: Array, A_H: Array, B_
     dA = jnp.exp(dt * A_H.astype(f32)).reshape(Bsz, G, R)
     u = (x_BxHxP.astype(f32) * dt[..., None]).reshape(Bsz, G, R, P)
     h = dA[..., None, None] * h + u[..., None] * B_BxGxN.astype(f32)[:, :, None, None, :]
-    y = jnp.einsum("bgrpn,bgn->bgrp", h, C_BxGxN.astype(f32))
+    # The readout as a multiply-and-sum, not a dot: XLA then makes the update and the readout one
+    # fusion that reads the old state once and writes the new one in place; with a dot it
+    # recomputes the update for the dot's operand, reads the old state twice and copies it at
+    # every decode step.
+    y = (h * C_BxGxN.astype(f32)[:, :, None, None, :]).sum(-1)
     return y.reshape(Bsz, H, P), h.reshape(Bsz, H, P, -1)
 
 
@@ -274,23 +278,36 @@ def mamba_mixer(h_BxTxD: Array, w: dict[str, Any], c, valid_BxT: Array | None = 
     return out, (history, final)
 
 
-def mamba_decode_step(h_Bx1xD: Array, w: dict[str, Any], c, conv_state: dict[str, Array],
-                      ssm_state_BxHxPxN: Array):
-    """One token of the mixer from its recurrent state: the conv over the K−1 remembered inputs and
-    the new one, then `ssm_step`. Returns `(out_Bx1xD, new conv state, new ssm state)` (the ssm
-    state kept in its own dtype). Δ is clamped as in `mamba_mixer`, so decode continues the forward
-    exactly; transformers' one-token path skips the clamp (the two differ only for a config whose
-    `time_step_limit` is narrower than the default (0, ∞))."""
-    dtype = h_Bx1xD.dtype
-    z, x, Bm, Cm, dt_raw = _project_in(h_Bx1xD, w)
-    streams = {"x": x, "B": Bm, "C": Cm}
+def mamba_extend(h_BxTxD: Array, w: dict[str, Any], c, conv_state: dict[str, Array], ssm_state_BxHxPxN: Array,
+                 advance_B: Array | None = None):
+    """T tokens of the mixer continued from its recurrent state (T = 1: one decode step): the conv
+    over the K−1 remembered inputs and the new ones, then the recurrence (`ssm_step`, scanned over
+    T when T > 1). Returns `(out_BxTxD, new conv state, new ssm state)`, the conv state the last
+    K−1 inputs in its own dtype, the ssm state in its own dtype. Δ is clamped as in `mamba_mixer`,
+    so this continues the forward exactly; transformers' one-token path skips the clamp (the two
+    differ only for a config whose `time_step_limit` is narrower than the default (0, ∞))."""
+    dtype = h_BxTxD.dtype
+    T = h_BxTxD.shape[1]
+    z, x, Bm, Cm, dt_raw = _project_in(h_BxTxD, w)
     conved, new_conv = {}, {}
-    for k, v in streams.items():
-        conved[k] = jax.nn.silu(causal_conv(v, w["conv_" + k], w.get(f"conv_{k}_bias"), conv_state[k]))
-        new_conv[k] = jnp.concatenate([conv_state[k].astype(v.dtype), v], axis=1)[:, 1:].astype(conv_state[k].dtype)
-    dt = time_step(dt_raw, w["dt_bias"], c.time_step_limit)[:, 0]
+    for k, v in {"x": x, "B": Bm, "C": Cm}.items():
+        history = conv_state[k].astype(v.dtype)
+        conved[k] = jax.nn.silu(causal_conv(v, w["conv_" + k], w.get(f"conv_{k}_bias"), history))
+        new_conv[k] = jnp.concatenate([history, v], axis=1)[:, T:].astype(conv_state[k].dtype)
+    dt = time_step(dt_raw, w["dt_bias"], c.time_step_limit)
+    if advance_B is not None:
+        # Rows not advanced: Δ = 0 and no input leave the SSM state exactly as it was (exp(0·A) = 1),
+        # and the conv history keeps its last K−1 inputs. Masking the inputs, not selecting between
+        # old and new states, lets XLA update the state in place.
+        dt = jnp.where(advance_B[:, None, None], dt, 0.0)
+        new_conv = {k: jnp.where(advance_B.reshape((-1,) + (1,) * (v.ndim - 1)), v, conv_state[k])
+                    for k, v in new_conv.items()}
     A = -jnp.exp(w["A_log"].astype(jnp.float32))
-    y, h = ssm_step(ssm_state_BxHxPxN, conved["x"][:, 0], dt, A, conved["B"][:, 0], conved["C"][:, 0])
-    y = y + w["D"].astype(jnp.float32)[:, None] * conved["x"][:, 0].astype(jnp.float32)
-    y = gated_rms_norm(y[:, None], z, w["gate_norm"], c.n_groups, c.layer_norm_epsilon)
+    if T == 1:
+        y, h = ssm_step(ssm_state_BxHxPxN, conved["x"][:, 0], dt[:, 0], A, conved["B"][:, 0], conved["C"][:, 0])
+        y = y[:, None]
+    else:
+        y, h = ssd_recurrent(conved["x"], dt, A, conved["B"], conved["C"], ssm_state_BxHxPxN)
+    y = y + w["D"].astype(jnp.float32)[:, None] * conved["x"].astype(jnp.float32)
+    y = gated_rms_norm(y, z, w["gate_norm"], c.n_groups, c.layer_norm_epsilon)
     return _project_out(y, w, dtype), new_conv, h.astype(ssm_state_BxHxPxN.dtype)

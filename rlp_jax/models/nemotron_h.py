@@ -8,11 +8,10 @@ RoPE; order comes from the Mamba layers), `-` a ReLU² MLP `down(relu(up(h))²)`
 the LM head are separate matrices (transformers never ties them for this model).
 
 Weights of each block type are stacked over a leading `layers` axis (one stack per type); the
-forward is ONE `lax.scan` over all layers whose body switches (`lax.switch`) on the layer's type
-and slices that type's stack at the layer's per-type index, so every block type is compiled once
-whatever the depth. Prefill and decode (`prefill`, `decode_step`) use the same scan and carry
-the recurrent `State` (per-type stacks: Mamba conv histories and SSM states, attention keys and
-values; batch is axis 1 of every stacked array).
+teacher-forced forward is ONE `lax.scan` over all layers whose body switches (`lax.switch`) on the
+layer's type and slices that type's stack at the layer's per-type index, so every block type is
+compiled once whatever the depth. Decoding (prefill, decode steps, scoring after a thought) runs
+on the rollout cache of rlp_jax.models.nemotron_h_decode, over per-layer weights sliced once.
 """
 
 from __future__ import annotations
@@ -211,7 +210,7 @@ class BlockStack(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Weights:
     """The model's arrays as a pytree (the config is static metadata): what the pure functions
-    `hidden_states`, `prefill` and `decode_step` take. Block dicts are empty for absent types."""
+    `hidden_states` and rlp_jax.models.nemotron_h_decode take. Block dicts are empty for absent types."""
 
     config: NemotronHConfig = dataclasses.field(metadata=dict(static=True))
     embed_VxD: Array
@@ -294,15 +293,19 @@ def _layer_weights(stack: dict[str, Array], i: Array, dtype) -> dict[str, Array]
     return {name: take(a) if name in FLOAT32_WEIGHTS else take(a).astype(dtype) for name, a in stack.items()}
 
 
-def _attention_qkv(h_BxTxD: Array, w: dict[str, Array]) -> tuple[Array, Array, Array]:
+def attention_qkv(h_BxTxD: Array, w: dict[str, Array]) -> tuple[Array, Array, Array]:
     q = constrain(jnp.einsum("btd,dnh->btnh", h_BxTxD, w["q"]), ("batch", "length", "heads", None))
     k = constrain(jnp.einsum("btd,dnh->btnh", h_BxTxD, w["k"]), ("batch", "length", "kv_heads", None))
     v = constrain(jnp.einsum("btd,dnh->btnh", h_BxTxD, w["v"]), ("batch", "length", "kv_heads", None))
     return q, k, v
 
 
-def _attention_out(attn_BxTxQxH: Array, w: dict[str, Array], dtype) -> Array:
-    return constrain(jnp.einsum("btnh,nhd->btd", attn_BxTxQxH.astype(dtype), w["o"]), ("batch", "length", None))
+def attention_out(attn_BxTxQxH: Array, w: dict[str, Array], dtype) -> Array:
+    # Over the flat (heads · head_dim) axis: as a "btnh,nhd" einsum XLA:CPU transposes the whole
+    # output weight at every call (every decode step).
+    B, T, Q, H = attn_BxTxQxH.shape
+    out = jnp.einsum("btk,kd->btd", attn_BxTxQxH.astype(dtype).reshape(B, T, Q * H), w["o"].reshape(Q * H, -1))
+    return constrain(out, ("batch", "length", None))
 
 
 def relu2_mlp(h_BxTxD: Array, w: dict[str, Array]) -> Array:
@@ -328,8 +331,7 @@ def _scan_layers(c: NemotronHConfig, blocks: dict, carry, remat: bool = False):
     def layer(carry, plan):
         branch, i = plan
         x, *rest = jax.lax.switch(branch, branches, carry, i)
-        x = constrain(x, ("batch", "length", None))
-        return (x, *(constrain_state(st) for st in rest)), None
+        return (constrain(x, ("batch", "length", None)), *rest), None
 
     if remat and c.remat != "none":
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -373,146 +375,10 @@ def hidden_states(w: Weights, tokens_BxT: Array, valid_BxT: Array | None = None)
     def attention(carry, i):
         x, = carry
         wl = _layer_weights(w.blocks["attention"], i, dtype)
-        q, k, v = _attention_qkv(block_norm(x, wl["norm"], c.layer_norm_epsilon), wl)
+        q, k, v = attention_qkv(block_norm(x, wl["norm"], c.layer_norm_epsilon), wl)
         attn = tfm.self_attention(q, k, v, valid_BxT, c.attention, c.platform)
-        return (x + _attention_out(attn, wl, dtype),)
+        return (x + attention_out(attn, wl, dtype),)
 
     blocks = dict(mamba=mamba, attention=attention, mlp=_mlp_block(c, w, dtype))
     x, = _scan_layers(c, blocks, (embed(w, tokens_BxT),), remat=True)
     return block_norm(x, w.final_norm_D.astype(dtype), c.layer_norm_epsilon)
-
-
-# ---------------------------------------------------------------- recurrent state, prefill, decode
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class State:
-    """Everything decoding needs after `lengths_B` tokens of each row. Every stacked array has the
-    type's layers on axis 0 and the batch on axis 1 (`lengths_B`: batch on axis 0), so rows can
-    be gathered or repeated (e.g. G rollouts per prompt: `repeat_rows(state, G)`)."""
-
-    conv: dict[str, Array]  # Mamba conv histories, the last K−1 inputs: 'x' [Lm, B, K−1, Hm, P],
-    #                         'B' and 'C' [Lm, B, K−1, G, N]; compute dtype
-    ssm: Array  # Mamba SSM states [Lm, B, Hm, P, N] (mamba_ssm_cache_dtype, float32 by default)
-    k: Array  # attention keys [La, B, S, J, H] (S = capacity; slots ≥ lengths_B are unused)
-    v: Array  # attention values [La, B, S, J, H]
-    lengths_B: Array  # int32: tokens consumed per row (the next token's slot)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-
-STATE_AXES = State(conv=mamba2.CONV_STATE_AXES, ssm=mamba2.SSM_STATE_AXES,
-                   k=("layers", "batch", "length", "kv_heads", "head_dim"),
-                   v=("layers", "batch", "length", "kv_heads", "head_dim"), lengths_B=("batch",))
-
-
-def init_state(c: NemotronHConfig, batch: int, capacity: int) -> State:
-    """An empty state (zero tokens consumed) for `batch` rows and `capacity` attention slots."""
-    dtype = jnp.dtype(c.dtype)
-    Lm, La, K1 = c.count("mamba"), c.count("attention"), c.conv_kernel - 1
-    Hm, P, G, N = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
-    kv = jnp.zeros((La, batch, capacity, c.num_kv_heads, c.head_dim), dtype)
-    state = State(conv={"x": jnp.zeros((Lm, batch, K1, Hm, P), dtype), "B": jnp.zeros((Lm, batch, K1, G, N), dtype),
-                        "C": jnp.zeros((Lm, batch, K1, G, N), dtype)},
-                  ssm=jnp.zeros((Lm, batch, Hm, P, N), jnp.dtype(c.mamba_ssm_cache_dtype)), k=kv, v=kv,
-                  lengths_B=jnp.zeros((batch,), jnp.int32))
-    return constrain_state(state)
-
-
-def constrain_state(state: State) -> State:
-    """Sharding constraints on every state array by its logical axes (no-op outside a mesh)."""
-    # STATE_AXES has `state` as a prefix: each array meets its whole tuple of axis names.
-    return jax.tree.map(lambda x, axes: constrain(x, axes), state, STATE_AXES)
-
-
-def repeat_rows(state: State, group_size: int) -> State:
-    """Each row's state repeated `group_size` times in a row (row b → rows b·G … b·G+G−1)."""
-    return State(conv={k: jnp.repeat(v, group_size, axis=1) for k, v in state.conv.items()},
-                 ssm=jnp.repeat(state.ssm, group_size, axis=1), k=jnp.repeat(state.k, group_size, axis=1),
-                 v=jnp.repeat(state.v, group_size, axis=1), lengths_B=jnp.repeat(state.lengths_B, group_size))
-
-
-def _write_layer(stack: Array, i: Array, value: Array) -> Array:
-    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), i, axis=0)
-
-
-def prefill(w: Weights, tokens_BxT: Array, lengths_B: Array, capacity: int | None = None) -> tuple[Array, State]:
-    """The prompts' causal forward (right-padded: row b's tokens are its first `lengths_B[b]`):
-    final-norm hidden states `[B, T, D]` and the `State` after each row's own tokens, with
-    `capacity` (default T) attention slots for decoding."""
-    c = w.config
-    dtype = jnp.dtype(c.dtype)
-    B, T = tokens_BxT.shape
-    capacity = T if capacity is None else capacity
-    if capacity < T:
-        raise ValueError(f"capacity={capacity} is smaller than the prompt length {T}; give at least "
-                         "the prompt length plus the tokens to decode.")
-    lengths_B = jnp.asarray(lengths_B, jnp.int32)
-    valid_BxT = jnp.arange(T)[None, :] < lengths_B[:, None]
-    state = init_state(c, B, capacity)
-
-    def mamba(carry, i):
-        x, st = carry
-        wl = _layer_weights(w.blocks["mamba"], i, dtype)
-        out, (history, final) = mamba2.mamba_mixer(block_norm(x, wl["norm"], c.layer_norm_epsilon), wl, c,
-                                                   valid_BxT, lengths_B)
-        st = dataclasses.replace(st, conv={k: _write_layer(st.conv[k], i, history[k]) for k in st.conv},
-                                 ssm=_write_layer(st.ssm, i, final))
-        return x + out, st
-
-    def attention(carry, i):
-        x, st = carry
-        wl = _layer_weights(w.blocks["attention"], i, dtype)
-        q, k, v = _attention_qkv(block_norm(x, wl["norm"], c.layer_norm_epsilon), wl)
-        # Right padding needs no key mask: no real query sees a key after it (so a fused kernel runs).
-        attn = tfm.self_attention(q, k, v, None, c.attention, c.platform)
-        pad = lambda a: jnp.pad(a, ((0, 0), (0, capacity - T), (0, 0), (0, 0)))
-        st = dataclasses.replace(st, k=_write_layer(st.k, i, pad(k)), v=_write_layer(st.v, i, pad(v)))
-        return x + _attention_out(attn, wl, dtype), st
-
-    blocks = dict(mamba=mamba, attention=attention, mlp=_mlp_block(c, w, dtype))
-    x, state = _scan_layers(c, blocks, (embed(w, tokens_BxT), state))
-    state = dataclasses.replace(state, lengths_B=lengths_B)
-    return block_norm(x, w.final_norm_D.astype(dtype), c.layer_norm_epsilon), state
-
-
-def decode_step(w: Weights, state: State, tokens_Bx1: Array) -> tuple[Array, State]:
-    """Feeds one token per row at slot `state.lengths_B`: final-norm hidden states `[B, 1, D]` and
-    the state one token further. Attention reads slots ≤ each row's own; Mamba layers advance
-    their conv history and SSM state by the recurrence (mamba2.mamba_decode_step). A row already
-    at `capacity` writes no key (its attention then misses the token)."""
-    c = w.config
-    dtype = jnp.dtype(c.dtype)
-    lengths_B = state.lengths_B
-    B = tokens_Bx1.shape[0]
-    S = state.capacity
-    rows_B = jnp.arange(B)
-    visible_Bx1xS = (jnp.arange(S)[None, :] <= lengths_B[:, None])[:, None, :]
-
-    def mamba(carry, i):
-        x, st = carry
-        wl = _layer_weights(w.blocks["mamba"], i, dtype)
-        take = lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
-        out, conv, ssm = mamba2.mamba_decode_step(block_norm(x, wl["norm"], c.layer_norm_epsilon), wl, c,
-                                                  {k: take(v) for k, v in st.conv.items()}, take(st.ssm))
-        st = dataclasses.replace(st, conv={k: _write_layer(st.conv[k], i, conv[k]) for k in st.conv},
-                                 ssm=_write_layer(st.ssm, i, ssm))
-        return x + out, st
-
-    def attention(carry, i):
-        x, st = carry
-        wl = _layer_weights(w.blocks["attention"], i, dtype)
-        q, k, v = _attention_qkv(block_norm(x, wl["norm"], c.layer_norm_epsilon), wl)
-        take = lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
-        k_all = take(st.k).at[rows_B, lengths_B].set(k[:, 0].astype(st.k.dtype), mode="drop")
-        v_all = take(st.v).at[rows_B, lengths_B].set(v[:, 0].astype(st.v.dtype), mode="drop")
-        attn = tfm.attention(q, k_all.astype(dtype), v_all.astype(dtype), visible_Bx1xS)
-        st = dataclasses.replace(st, k=_write_layer(st.k, i, k_all), v=_write_layer(st.v, i, v_all))
-        return x + _attention_out(attn, wl, dtype), st
-
-    blocks = dict(mamba=mamba, attention=attention, mlp=_mlp_block(c, w, dtype))
-    x, state = _scan_layers(c, blocks, (embed(w, tokens_Bx1), state))
-    state = dataclasses.replace(state, lengths_B=lengths_B + 1)
-    return block_norm(x, w.final_norm_D.astype(dtype), c.layer_norm_epsilon), state

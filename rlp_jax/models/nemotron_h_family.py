@@ -1,6 +1,6 @@
 """The Nemotron-H hybrid (rlp_jax.models.nemotron_h) as a `ModelFamily`: its config and presets,
-HF folders (nemotron_h_hf.py), sampler on the recurrent state (nemotron_h_sampling.py) and model
-FLOPs and bytes (docs/benchmarks.md)."""
+HF folders (nemotron_h_hf.py), sampler on its rollout cache (nemotron_h_sampling.py over
+nemotron_h_decode.py) and model FLOPs and bytes (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from rlp_jax.models import nemotron_h as nh
-from rlp_jax.models import nemotron_h_hf, nemotron_h_sampling
+from rlp_jax.models import nemotron_h_decode, nemotron_h_hf, nemotron_h_sampling
 from rlp_jax.models.family import Costs, ModelFamily, Sampler
 
 JSON_TAG = "nemotron_h"  # the `family` a model_config.json of this family records (as its HF model_type)
@@ -63,10 +63,8 @@ def decode_step_bytes(c: nh.NemotronHConfig, *, prompts: int, prompt_tokens: flo
                       suffix_tokens: float) -> dict[str, float]:
     """Every weight but the embedding table (of which a step reads one row per token), each row's
     Mamba conv history ((K−1)·conv_dim per Mamba layer, compute dtype) and SSM state (Hm·P·N per
-    Mamba layer, `mamba_ssm_cache_dtype`), and the keys and values of its attention layers: each
-    row holds its own copy of its prompt's (nemotron_h.repeat_rows), so
-    `rows × (prompt_tokens + suffix_tokens)` tokens of them."""
-    del prompts  # no key or value is shared between a prompt's rows
+    Mamba layer, `mamba_ssm_cache_dtype`), and the keys and values of the attention layers: each
+    prompt's once (shared by its rows) and each row's own suffix."""
     itemsize = jnp.dtype(c.dtype).itemsize
     conv_dim = c.mamba_inner + 2 * c.n_groups * c.ssm_state_size
     conv = c.count("mamba") * (c.conv_kernel - 1) * conv_dim * itemsize
@@ -75,7 +73,7 @@ def decode_step_bytes(c: nh.NemotronHConfig, *, prompts: int, prompt_tokens: flo
     kv_per_token = 2 * c.count("attention") * c.num_kv_heads * c.head_dim * itemsize
     return {"weights": float((c.num_params() - c.vocab_size * c.hidden_size) * itemsize),
             "recurrent_state": float(rows * (conv + ssm)),
-            "kv": float(kv_per_token * rows * (prompt_tokens + suffix_tokens))}
+            "kv": float(kv_per_token * (prompts * prompt_tokens + rows * suffix_tokens))}
 
 
 FAMILY = ModelFamily(
@@ -94,7 +92,7 @@ FAMILY = ModelFamily(
     config_from_fields=config_from_fields,
     sampler=Sampler(weights=nemotron_h_sampling.weights_of, prefill=nemotron_h_sampling.prefill,
                     decode_loop=nemotron_h_sampling.decode_loop, feed=nemotron_h_sampling.feed,
-                    logits=nh.logits, rewrites_slots=False),
+                    logits=nemotron_h_decode.logits, rewrites_slots=False),
     costs=Costs(matmul_params=matmul_params, forward_flops=forward_flops,
                 decode_flops_per_token=decode_flops_per_token, decode_step_bytes=decode_step_bytes),
     hybrid=True,
