@@ -69,12 +69,12 @@ def state_bytes(config, model_config, mesh) -> dict[str, int]:
     return plan_common.state_bytes(config, model_config, mesh, rules(config))
 
 
-def row_bytes(m, ways, slots: int) -> dict[str, int]:
-    """Per-device bytes of ONE rollout row's recurrent state (nemotron_h.State): per Mamba layer
-    the K−1 last conv inputs of x (Hm·P channels) and of B and C (G·N each) in the compute dtype
-    and the SSM state [Hm, P, N] in `mamba_ssm_cache_dtype`; per attention layer the keys and
-    values of `slots` slots in the compute dtype. `ways(logical, size)`: how many ways the rules
-    split that dimension."""
+def row_bytes(m, ways, suffix_slots: int) -> dict[str, int]:
+    """Per-device bytes of ONE rollout row's own part of the hybrid's rollout cache
+    (rlp_jax.models.nemotron_h_decode.HybridCache): per Mamba layer the K−1 last conv inputs of x
+    (Hm·P channels) and of B and C (G·N each) in the compute dtype and the SSM state [Hm, P, N] in
+    `mamba_ssm_cache_dtype`; per attention layer the keys and values of its `suffix_slots` suffix
+    slots in the compute dtype. `ways(logical, size)`: how many ways the rules split that dimension."""
     import jax.numpy as jnp
 
     b, bc = jnp.dtype(m.dtype).itemsize, jnp.dtype(m.mamba_ssm_cache_dtype).itemsize
@@ -82,12 +82,39 @@ def row_bytes(m, ways, slots: int) -> dict[str, int]:
     P = m.mamba_head_dim // ways("ssm_head_dim", m.mamba_head_dim)
     G = m.n_groups // ways("ssm_groups", m.n_groups)
     N = m.ssm_state_size // ways("ssm_state", m.ssm_state_size)
-    J = m.num_kv_heads // ways("kv_heads", m.num_kv_heads)
-    H = m.head_dim // ways("head_dim", m.head_dim)
-    Lm, La = m.count("mamba"), m.count("attention")
+    Lm = m.count("mamba")
     return {"mamba_conv": Lm * (m.conv_kernel - 1) * (Hm * P + 2 * G * N) * b,
             "mamba_ssm": Lm * Hm * P * N * bc,
-            "kv": 2 * La * slots * J * H * b}
+            "kv_suffix": suffix_slots * kv_token_bytes(m, ways)}
+
+
+def kv_token_bytes(m, ways) -> int:
+    """Per-device bytes of one token's keys and values over all attention layers (compute dtype)."""
+    import jax.numpy as jnp
+
+    J = m.num_kv_heads // ways("kv_heads", m.num_kv_heads)
+    H = m.head_dim // ways("head_dim", m.head_dim)
+    return 2 * m.count("attention") * J * H * jnp.dtype(m.dtype).itemsize
+
+
+def decode_weight_bytes(m, ways) -> int:
+    """The rollout's own copy of the weights (nemotron_h_decode.decode_weights): every weight but
+    the embedding table, in the compute dtype (the Mamba A_log, D, dt_bias in float32), split over
+    the tensor axes only (not over `embed`, the fsdp axis: gathered once per rollout)."""
+    import jax.numpy as jnp
+
+    from rlp_jax.models import nemotron_h as nh
+
+    b, total = jnp.dtype(m.dtype).itemsize, 0
+    for block_type in nh.BLOCK_TYPES:
+        if not m.count(block_type):
+            continue
+        for name, shape in nh.block_shapes(m, block_type).items():
+            size = 1
+            for axis, n in zip(nh.AXES[block_type][name], shape):
+                size *= n if axis in (None, "layers", "embed") else n // ways(axis, n)
+            total += size * (4 if name in nh.FLOAT32_WEIGHTS else b)
+    return total + m.hidden_size * (m.vocab_size // ways("vocab", m.vocab_size)) * b + m.hidden_size * b
 
 
 @dataclasses.dataclass
@@ -96,30 +123,38 @@ class HybridEstimate:
     phases: dict[str, dict[str, float]]  # phase → its terms (bytes per device), of those estimated
     peak_phase: str
     peak_bytes: float  # a lower bound: activations, logits and the rollout's other buffers not counted
-    row_bytes: dict[str, int]  # one rollout row's recurrent state (`row_bytes`)
+    row_bytes: dict[str, int]  # one rollout row's own part of the rollout cache (`row_bytes`)
     rows: int  # rollout rows per device (one chunk of prompts × G)
-    slots: int  # attention slots per row
+    slots: int  # attention suffix slots per row (its blocks); each prompt's P slots are kept once
     warnings: list[str]
     state: dict[str, int]
 
 
 def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict | None = None) -> HybridEstimate:
     """What `rlp-jax plan` can say of the hybrid (its step's activations are not modelled yet): the
-    exact train state (`state_bytes`), the gradients, and the rollout's recurrent state for one chunk
-    of `train.batch_size / rlp.rollout_microbatches` prompts × G rows, each with S = P + L + 1 + K
-    attention slots (prompt, thought, </think>, targets: the hybrid's State keeps each row's own)."""
+    exact train state (`state_bytes`), the gradients, and the rollout cache of one chunk of
+    `train.batch_size / rlp.rollout_microbatches` prompts × G rows: each prompt's P attention slots
+    once, each row's Mamba state and its suffix blocks (thought, </think>, targets), and the
+    rollout's own copy of the weights."""
     mesh = abstract_mesh(mesh_shape, config.mesh.axes)
     ways = Ways(mesh, rules(config))
     r, warnings = config.rlp, []
+    m = model_config
     P = config.data.max_context + suffix_len + 1
-    slots = P + r.max_thought_len + 1 + config.data.target_len
-    row = row_bytes(model_config, ways, slots)
+    suffix = r.max_thought_len + 1 + config.data.target_len
+    block = min(r.get("cache_block_len", 256), suffix)  # as the sampler sizes its blocks
+    slots = -(-suffix // block) * block
+    row = row_bytes(m, ways, slots)
     chunk = config.train.batch_size // r.rollout_microbatches
-    rows = split_rows(chunk * r.num_rollouts, ways("batch", math.prod(mesh.shape.values())), warnings, "rollout chunk")
-    state = state_bytes(config, model_config, mesh) if state is None else state
+    batch_ways = ways("batch", math.prod(mesh.shape.values()))
+    prompts = split_rows(chunk, batch_ways, warnings, "rollout prefill (prompts per chunk)")
+    rows = split_rows(chunk * r.num_rollouts, batch_ways, warnings, "rollout chunk")
+    state = state_bytes(config, m, mesh) if state is None else state
     memory = {k: float(v) for k, v in state.items()}
     memory["gradients"] = 2.0 * state["params"]
-    phases = {"rollouts": {k: float(rows * v) for k, v in row.items()},
+    phases = {"rollouts": {**{k: float(rows * v) for k, v in row.items()},
+                           "kv_prefix": float(prompts * P * kv_token_bytes(m, ways)),
+                           "decode_weights": float(decode_weight_bytes(m, ways))},
               "update": {"gradients": memory["gradients"]},
               "optimizer_apply": {"gradients": memory["gradients"] / 2,
                                   "new_state": memory["params"] + memory["ema"] + memory["optimizer"]}}
@@ -175,8 +210,9 @@ def format_plan(p: dict) -> str:
                                f"{model['num_params']:,} params, vocab {model['vocab_size']:,}; params "
                                f"{model['param_dtype']}, compute {model['dtype']}, SSM state "
                                f"{model['mamba_ssm_cache_dtype']}")
-    lines += [f"  rollout state, one row: Mamba conv {row['mamba_conv']:,} B, SSM {row['mamba_ssm']:,} B, "
-              f"KV {row['kv']:,} B ({p['slots_per_row']} slots); {p['rollout_rows_per_device']} rows per device",
+    lines += [f"  rollout cache, one row: Mamba conv {row['mamba_conv']:,} B, SSM {row['mamba_ssm']:,} B, "
+              f"KV {row['kv_suffix']:,} B ({p['slots_per_row']} suffix slots; each prompt's keys once); "
+              f"{p['rollout_rows_per_device']} rows per device",
               "  phases (only the largest counts; they never overlap):"]
     lines += phase_lines(p, g, scale)
     lines.append(f"  peak, lower bound            {g(p['peak_gib'])}")

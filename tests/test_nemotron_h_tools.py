@@ -156,15 +156,21 @@ def test_plan_counts_the_hybrids_state_memory_by_hand():
     assert p["memory_gib"]["reference"] == 0
     # One rollout row: 28 Mamba layers × (K−1 = 3) conv inputs of x (128 heads × 80) and B, C (8 groups
     # × 128 each) in bfloat16; 28 × SSM state 128 × 80 × 128 in float32; 6 attention layers × keys and
-    # values of 8 kv heads × 128 over S = P + L + 1 + K = (100 + 1) + 20 + 1 + 1 = 123 slots, bfloat16.
-    assert p["slots_per_row"] == 123
+    # values of 8 kv heads × 128 over its L + 1 + K = 20 + 1 + 1 = 22 suffix slots (one block), bfloat16.
+    kv_token = 2 * 6 * 8 * 128 * 2
+    assert p["slots_per_row"] == 22
     assert p["row_bytes"] == {"mamba_conv": 28 * 3 * (128 * 80 + 2 * 8 * 128) * 2,
-                              "mamba_ssm": 28 * 128 * 80 * 128 * 4,
-                              "kv": 2 * 6 * 123 * 8 * 128 * 2}
-    assert p["row_bytes"] == {"mamba_conv": 2_064_384, "mamba_ssm": 146_800_640, "kv": 3_022_848}
-    # One chunk of 8 / 2 = 4 prompts × G = 4 → 16 rows, all on the one device.
+                              "mamba_ssm": 28 * 128 * 80 * 128 * 4, "kv_suffix": 22 * kv_token}
+    assert p["row_bytes"] == {"mamba_conv": 2_064_384, "mamba_ssm": 146_800_640, "kv_suffix": 540_672}
+    # One chunk of 8 / 2 = 4 prompts × G = 4 → 16 rows, all on the one device; each prompt's
+    # P = 100 + 1 slots once; the rollout's bfloat16 copy of every weight but the embedding table
+    # (28 × 3 × 128 Mamba A_log, D and dt_bias stay float32).
     assert p["rollout_rows_per_device"] == 16
-    rollouts = 16 * (2_064_384 + 146_800_640 + 3_022_848)
+    mamba_f32 = 28 * 3 * 128
+    decode_weights = (12_310_001_152 - 131_072 * 5120 - mamba_f32) * 2 + mamba_f32 * 4
+    assert p["phases_gib"]["rollouts"]["kv_prefix"] * gib == 4 * 101 * kv_token
+    assert p["phases_gib"]["rollouts"]["decode_weights"] * gib == decode_weights == 23_277_846_528
+    rollouts = 16 * (2_064_384 + 146_800_640 + 540_672) + 4 * 101 * kv_token + decode_weights
     assert sum(p["phases_gib"]["rollouts"].values()) * gib == pytest.approx(rollouts, rel=1e-12)
     # The peak: the state (θ, φ, moments, and 12 bytes of step counter and rng key) plus the largest
     # phase, here applying the update (new θ, φ and moments beside one gradient).
@@ -178,7 +184,7 @@ def test_plan_counts_the_hybrids_state_memory_by_hand():
     config = nemotron_plan_config((1, 1, 2))
     est = plan_hybrid.estimate(config, plan_hybrid.hybrid_config(config, []), (1, 1, 2))
     assert est.row_bytes == {"mamba_conv": 28 * 3 * (64 * 80 + 2 * 8 * 128) * 2, "mamba_ssm": 146_800_640 // 2,
-                             "kv": 3_022_848 // 2}
+                             "kv_suffix": 540_672 // 2}
     assert est.rows == 16  # data × fsdp = 1: every device holds every row
     text = plan.format_plan(p)
     assert "Nemotron-H hybrid: 28 Mamba, 6 attention, 28 MLP layers" in text and "lower bound" in text
