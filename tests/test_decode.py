@@ -2,8 +2,6 @@
 shared-prefix attention equals ordinary attention, pads never leak, sharded equals unsharded, and
 the compiled decode loop copies no layer's cache or weights."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -143,7 +143,7 @@ def test_console_output_is_readable(home):
     train_out = results[0][1].stdout
     corpus_line = next(line for line in train_out.splitlines() if line.startswith("corpus "))
     assert re.fullmatch(r"corpus rlp_local_corpus/corpus: \d+ train, \d+ validation documents.*", corpus_line)
-    assert train_out.rstrip().splitlines()[-1].startswith(f"done: step 10 in ")
+    assert train_out.rstrip().splitlines()[-1].startswith("done: step 10 in ")
     assert "metrics.jsonl" in train_out.splitlines()[-1] and "rlp-jax export --workdir" in train_out
 
 

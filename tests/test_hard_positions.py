@@ -1,7 +1,6 @@
 """RPT's hard positions, chosen before sampling: the proxy's scoring pass (windows, exact
 entropies, resume, identity) and the prompt pipeline restricted to them."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,7 @@
 """From prompts to scored thoughts: prompt layout, the thought rows of the update, behaviour
-log-probs against a teacher-forced forward, scoring on the extended cache against a fresh forward,
-the no-think baseline, greedy thoughts, markers masked in scoring."""
+log-probs against a teacher-forced forward, the no-think baseline, greedy thoughts, RPT's action.
+Scoring on the rollout's cache against a fresh forward, for every model family, is
+tests/test_family_contract.py."""
 
 import dataclasses
 
@@ -78,26 +79,6 @@ def test_thought_rows_and_behaviour_logprobs_equal_a_teacher_forced_forward(mode
         probs = jax.nn.softmax(logits / CFG.temperature)
         np.testing.assert_allclose(entropy[n, :lengths[n]], -jnp.where(probs > 0, probs * jnp.log(probs), 0).sum(-1),
                                    atol=2e-4)
-
-
-@pytest.mark.parametrize("mask_markers", [False, True])
-def test_scoring_on_the_rollout_cache_equals_a_fresh_forward(model, mask_markers):
-    cfg = dataclasses.replace(CFG, mask_markers_in_scoring=mask_markers)
-    graphdef, params = nnx.split(model)
-    batch = _batch(seed=1)
-    roll = rollouts.sample_and_score(graphdef, params, batch, jax.random.key(5), cfg)
-    for n in range(B * G):
-        b = n // G
-        thought = np.asarray(roll.thoughts_NxL[n])[np.asarray(roll.thought_mask_NxL[n])]
-        closed = thought if thought[-1] == CLOSE else np.append(thought, CLOSE)
-        targets = np.asarray(batch.target_BxK[b])
-        seq = np.concatenate([np.asarray(roll.prompt_BxP[b, :roll.prompt_len_B[b]]), closed, targets])
-        logits = _forward_logits(model, seq)[-K - 1:-1]
-        if mask_markers:
-            logits = logits.at[:, jnp.array([OPEN, CLOSE])].set(jnp.finfo(jnp.float32).min)
-        np.testing.assert_allclose(roll.s_pred_NxK[n], losses.token_logprobs(logits, jnp.asarray(targets)),
-                                   atol=2e-5)
-        np.testing.assert_array_equal(roll.predicted_NxK[n], jnp.argmax(logits, -1))
 
 
 def test_no_think_baseline_is_a_forward_over_context_then_targets(model):

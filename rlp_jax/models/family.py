@@ -8,7 +8,7 @@ tests a model's or a config's type.
 A family's config is a frozen dataclass with `replace(**changes)`, `num_params()`, `vocab_size`,
 `hidden_size`, `num_layers`, `num_heads`, `num_kv_heads`, `head_dim`, the dtypes (`param_dtype`,
 `dtype`), `remat`, `attention` and `platform` (rlp_jax.models.kernels); its model is an
-`nnx.Module` built as `model_class(config, nnx.Rngs)` that keeps `config` and offers the forward
+`nnx.Module` built as `model_class(config, nnx.Rngs[, init_std])` that keeps `config` and offers the forward
 pieces the RLP step calls on any model: `__call__(tokens, positions, valid) -> logits`,
 `hidden_states`, `head_weights`, `logits`.
 """
@@ -86,12 +86,15 @@ class ModelFamily:
     config_from_fields: Callable[[dict[str, Any]], Any]
     sampler: Sampler
     costs: Costs
+    # The smallest preset: the tests every family passes (tests/test_family_contract.py) run on it.
+    test_preset: str
     # Layers of several kinds (Mamba-2, attention, MLP) in `config.pattern`: reports name the pattern.
     hybrid: bool = False
 
-    def build(self, config, rngs: nnx.Rngs):
-        """A model of `config` with weights drawn from `rngs`."""
-        return self.model_class(config, rngs)
+    def build(self, config, rngs: nnx.Rngs, init_std: float | None = None):
+        """A model of `config` with weights drawn from `rngs` (its random matrices with standard
+        deviation `init_std`, the family's default when None)."""
+        return self.model_class(config, rngs) if init_std is None else self.model_class(config, rngs, init_std)
 
     def abstract_model(self, config):
         """A model of `config` whose weights are shapes only (nothing allocated, unsharded): fill it

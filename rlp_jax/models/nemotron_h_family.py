@@ -95,5 +95,6 @@ FAMILY = ModelFamily(
                     logits=nemotron_h_decode.logits, rewrites_slots=False),
     costs=Costs(matmul_params=matmul_params, forward_flops=forward_flops,
                 decode_flops_per_token=decode_flops_per_token, decode_step_bytes=decode_step_bytes),
+    test_preset="nemotron-h-tiny",
     hybrid=True,
 )

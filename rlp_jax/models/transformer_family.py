@@ -72,4 +72,5 @@ FAMILY = ModelFamily(
                     logits=decode.logits, rewrites_slots=True),
     costs=Costs(matmul_params=matmul_params, forward_flops=forward_flops,
                 decode_flops_per_token=decode_flops_per_token, decode_step_bytes=decode_step_bytes),
+    test_preset="tiny",
 )
