@@ -9,9 +9,10 @@ Mesh (1, 64, 1) over ('data', 'fsdp', 'tensor'): pure FSDP over the 4x4x4 ICI to
   ICI inside one slice, so a flat fsdp axis costs no slow links).
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (64 ways); embed →
   fsdp; heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
-Micro-batching: rollouts of all 512 prompts at once (8192 thoughts, 128 per chip; each prompt's
+Micro-batching: rollouts in 2 chunks of 256 prompts (4096 thoughts, 64 per chip; each prompt's
   cache once); one update per step accumulated over 4 micro-batches of 128 prompts (2048
-  thoughts, 32 per chip).
+  thoughts, 32 per chip). Sized by `rlp-jax compile`: all 512 prompts at once needed 90.4 GiB
+  per chip of 85.5 usable; 2 chunks need 48.3 GiB (docs/launch.md).
 Remat and dtypes: remat 'full'; bf16 compute (the MXU's native type), float32 parameters, AdamW
   moments, gradients and EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v5p128.py` (docs/launch.md).
@@ -26,6 +27,6 @@ TARGET = "v5p:4x4x4"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 def get_config():
     c = rlp_paper.get_config()
     c.mesh.shape = (1, 64, 1)
-    c.rlp.rollout_microbatches = 1
+    c.rlp.rollout_microbatches = 2
     c.rlp.grad_accum_steps = 4
     return c
