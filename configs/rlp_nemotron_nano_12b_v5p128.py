@@ -17,11 +17,15 @@ Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES (ssm_heads, heads, kv_heads, 
   tensor; the recurrent state's batch rows → ('data', 'fsdp')).
 Micro-batching: rollouts in 2 chunks of 256 prompts (256 thoughts per chip, each with its own
   float32 SSM state, 35 MiB per chip after the tensor split, conv state and the 6 attention
-  layers' keys and values); one update per step accumulated over 16 micro-batches of 32 prompts.
+  layers' keys and values); one update per step accumulated over 64 micro-batches of 8 prompts
+  (2 thoughts per chip). Sized by `rlp-jax compile`: with 16 micro-batches XLA:TPU ran out of
+  HBM (138.7 GB of temporaries); with 64 the step needs 55.7 GiB per chip of 85.5 usable
+  (docs/launch.md). The hybrid's update, not its rollouts, sets the peak.
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA
   and SSM state.
-Memory: `rlp-jax plan --config configs/rlp_nemotron_nano_12b_v5p128.py` (docs/launch.md) gives a
-  lower bound for the hybrid (its step's activations are not estimated yet).
+Memory: `rlp-jax compile --config configs/rlp_nemotron_nano_12b_v5p128.py` gives the compiler's
+  count; `rlp-jax plan` only a lower bound for the hybrid (its step's activations are not
+  estimated yet).
 """
 
 from rlp_jax.configs import rlp_nemotron_nano_12b_h100x32 as cluster
@@ -34,5 +38,5 @@ def get_config():
     c = cluster.get_config()  # the model, steps and recipe; this file sets the layout
     c.mesh.shape = (1, 16, 4)
     c.rlp.rollout_microbatches = 2
-    c.rlp.grad_accum_steps = 16
+    c.rlp.grad_accum_steps = 64
     return c

@@ -10,9 +10,10 @@ Mesh (1, 16, 4) over ('data', 'fsdp', 'tensor'): FSDP over 16 and tensor paralle
   activations — by 4 for the same thoughts per chip.
 Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp') (16 ways); embed →
   fsdp; heads, kv_heads, mlp, vocab → tensor (4 ways); layers, length, head_dim, norm replicated.
-Micro-batching: rollouts of all 512 prompts at once (512 thoughts per chip, the cache split by
+Micro-batching: rollouts in 2 chunks of 256 prompts (256 thoughts per chip, the cache split by
   kv heads, each prompt's part once); one update per step accumulated over 16 micro-batches of
-  32 prompts (32 thoughts per chip).
+  32 prompts (32 thoughts per chip). Sized by `rlp-jax compile`: all 512 prompts at once needed
+  110.2 GiB per chip of 85.5 usable; 2 chunks need 63.8 GiB (docs/launch.md).
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_8b_v5p128.py` (docs/launch.md).
 """
@@ -27,6 +28,6 @@ def get_config():
     c = rlp_paper.get_config()
     c.model.preset = "qwen3-8b"  # shapes for `rlp-jax plan`; the run reads them from init.path
     c.mesh.shape = (1, 16, 4)
-    c.rlp.rollout_microbatches = 1
+    c.rlp.rollout_microbatches = 2
     c.rlp.grad_accum_steps = 16
     return c
