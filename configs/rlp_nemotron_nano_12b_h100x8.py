@@ -8,19 +8,24 @@ Model: `nemotron-nano-12b-v2` (docs/models.md: 62 blocks of Mamba-2, attention a
 Steps: the paper trains the 12B on 250M tokens; at the ≈ 1,660 input tokens per prompt its 1.7B
   run implies (170M over 200 × 512 prompts), that is ≈ 294 steps of 512 prompts. The paper does
   not give the 12B's steps, batch or thought length; this keeps the 1.7B recipe (G = 16, L = 2048).
-Mesh (1, 8, 1) over ('data', 'fsdp', 'tensor'): pure FSDP over NVLink. The float32 state
-  (parameters, EMA, two AdamW moments: 16 bytes per parameter) is 23.0 GiB per GPU.
-Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES (Mamba heads → tensor, size 1 here; the
-  recurrent state's batch rows → ('data', 'fsdp')).
-Micro-batching: rollouts in 16 chunks of 32 prompts (64 thoughts per GPU, each with its own
-  float32 SSM state of 140 MiB, conv state and the 6 attention layers' keys and values); one
-  update per step accumulated over 32 micro-batches of 16 prompts.
+Mesh (1, 4, 2) over ('data', 'fsdp', 'tensor'): fsdp (4) and tensor parallelism (2) over NVLink.
+  The float32 state (parameters, EMA, two AdamW moments: 16 bytes per parameter) is 23.5 GiB per
+  GPU. Tensor parallelism halves the sampler's bf16 copy of the weights (unsplit over fsdp: 21.7
+  GiB at fsdp 8 alone, 10.8 here).
+Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES (Mamba heads, attention heads, MLP and
+  vocabulary → tensor; the rollout rows → ('data', 'fsdp')).
+Micro-batching: rollouts in 16 chunks of 32 prompts (128 thoughts per GPU, each with its own
+  float32 SSM state of 70 MiB after the tensor split, conv state and the 6 attention layers' keys
+  and values); one update per step accumulated over 512 micro-batches of one prompt (4 thoughts
+  per GPU): slow, but what fits.
+Sized by `rlp-jax compile` (docs/launch.md): as mesh (1, 8, 1) with 32 update micro-batches the
+  step needed 300.1 GiB per GPU of 71.2 usable; the hybrid's update holds about 4.2 GiB per row
+  of 4,097 tokens. This layout needs 60.9 GiB.
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA
   and SSM state.
-Memory: `rlp-jax plan --config configs/rlp_nemotron_nano_12b_h100x8.py` (docs/launch.md) gives a
-  lower bound for the hybrid (its step's activations are not estimated yet).
-NOT LAUNCHABLE YET: compiled for its target (`rlp-jax compile`, docs/compile/rlp_nemotron_nano_12b_h100x8.json) the step
-  needs 300.1 GiB per GPU of 71.2 usable; docs/launch.md says what was tried and what is left.
+Memory: `rlp-jax compile --config configs/rlp_nemotron_nano_12b_h100x8.py` gives the compiler's
+  count; `rlp-jax plan` only a lower bound for the hybrid (its step's activations are not
+  estimated yet).
 """
 
 from rlp_jax.configs import rlp_nemotron_nano_12b_h100x32 as cluster
@@ -31,6 +36,7 @@ TARGET = "h100:1x8"  # what `rlp-jax compile` compiles for (rlp_jax.targets)
 
 def get_config():
     c = cluster.get_config()  # the model, steps and recipe; this file sets the layout
-    c.mesh.shape = (1, 8, 1)
+    c.mesh.shape = (1, 4, 2)
     c.rlp.rollout_microbatches = 16
+    c.rlp.grad_accum_steps = 512
     return c

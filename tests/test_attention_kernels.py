@@ -15,6 +15,7 @@ from flax import nnx
 from rlp_jax import sharding
 from rlp_jax.models import ModelConfig, convert, decode, init_model, kernels
 from rlp_jax.models import nemotron_h as nh
+from rlp_jax.models import nemotron_h_decode as hd
 from rlp_jax.models import transformer
 
 Q, J, H = 4, 2, 16
@@ -110,7 +111,7 @@ def test_the_hybrid_attention_layers_use_the_resolved_kernel():
     tokens = jnp.zeros((2, 40), jnp.int32)
     traced = lambda config, f: str(jax.make_jaxpr(f)(dataclasses.replace(w, config=config), tokens))
     forward = lambda w, t: nh.hidden_states(w, t)
-    prefill = lambda w, t: nh.prefill(w, t, jnp.asarray([3, 40]))  # right padding runs fused too
+    prefill = lambda w, t: hd.prefill(hd.decode_weights(w), t, jnp.asarray([3, 40]))  # right padding runs fused too
     for f in (forward, prefill):
         assert "pallas_call" not in traced(c, f)
         assert "pallas_call" in traced(kernels.resolve_kernels(c, "tpu"), f)

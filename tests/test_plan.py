@@ -189,7 +189,7 @@ def test_the_ema_baseline_is_chunked_with_the_rollouts(capsys):
     assert code == 1 and "set rlp.rollout_microbatches to 16" in out
     assert "train.batch_size" not in out.strip().splitlines()[-1]
     whole = json.loads(run_plan(capsys, "plan", "--config", config, "--json", "--config.rlp.rollout_microbatches=1")[1])
-    code, out, _ = run_plan(capsys, "plan", "--config", config, "--json")
+    code, out, _ = run_plan(capsys, "plan", "--config", config, "--json", "--config.rlp.rollout_microbatches=32")
     result = json.loads(out)
     # S_ema's forward runs over the same 32 chunks of prompts as the rollouts: 1/32 of the whole.
     assert result["fits"] and whole["phases_gib"]["ema_baseline"]["forward"] == pytest.approx(
