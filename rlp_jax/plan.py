@@ -4,7 +4,7 @@ accelerator), and a verdict on whether it fits, naming the knob to turn when it 
 Each model family has its own planner, reached by the family's name (`PLANNERS`;
 rlp_jax.models.families): plan_transformer.py for the Qwen3 / Llama Transformer (the exact train
 state and an estimate of everything the jitted step holds: docs/launch.md), plan_hybrid.py for the
-Nemotron-H hybrid (the exact train state and the rollout's recurrent state: a lower bound, as its
+Nemotron-H hybrid (the exact train state and the rollout cache: a lower bound, as its
 step's activations, logits and FLOPs are not estimated yet; docs/models.md). What they share is
 plan_common.py. This module picks the planner of a config's model, and is the command.
 """

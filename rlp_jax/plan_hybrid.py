@@ -1,6 +1,7 @@
 """`rlp-jax plan` for the Nemotron-H hybrid family (rlp_jax.plan runs it for a Nemotron
 `model.preset`, or a Nemotron folder or run at `init.path`): the exact train state plus the
-rollout's recurrent state per row (Mamba conv and SSM states, attention keys and values). A lower
+rollout cache (per row its Mamba conv and SSM states and suffix keys and values, each prompt's
+keys once) and the sampler's weight copy. A lower
 bound: the hybrid step's activations, logits and FLOPs are not estimated yet (docs/models.md).
 """
 

@@ -1,6 +1,6 @@
 """Sampling from a model of any family: jitted prefill + decode on the family's own decode state
 (the Transformer's rollout cache, rlp_jax.models.transformer_sampling; the Nemotron-H hybrid's
-recurrent state, rlp_jax.models.nemotron_h_sampling), reached through the family registry
+rollout cache with per-row Mamba state, rlp_jax.models.nemotron_h_sampling), reached through the family registry
 (rlp_jax.models.families: `family_of(weights).sampler`).
 
 `sample(weights, prompts, ...)` is a pure function (call it inside your own jit, e.g. a train
@@ -44,7 +44,7 @@ def sample(weights, prompts_BxP: Array, prompt_lengths_B: Array, key: Array,
 
     `weights`: `weights_of(model)`, made once outside any loop. `extra_slots`: room in the cache
     for tokens a caller appends afterwards (`1 + target_len` for RLP scoring). `cache` of the
-    result is the family's decode state (the hybrid's: its recurrent state).
+    result is the family's decode state (the hybrid's: its `HybridCache`).
     """
     start = prefill(weights, prompts_BxP, prompt_lengths_B, cfg, num_samples, extra_slots)
     return decode_loop(weights, start, key, cfg)
