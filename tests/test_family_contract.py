@@ -23,9 +23,9 @@ import pytest
 from flax import nnx
 
 from rlp_jax import losses, rollouts, sampling
-from rlp_jax.batch import prompt_batch
 from rlp_jax.models import families
 from rlp_jax.rollouts import RolloutConfig
+from test_rollouts import B, K, small_batch
 
 VOCAB, OPEN, CLOSE = 32, 1, 2
 
@@ -117,19 +117,10 @@ def test_prefill_then_decode_loop_jitted_apart_equal_sample(model):
 
 # ---------------------------------------------------------------- rollouts: scoring and log-probs
 
-B, T, G, L, K = 4, 7, 3, 6, 2
+G, L = 3, 6  # with B = 4 contexts and K = 2 targets: test_rollouts.small_batch, the Transformer's batch
 ROLLOUT = RolloutConfig(think_open_id=OPEN, think_close_id=CLOSE, num_rollouts=G, max_thought_len=L,
                         temperature=3.0, prompt_suffix_ids=(5, 6),  # hot: closed and truncated rows
                         cache_block_len=4)  # scoring straddles a block boundary
-
-
-def _batch(seed=0):
-    rng = np.random.RandomState(seed)
-    lengths = np.array([7, 1, 4, 5], np.int32)
-    context = np.where(np.arange(T) < lengths[:, None], rng.randint(3, VOCAB, (B, T)), 0).astype(np.int32)
-    targets = rng.randint(3, VOCAB, (B, K)).astype(np.int32)
-    target_mask = np.array([[1, 1], [1, 0], [1, 1], [1, 0]], bool)
-    return jax.tree.map(jnp.asarray, prompt_batch(context, lengths, targets, target_mask))
 
 
 @pytest.mark.parametrize("prediction_len", [0, 2])
@@ -142,7 +133,7 @@ def test_scoring_after_thoughts_and_behaviour_logprobs_equal_fresh_forwards(mode
     M = prediction_len
     cfg = dataclasses.replace(ROLLOUT, prediction_len=M, mask_markers_in_scoring=M > 0)
     graphdef, params = nnx.split(model)
-    batch = _batch(seed=1)
+    batch = small_batch(seed=1)
     roll = jax.jit(lambda p, b: rollouts.sample_and_score(graphdef, p, b, jax.random.key(1), cfg))(params, batch)
     truncated = np.asarray(roll.truncated_N)
     assert truncated.any() and (~truncated).any()

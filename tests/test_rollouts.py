@@ -27,7 +27,8 @@ def model():
     return init_model(preset("tiny", vocab_size=VOCAB), seed=1)
 
 
-def _batch(seed=0):
+def small_batch(seed=0):
+    """B = 4 contexts of ragged lengths and K = 2 targets (the second masked on two rows)."""
     rng = np.random.RandomState(seed)
     lengths = np.array([7, 1, 4, 5], np.int32)
     context = np.where(np.arange(T) < lengths[:, None], rng.randint(3, VOCAB, (B, T)), 0).astype(np.int32)
@@ -42,7 +43,7 @@ def _forward_logits(model, seq):
 
 
 def test_prompts_are_context_then_suffix_then_open_marker():
-    batch = _batch()
+    batch = small_batch()
     prompt_BxP, prompt_len_B = rollouts.build_prompts(batch.context_BxT, batch.context_len_B, CFG)
     assert prompt_BxP.shape == (B, T + 3)
     for b in range(B):
@@ -53,7 +54,7 @@ def test_prompts_are_context_then_suffix_then_open_marker():
 
 def test_thought_rows_and_behaviour_logprobs_equal_a_teacher_forced_forward(model):
     graphdef, params = nnx.split(model)
-    batch = _batch()
+    batch = small_batch()
     roll = jax.jit(lambda p, b: rollouts.sample_and_score(graphdef, p, b, jax.random.key(0), CFG))(params, batch)
     lengths = np.asarray(roll.thought_mask_NxL.sum(-1))
     closed = np.asarray([roll.thoughts_NxL[n, lengths[n] - 1] == CLOSE for n in range(B * G)])
@@ -83,7 +84,7 @@ def test_thought_rows_and_behaviour_logprobs_equal_a_teacher_forced_forward(mode
 
 def test_no_think_baseline_is_a_forward_over_context_then_targets(model):
     graphdef, params = nnx.split(model)
-    batch = _batch(seed=2)
+    batch = small_batch(seed=2)
     seq_BxS, predict_at_BxK = rollouts.context_then_targets(batch)
     s_BxK, predicted_BxK = rollouts.no_think_logprobs(graphdef, params, batch, CFG)
     for b in range(B):
@@ -98,7 +99,7 @@ def test_no_think_baseline_is_a_forward_over_context_then_targets(model):
 
 def test_greedy_thoughts_are_the_argmax_and_the_same_for_every_rollout(model):
     graphdef, params = nnx.split(model)
-    batch = _batch(seed=3)
+    batch = small_batch(seed=3)
     roll = rollouts.sample_and_score(graphdef, params, batch, jax.random.key(1), CFG, greedy=True)
     thoughts = np.asarray(roll.thoughts_NxL).reshape(B, G, L)
     assert (thoughts == thoughts[:, :1]).all()
@@ -120,7 +121,7 @@ def test_rpt_action_is_thought_then_prediction_and_its_logprobs_are_a_fresh_forw
     M = 2
     cfg = dataclasses.replace(CFG, prediction_len=M)
     graphdef, params = nnx.split(model)
-    batch = _batch(seed=2)
+    batch = small_batch(seed=2)
     roll = jax.jit(lambda p, b: rollouts.sample_and_score(graphdef, p, b, jax.random.key(7), cfg))(params, batch)
     assert roll.thoughts_NxL.shape == (B * G, L + 1 + M) and roll.prediction_NxM.shape == (B * G, M)
     truncated = np.asarray(roll.truncated_N)
