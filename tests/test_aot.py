@@ -113,13 +113,13 @@ def test_an_unknown_target_is_refused_in_one_sentence(tmp_path, target, message)
 
 
 @pytest.mark.parametrize("family", ["transformer", "hybrid"])
-def test_the_decode_loop_compiled_for_an_h100_copies_no_layer_cache_or_weights(tmp_path, family):
-    """The decode loops compiled by XLA:GPU, both model families: inside each decode while loop, no
-    copy, slice or transpose as large as a layer's cache block, prompt prefix, weight matrix or
-    (the hybrid) SSM state (tests/decode_loop.py; tests/test_decode.py checks XLA:CPU's program).
-    XLA:TPU's program does copy each layer's cache block per step today (docs/launch.md, "What the
-    compilers found")."""
-    target = "h100:1x8"
+@pytest.mark.parametrize("target", ["v5e:2x2", "h100:1x8"])
+def test_the_decode_loop_compiled_for_an_accelerator_copies_no_layer_cache_or_weights(tmp_path, target, family):
+    """The decode loops compiled by XLA:TPU (v5e) and XLA:GPU (H100), both model families: inside
+    each decode while loop, no copy, slice or transpose as large as a layer's cache block, prompt
+    prefix, weight matrix or (the hybrid) SSM state (tests/decode_loop.py; tests/test_decode.py
+    checks XLA:CPU's program). On XLA:TPU a per-row scatter of the new keys and values made every
+    step copy each layer's block into the attention dot's layout (`decode.write_slots`)."""
     sys.path.insert(0, str(Path(__file__).parent))
     import decode_loop
 

@@ -161,12 +161,14 @@ _prefill_layer_jit = jax.jit(_prefill_layer, static_argnames=("config", "context
 # ---------------------------------------------------------------- decode / extend
 
 def extend(weights: DecodeWeights, cache: RolloutCache, tokens_NxT: Array, slots_NxT: Array, *,
-           attend_blocks: int, write_blocks: tuple[int, ...]) -> tuple[Array, RolloutCache]:
+           attend_blocks: int, write_blocks: tuple[int, ...], decode_slot: Array | None = None
+           ) -> tuple[Array, RolloutCache]:
     """Feeds T tokens per row at suffix slots `slots_NxT` (consecutive per row): writes their keys
     and values into the blocks `write_blocks`, attends to the prefix and to blocks
     `0 … attend_blocks − 1` (slots ≤ each query's own), and returns the final-norm hidden states
     `[N, T, D]` and the cache. A slot outside every written block (e.g. a finished row's) writes
-    nothing."""
+    nothing. `decode_slot`: a one-token step in which every row that writes writes this same slot
+    (`write_slots`)."""
     c = weights.config
     G = cache.group_size
     positions_NxT = jnp.repeat(cache.prefix_len_B, G)[:, None] + slots_NxT
@@ -179,20 +181,20 @@ def extend(weights: DecodeWeights, cache: RolloutCache, tokens_NxT: Array, slots
         x, new_k, new_v = _layer_jit(
             w, x, cos, sin, cache.prefix_k[z], cache.prefix_v[z], cache.prefix_len_B,
             tuple(block_k[b][z] for b in range(attend_blocks)), tuple(block_v[b][z] for b in range(attend_blocks)),
-            slots_NxT, config=c, write_blocks=write_blocks, context=context)
+            slots_NxT, decode_slot, config=c, write_blocks=write_blocks, context=context)
         for b in range(attend_blocks):
             block_k[b][z], block_v[b][z] = new_k[b], new_v[b]
     cache = dataclasses.replace(cache, block_k=tuple(map(tuple, block_k)), block_v=tuple(map(tuple, block_v)))
     return tfm.rms_norm(x, weights.final_norm_D, c.rms_norm_eps), cache
 
 
-def _layer(w, x_NxTxD, cos, sin, prefix_k, prefix_v, prefix_len_B, blocks_k, blocks_v, slots_NxT, *,
+def _layer(w, x_NxTxD, cos, sin, prefix_k, prefix_v, prefix_len_B, blocks_k, blocks_v, slots_NxT, decode_slot, *,
            config: ModelConfig, write_blocks: tuple[int, ...], context):
     """One decoder layer of `extend`: writes the new keys and values, attends, returns the
     residual stream and the layer's blocks."""
     del context  # only part of the jit cache key: rules and mesh decide the sharding constraints
     q, k, v = tfm.attention_inputs(x_NxTxD, w, config, cos, sin)
-    blocks_k, blocks_v = write_slots(blocks_k, blocks_v, k, v, slots_NxT, write_blocks)
+    blocks_k, blocks_v = write_slots(blocks_k, blocks_v, k, v, slots_NxT, write_blocks, decode_slot)
     attn = cached_attention(q, prefix_k, prefix_v, prefix_len_B, blocks_k, blocks_v, slots_NxT, config.platform)
     return tfm.layer_output(x_NxTxD, attn, w, config), blocks_k, blocks_v
 
@@ -203,14 +205,31 @@ _layer_jit = jax.jit(_layer, static_argnames=("config", "write_blocks", "context
 
 
 def write_slots(blocks_k, blocks_v, k_NxTxJxH: Array, v_NxTxJxH: Array, slots_NxT: Array,
-                write_blocks: tuple[int, ...]) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+                write_blocks: tuple[int, ...], decode_slot: Array | None = None
+                ) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
     """One layer's blocks with each row's T new keys and values written at suffix slots
-    `slots_NxT`, in the blocks `write_blocks` only (a slot outside them writes nothing)."""
+    `slots_NxT`, in the blocks `write_blocks` only (a slot outside them writes nothing).
+
+    `decode_slot` (a step of the decode loop, T = 1): every row with a slot ≥ 0 writes this one
+    slot, and the others are finished rows whose slot is still empty (the loop writes slot u only
+    at step u, into blocks `prefill` made empty), so the write is one `dynamic_update_slice` of the
+    slot across all rows, zeros in the finished ones. The slot must lie in each block of
+    `write_blocks` (a decode segment writes the one block that holds its steps). Both a per-row scatter and reading the slot
+    back to keep the finished rows' made XLA:TPU store the block slots-major, a layout its
+    attention dot cannot read, and copy every layer's block into the dot's layout at every step."""
     blocks_k, blocks_v = list(blocks_k), list(blocks_v)
+    if decode_slot is not None and k_NxTxJxH.shape[1] != 1:
+        raise ValueError(f"decode_slot is for one-token steps, not {k_NxTxJxH.shape[1]} tokens per row")
     for b in write_blocks:
-        local_NxT = slots_NxT - b * blocks_v[b].shape[2]
-        blocks_k[b] = _write(blocks_k[b], k_NxTxJxH, local_NxT, slot_axis=3)
-        blocks_v[b] = _write(blocks_v[b], v_NxTxJxH, local_NxT, slot_axis=2)
+        S = blocks_v[b].shape[2]
+        if decode_slot is None:
+            local_NxT = slots_NxT - b * S
+            blocks_k[b] = _write(blocks_k[b], k_NxTxJxH, local_NxT, slot_axis=3)
+            blocks_v[b] = _write(blocks_v[b], v_NxTxJxH, local_NxT, slot_axis=2)
+        else:
+            local, writes_N = decode_slot - b * S, slots_NxT[:, 0] >= 0
+            blocks_k[b] = _write_slot(blocks_k[b], k_NxTxJxH[:, 0], writes_N, local, slot_axis=3)
+            blocks_v[b] = _write_slot(blocks_v[b], v_NxTxJxH[:, 0], writes_N, local, slot_axis=2)
     return tuple(blocks_k), tuple(blocks_v)
 
 
@@ -223,6 +242,14 @@ def _write(block: Array, new_NxTxJxH: Array, local_NxT: Array, slot_axis: int) -
     rows_Nx1 = jnp.arange(block.shape[0])[:, None]
     index = (rows_Nx1, slice(None), slice(None), local_NxT) if slot_axis == 3 else (rows_Nx1, slice(None), local_NxT)
     return block.at[index].set(new_NxTxJxH.astype(block.dtype), mode="drop")
+
+
+def _write_slot(block: Array, new_NxJxH: Array, writes_N: Array, local: Array, slot_axis: int) -> Array:
+    """The rows `writes_N`' new key (or value) into slot `local` (inside the block) of the block
+    (on `slot_axis`, as in `_write`); the other rows' slot is set to zero, which is what it holds
+    in the decode loop (`write_slots`)."""
+    slot = jnp.where(writes_N[:, None, None], new_NxJxH.astype(block.dtype), 0)
+    return jax.lax.dynamic_update_index_in_dim(block, slot, local, axis=slot_axis)
 
 
 def logits(weights: DecodeWeights, hidden_NxTxD: Array) -> Array:

@@ -154,13 +154,14 @@ def _mlp(w, x_BxTxD, *, config, context):
 # ---------------------------------------------------------------- decode / extend
 
 def extend(weights: HybridDecodeWeights, cache: HybridCache, tokens_NxT: Array, slots_NxT: Array, *,
-           attend_blocks: int, write_blocks: tuple[int, ...], advance_N: Array | None = None
-           ) -> tuple[Array, HybridCache]:
+           attend_blocks: int, write_blocks: tuple[int, ...], advance_N: Array | None = None,
+           decode_slot: Array | None = None) -> tuple[Array, HybridCache]:
     """Feeds T tokens per row, row n's at suffix slots `slots_NxT[n]` (consecutive): the attention
     layers write their keys and values into the blocks `write_blocks` and attend to the prefix and
     to blocks `0 … attend_blocks − 1` (slots ≤ each query's own); the Mamba layers continue each
     row's recurrence over the T tokens, keeping the new state only on rows with `advance_N` (every
-    row when None). Returns the final-norm hidden states `[N, T, D]` and the cache."""
+    row when None). `decode_slot`: a one-token step in which every row that writes writes this
+    same slot (`decode.write_slots`). Returns the final-norm hidden states `[N, T, D]` and the cache."""
     c = weights.config
     kv = cache.kv
     block_k = [list(b) for b in kv.block_k]
@@ -176,7 +177,7 @@ def extend(weights: HybridDecodeWeights, cache: HybridCache, tokens_NxT: Array, 
             x, new_k, new_v = _attention_layer(
                 w, x, kv.prefix_k[a], kv.prefix_v[a], kv.prefix_len_B,
                 tuple(block_k[b][a] for b in range(attend_blocks)), tuple(block_v[b][a] for b in range(attend_blocks)),
-                slots_NxT, config=c, write_blocks=write_blocks, context=_context())
+                slots_NxT, decode_slot, config=c, write_blocks=write_blocks, context=_context())
             for b in range(attend_blocks):
                 block_k[b][a], block_v[b][a] = new_k[b], new_v[b]
             a += 1
@@ -195,11 +196,11 @@ def _mamba_layer(w, x_NxTxD, conv, ssm, advance_N, *, config, context):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "write_blocks", "context"))
-def _attention_layer(w, x_NxTxD, prefix_k, prefix_v, prefix_len_B, blocks_k, blocks_v, slots_NxT, *, config,
-                     write_blocks, context):
+def _attention_layer(w, x_NxTxD, prefix_k, prefix_v, prefix_len_B, blocks_k, blocks_v, slots_NxT, decode_slot, *,
+                     config, write_blocks, context):
     del context
     q, k, v = nh.attention_qkv(_norm(x_NxTxD, w, config), w)
-    blocks_k, blocks_v = decode.write_slots(blocks_k, blocks_v, k, v, slots_NxT, write_blocks)
+    blocks_k, blocks_v = decode.write_slots(blocks_k, blocks_v, k, v, slots_NxT, write_blocks, decode_slot)
     attn = decode.cached_attention(q, prefix_k, prefix_v, prefix_len_B, blocks_k, blocks_v, slots_NxT, config.platform)
     return x_NxTxD + nh.attention_out(attn, w, jnp.dtype(config.dtype)), blocks_k, blocks_v
 

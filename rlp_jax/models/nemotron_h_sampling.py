@@ -98,7 +98,8 @@ def _decode_segment(weights, cache: hd.HybridCache, state, key, cfg: SamplingCon
         finished_N = finished_N | stopped_N
         current = hd.HybridCache(with_block(block_k, block_v), conv, ssm)
         hidden, current = hd.extend(weights, current, token_N[:, None], slots_N[:, None], attend_blocks=block + 1,
-                                    write_blocks=(block,), advance_N=active_N & ~stopped_N)
+                                    write_blocks=(block,), advance_N=active_N & ~stopped_N,
+                                    decode_slot=step)
         logits_NxV = hd.logits(weights, hidden)[:, 0]
         state = (step + 1, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N)
         return state, current.kv.block_k[block], current.kv.block_v[block], current.conv, current.ssm

@@ -88,7 +88,7 @@ def _decode_segment(weights, cache: RolloutCache, state, key, cfg: SamplingConfi
         current = dataclasses.replace(cache, block_k=_with(cache.block_k, block, block_k),
                                       block_v=_with(cache.block_v, block, block_v))
         hidden, current = decode.extend(weights, current, token_N[:, None], slots_N[:, None],
-                                        attend_blocks=block + 1, write_blocks=(block,))
+                                        attend_blocks=block + 1, write_blocks=(block,), decode_slot=step)
         logits_NxV = decode.logits(weights, hidden[:, 0])
         state = (step + 1, logits_NxV, tokens_NxL, logprobs_NxL, finished_N, lengths_N)
         return state, current.block_k[block], current.block_v[block]
