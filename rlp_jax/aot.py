@@ -161,8 +161,9 @@ class _StandInTokenizer:
 
 
 def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Program]:
-    """Every program of a run of `config` on `target`, compiled: the train step, and the held-out
-    evaluation's programs when the config evaluates during training (`eval.num_positions` > 0)."""
+    """Every program of a run of `config` on `target`, compiled: the train step, the held-out
+    evaluation's programs when the config evaluates during training (`eval.num_positions` > 0),
+    and the periodic benchmarks' when it names benchmark tasks (`eval.benchmark_tasks`)."""
     from rlp_jax import build, config as config_lib, plan, sharding
 
     devices = target_devices(target)
@@ -187,6 +188,16 @@ def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Pr
             program.graphdef, program.abstract_state.params, program.abstract_state.ema_params,
             config.eval.batch_size, config.data.max_context, config.data.target_len,
             build.rollout_config(config, tok, config.eval.num_thoughts), mesh, program.rules)
+    if tuple(config.eval.benchmark_tasks):
+        from rlp_jax.benchmarks import training as benchmarks_training
+        from rlp_jax.benchmarks.tasks import BenchmarkError
+
+        try:
+            lowered += benchmarks_training.lowered_programs(
+                config, program.graphdef, program.abstract_state.params, model_config.max_position_embeddings, mesh,
+                program.rules, notes)
+        except BenchmarkError as error:
+            raise CompileError(str(error)) from None
     with probes:
         programs = [compile_lowered(name, lower) for name, lower in lowered]
     step = programs[0]

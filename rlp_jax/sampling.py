@@ -27,7 +27,7 @@ from rlp_jax.models.families import family_of
 from rlp_jax.models.sampling_core import Prefilled, SampleOutput, SamplingConfig, filter_logits, next_token
 
 __all__ = ["SamplingConfig", "SampleOutput", "Prefilled", "filter_logits", "next_token", "weights_of", "sample",
-           "prefill", "decode_loop", "generate", "sample_jit", "prefill_jit", "decode_loop_jit"]
+           "prefill", "decode_loop", "generate", "generate_program", "sample_jit", "prefill_jit", "decode_loop_jit"]
 
 Array = jax.Array
 
@@ -74,11 +74,12 @@ def generate(model: nnx.Module, prompts_BxP: Array, prompt_lengths_B: Array, key
              cfg: SamplingConfig, num_samples: int = 1, extra_slots: int = 0) -> SampleOutput:
     """Jitted `sample` for a live NNX model of any family (compiled once per shape and config)."""
     graphdef, params = nnx.split(model)
-    return _generate(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B), key, cfg,
-                     num_samples, extra_slots)
+    return generate_program(graphdef, params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B), key, cfg,
+                            num_samples, extra_slots)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "num_samples", "extra_slots"))
-def _generate(graphdef, params, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots):
+def generate_program(graphdef, params, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots):
+    """The jitted program of `generate` (`.lower` it over abstract inputs to compile it ahead of time)."""
     weights = weights_of(nnx.merge(graphdef, params))
     return sample(weights, prompts_BxP, prompt_lengths_B, key, cfg, num_samples, extra_slots)

@@ -169,25 +169,31 @@ def test_train_refuses_a_compiled_step_larger_than_the_free_device_memory(monkey
 
 def test_a_shipped_config_compiles_without_its_weights_or_tokenizer(tmp_path):
     """A paper config names weights and a tokenizer that live on the cluster (`init.path` unset
-    here): `compile` takes the shapes from `model.preset`, as `plan` does, instead of refusing.
+    here): `compile` takes the shapes from `model.preset`, as `plan` does, instead of refusing, and
+    counts benchmark prompts one token per byte.
     The model and lengths are shrunk to keep the test short; the checks are the config's own."""
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "compile", "--config",
                              "configs/rlp_qwen3_0p6b_h100x1.py", "--json", str(out), "--config.model.preset=tiny",
                              "--config.rlp.max_thought_len=16", "--config.data.max_context=32",
-                             "--config.eval.num_positions=16", "--config.eval.batch_size=8"],
+                             "--config.eval.num_positions=16", "--config.eval.batch_size=8",
+                             "--config.eval.benchmark_tasks=('demo_addition', 'sciq')", "--config.eval.benchmark_limit=8",
+                             "--config.eval.benchmark_batch_size=8", "--config.eval.benchmark_max_new_tokens=16"],
                             capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["target"] == "h100:1x1" and report["fits"]
     assert any("init.path is not set" in note for note in report["notes"]), report["notes"]
-    # With held-out evaluation on, its programs are compiled too, and counted with the train state
-    # that stays on the device while they run (the EMA and the optimizer's moments).
+    assert any("one token per byte" in note for note in report["notes"]), report["notes"]
+    # With held-out evaluation and benchmarks on, their programs are compiled too, and counted with
+    # the train state that stays on the device while they run (the EMA and the optimizer's moments).
     step, *evaluation = report["programs"]
     assert [p["name"] for p in evaluation] == ["held-out evaluation: sampled thoughts",
                                                "held-out evaluation: greedy thoughts",
-                                               "held-out evaluation: no-think scores"]
+                                               "held-out evaluation: no-think scores",
+                                               "benchmark: demo_addition greedy", "benchmark: demo_addition sampled",
+                                               "benchmark: sciq option log-likelihoods"]
     for p in evaluation:
         arguments = p["memory"]["argument_size_in_bytes"]
         assert p["resident_bytes"] == step["memory"]["argument_size_in_bytes"] - arguments > 0

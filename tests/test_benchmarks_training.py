@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from rlp_jax import config as config_lib
 from rlp_jax import trainer
@@ -120,6 +121,68 @@ def test_toy_prompt_and_generation_cap():
     assert runner._generation_config(settings, 2, False, task).max_new_tokens == 40
     assert runner._generation_config(settings, 2, False, tasks.TASKS["demo_carry"]).max_new_tokens == 64
     assert runner._generation_config(runner.Settings(max_new_tokens=16), 1, True, task).max_new_tokens == 16
+
+
+class _Recorder:
+    """A jitted program standing in for itself that records the static arguments and the input
+    shapes of every call and of every `.lower`."""
+
+    def __init__(self, program):
+        self.program, self.calls, self.lowered = program, [], []
+
+    @staticmethod
+    def _signature(args):
+        return tuple((tuple(a.shape), str(a.dtype)) if hasattr(a, "shape") else a for a in args)
+
+    def __call__(self, graphdef, params, *args):
+        self.calls.append(self._signature(args))
+        return self.program(graphdef, params, *args)
+
+    def lower(self, graphdef, params, *args):
+        self.lowered.append(self._signature(args))
+        return self.program.lower(graphdef, params, *args)
+
+
+def test_compiled_benchmark_programs_are_the_widest_programs_the_evaluation_runs(monkeypatch):
+    """`rlp-jax compile`'s periodic-benchmark programs (`runner.lowered_programs`) against what
+    `runner.evaluate` runs: a tiny model evaluates a toy task and GSM8K (greedy and sampled, prompts
+    of several widths) and SciQ by log-likelihood. Every lowered program is one the evaluation
+    runs, and every program it runs is covered by a lowered one of the same kind (sampler settings
+    and samples; scoring) at least as wide."""
+    from rlp_jax import sampling, sharding
+    from rlp_jax.benchmarks import loglik, text
+    from rlp_jax.models import ModelConfig, init_model
+
+    generate, score = _Recorder(sampling.generate_program), _Recorder(loglik.score_batch)
+    monkeypatch.setattr(sampling, "generate_program", generate)
+    monkeypatch.setattr(loglik, "score_batch", score)
+    model = init_model(ModelConfig("qwen3", 260, 32, 2, 4, 2, 8, 64, False, 10_000.0, 1e-6, 2048), seed=0)
+    tok = text.load("bytes")
+    settings = runner.Settings(prompt_format="plain", math_samples=2, math_greedy=True, choice_mode="loglik",
+                               max_new_tokens=4, batch_size=8, limit=12)
+    task_list = [tasks.TASKS[name] for name in ("demo_addition", "gsm8k", "sciq")]
+    runner.evaluate(model, tok, task_list, settings)
+    loaded = [(task, task.load(None, settings.limit)) for task in task_list]
+    mesh = sharding.make_mesh((8, 1, 1))
+    graphdef, params = nnx.split(model)
+    programs = runner.lowered_programs(graphdef, params, tok, loaded, settings, max_len=2048, mesh=mesh)
+    for _, lower in programs:
+        lower()
+
+    def check(recorder, widths):  # a program's kind: its signature but the widths
+        kind = lambda sig: tuple(a for i, a in enumerate(sig) if i not in widths)  # noqa: E731
+        width = lambda sig: sig[widths[0]][0][1]  # noqa: E731
+        assert set(recorder.lowered) <= set(recorder.calls)  # each compiled program is one that runs
+        for call in recorder.calls:  # and covers every program of its kind that runs
+            assert any(kind(lowered) == kind(call) and width(lowered) >= width(call) for lowered in recorder.lowered)
+        return {width(sig) for sig in recorder.calls}
+
+    assert len(check(generate, (0, 1, 2))) >= 3  # prompts, lengths, key; gsm8k's prompts in several widths
+    assert len(generate.lowered) == len(set(generate.lowered)) == 4  # two tasks, greedy and sampled
+    assert len(check(score, (0, 1, 2, 3))) >= 2 and len(score.lowered) == 1
+    assert [name for name, _ in programs] == [
+        "benchmark: demo_addition greedy", "benchmark: demo_addition sampled", "benchmark: gsm8k greedy",
+        "benchmark: gsm8k sampled", "benchmark: sciq option log-likelihoods"]
 
 
 # ---------------------------------------------------------------- during training

@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from rlp_jax import sampling, sharding
-from rlp_jax.benchmarks.loglik import bucket, place_on_mesh, to_host
+from rlp_jax.benchmarks.loglik import batch_sharding, bucket, place_on_mesh, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +64,8 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, stop_ids
     batch axes. `progress` receives one line per batch (prompts done, tokens/s, ETA)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token.")
-    scfg = sampling.SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   top_p=cfg.top_p, stop_tokens=tuple(int(i) for i in stop_ids), pad_id=pad_id,
-                                   block_len=cfg.block_len)
-    if cfg.max_prompt_len:
-        prompts = [list(p)[-cfg.max_prompt_len:] for p in prompts]
+    scfg = _sampling_config(cfg, stop_ids, pad_id)
+    prompts = _cut(prompts, cfg)
     G, B = cfg.num_samples, cfg.batch_size
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[list[int]]] = [[] for _ in prompts]
@@ -76,7 +75,7 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, stop_ids
     num_batches = -(-len(prompts) // B)
     for i in range(num_batches):
         chosen = order[i * B:(i + 1) * B]
-        P = bucket(max(len(prompts[j]) for j in chosen), cfg.prompt_multiple)
+        P = widest_prompt([prompts[j] for j in chosen], cfg)
         tokens = np.full((B, P), pad_id, np.int32)
         lengths = np.ones(B, np.int32)
         for b, j in enumerate(chosen):
@@ -86,8 +85,6 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, stop_ids
         if mesh is None:
             result = sampling.generate(model, tokens, lengths, batch_key, scfg, num_samples=G)
         else:
-            from flax import nnx
-
             with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
                 result = sampling.generate(model, place_on_mesh(tokens, mesh, rules),
                                            place_on_mesh(lengths, mesh, rules), batch_key, scfg, num_samples=G)
@@ -105,6 +102,33 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, stop_ids
             progress(f"{label + ': ' if label else ''}{done}/{len(prompts)} prompts × {G} samples, "
                      f"{generated / elapsed:,.0f} tokens/s, elapsed {_duration(elapsed)}, ETA {_duration(eta)}")
     return Generations(out, finished, generated, time.perf_counter() - start_time)
+
+
+def _sampling_config(cfg: GenerationConfig, stop_ids, pad_id: int) -> sampling.SamplingConfig:
+    return sampling.SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                   top_p=cfg.top_p, stop_tokens=tuple(int(i) for i in stop_ids), pad_id=pad_id,
+                                   block_len=cfg.block_len)
+
+
+def _cut(prompts, cfg: GenerationConfig):
+    return [list(p)[-cfg.max_prompt_len:] for p in prompts] if cfg.max_prompt_len else prompts
+
+
+def widest_prompt(prompts: list[list[int]], cfg: GenerationConfig) -> int:
+    """The padded prompt width of `generate`'s widest batch of `prompts`."""
+    return bucket(max(len(p) for p in _cut(prompts, cfg)), cfg.prompt_multiple)
+
+
+def lower_widest(graphdef, abstract_params, prompts: list[list[int]], cfg: GenerationConfig, *,
+                 stop_ids: tuple[int, ...], pad_id: int, mesh: jax.sharding.Mesh, rules) -> jax.stages.Lowered:
+    """The sampler `generate` runs, lowered over abstract inputs for its widest batch of `prompts`
+    on `mesh` (its largest program: the other batches are narrower)."""
+    shapes = [((cfg.batch_size, widest_prompt(prompts, cfg)), jnp.int32), ((cfg.batch_size,), jnp.int32)]
+    tokens, lengths = (jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(s, mesh, rules)) for s, d in shapes)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return sampling.generate_program.lower(graphdef, abstract_params, tokens, lengths, key,
+                                               _sampling_config(cfg, stop_ids, pad_id), cfg.num_samples, 0)
 
 
 def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> str:

@@ -28,7 +28,9 @@ class OptionScores:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _score_batch(graphdef, params, tokens_BxT, starts_B, targets_BxC, mask_BxC):
+def score_batch(graphdef, params, tokens_BxT, starts_B, targets_BxC, mask_BxC):
+    """Each row's summed log-prob of its continuation `targets_BxC[mask]` (from `starts_B`) and
+    whether every continuation token is the argmax: the program `score_continuations` runs."""
     model = nnx.merge(graphdef, params)
     B, T = tokens_BxT.shape
     C = targets_BxC.shape[1]
@@ -73,20 +75,15 @@ def score_continuations(model, contexts: list[list[int]], continuations: list[li
     if any(len(c) == 0 for c in continuations) or any(len(c) == 0 for c in contexts):
         raise ValueError("every context and continuation needs at least one token.")
     max_len = max_len or model.config.max_position_embeddings
-    rows = []
-    for context, continuation in zip(contexts, continuations):
-        continuation = list(continuation)[-max_len + 1:]
-        context = list(context)[-(max_len - len(continuation)):]
-        rows.append((context, continuation))
+    rows = _cut_rows(contexts, continuations, max_len)
     graphdef, params = nnx.split(model)
     R = len(rows)
     logprob, greedy = np.zeros(R, np.float64), np.zeros(R, bool)
     order = sorted(range(R), key=lambda r: -(len(rows[r][0]) + len(rows[r][1])))
-    C = bucket(max(len(c) for _, c in rows), 8)  # one width for the call: fewer programs to compile
+    C = _continuation_width(rows)
     for start in range(0, R, batch_size):
         chosen = order[start:start + batch_size]
-        T = min(bucket(max(len(rows[r][0]) + len(rows[r][1]) for r in chosen), length_multiple),
-                _round_up(max_len, 8))
+        T = _width([rows[r] for r in chosen], length_multiple, max_len)
         tokens = np.full((batch_size, T), pad_id, np.int32)
         targets = np.zeros((batch_size, C), np.int32)
         mask = np.zeros((batch_size, C), bool)
@@ -100,25 +97,69 @@ def score_continuations(model, contexts: list[list[int]], continuations: list[li
             mask[b, :len(continuation)] = True
         arrays = (tokens, starts, targets, mask)
         if mesh is None:
-            out = _score_batch(graphdef, params, *map(jnp.asarray, arrays))
+            out = score_batch(graphdef, params, *map(jnp.asarray, arrays))
         else:
             with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-                out = _score_batch(graphdef, params, *(place_on_mesh(a, mesh, rules) for a in arrays))
+                out = score_batch(graphdef, params, *(place_on_mesh(a, mesh, rules) for a in arrays))
         batch_logprob, batch_greedy = to_host(out)
         logprob[chosen] = batch_logprob[:len(chosen)]
         greedy[chosen] = batch_greedy[:len(chosen)]
     return OptionScores(logprob, np.array([len(c) for _, c in rows]), greedy)
 
 
-def place_on_mesh(x: np.ndarray, mesh: jax.sharding.Mesh, rules) -> jax.Array:
-    """A host array every process holds whole, as a global array split over the mesh's batch axes
-    on its first dimension (replicated where they do not divide it), as rlp_jax.evaluate does."""
+def _cut_rows(contexts, continuations, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) rows of at most `max_len` tokens: a continuation keeps its last
+    `max_len − 1` tokens, a context its last tokens that still fit."""
+    rows = []
+    for context, continuation in zip(contexts, continuations):
+        continuation = list(continuation)[-max_len + 1:]
+        context = list(context)[-(max_len - len(continuation)):]
+        rows.append((context, continuation))
+    return rows
+
+
+def _width(rows, length_multiple: int, max_len: int) -> int:
+    """The padded length of a batch of rows."""
+    return min(bucket(max(len(a) + len(b) for a, b in rows), length_multiple), _round_up(max_len, 8))
+
+
+def widest_shape(contexts, continuations, max_len: int, length_multiple: int = 64) -> tuple[int, int]:
+    """(T, C): the padded row and continuation widths of `score_continuations`' widest batch."""
+    rows = _cut_rows(contexts, continuations, max_len)
+    return _width(rows, length_multiple, max_len), _continuation_width(rows)
+
+
+def _continuation_width(rows) -> int:
+    return bucket(max(len(c) for _, c in rows), 8)  # one width for the call: fewer programs to compile
+
+
+def lower_widest(graphdef, abstract_params, contexts, continuations, *, batch_size: int, max_len: int,
+                 mesh: jax.sharding.Mesh, rules, length_multiple: int = 64) -> jax.stages.Lowered:
+    """`score_batch` lowered over abstract inputs at the widest batch `score_continuations` makes of
+    these rows on `mesh` (its largest program; the other batches are narrower)."""
+    T, C = widest_shape(contexts, continuations, max_len, length_multiple)
+    shapes = [((batch_size, T), jnp.int32), ((batch_size,), jnp.int32), ((batch_size, C), jnp.int32),
+              ((batch_size, C), jnp.bool_)]
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(shape, mesh, rules)) for shape, dtype in shapes]
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return score_batch.lower(graphdef, abstract_params, *args)
+
+
+def batch_sharding(shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules) -> jax.sharding.NamedSharding:
+    """A batch's first dimension split over the mesh's batch axes (replicated where they do not
+    divide it)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    spec = sharding.fit_spec(shape, P(*sharding.logical_to_mesh(("batch",), rules), *(None,) * (len(shape) - 1)), mesh)
+    return NamedSharding(mesh, spec)
+
+
+def place_on_mesh(x: np.ndarray, mesh: jax.sharding.Mesh, rules) -> jax.Array:
+    """A host array every process holds whole, as a global array split over the mesh's batch axes
+    on its first dimension (replicated where they do not divide it), as rlp_jax.evaluate does."""
     x = np.asarray(x)
-    spec = sharding.fit_spec(x.shape, P(*sharding.logical_to_mesh(("batch",), rules), *(None,) * (x.ndim - 1)), mesh)
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+    return jax.make_array_from_callback(x.shape, batch_sharding(x.shape, mesh, rules), lambda index: x[index])
 
 
 def to_host(tree):
@@ -154,6 +195,17 @@ def score_items(model, tokenizer, items, *, style: str = "letters", shots: int =
                 max_len: int | None = None, mesh=None, rules=sharding.DEFAULT_RULES) -> ChoiceResult:
     """Log-likelihood multiple choice for `items` (rlp_jax.benchmarks.tasks.Item with choices):
     contexts from `prompts.choice_context`, options from `prompts.choice_continuations`."""
+    contexts, continuations, owners, option_bytes = choice_rows(tokenizer, items, style, shots)
+    scores = score_continuations(model, contexts, continuations, batch_size=batch_size, max_len=max_len,
+                                 pad_id=tokenizer.pad_id, mesh=mesh, rules=rules)
+    owners = np.array(owners)
+    logprobs = [scores.logprob_R[owners == i] for i in range(len(items))]
+    return choice_accuracy(logprobs, option_bytes, np.array([item.answer_index for item in items]))
+
+
+def choice_rows(tokenizer, items, style: str = "letters", shots: int = 0):
+    """(contexts, continuations, owning item, option bytes per item): one row per option of every
+    item, contexts from `prompts.choice_context`, options from `prompts.choice_continuations`."""
     from rlp_jax.benchmarks import prompts
 
     contexts, continuations, owners, option_bytes = [], [], [], []
@@ -165,8 +217,4 @@ def score_items(model, tokenizer, items, *, style: str = "letters", shots: int =
             contexts.append(context)
             continuations.append(tokenizer.encode(option))
             owners.append(i)
-    scores = score_continuations(model, contexts, continuations, batch_size=batch_size, max_len=max_len,
-                                 pad_id=tokenizer.pad_id, mesh=mesh, rules=rules)
-    owners = np.array(owners)
-    logprobs = [scores.logprob_R[owners == i] for i in range(len(items))]
-    return choice_accuracy(logprobs, option_bytes, np.array([item.answer_index for item in items]))
+    return contexts, continuations, owners, option_bytes

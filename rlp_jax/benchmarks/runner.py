@@ -16,6 +16,7 @@ recorded beside the numbers, and every response in a `.samples.jsonl` file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -195,16 +196,14 @@ def prompt_text(task: Task, item, settings: Settings) -> str:
 def evaluate_task(model, tok, task: Task, items, settings: Settings, *, mesh=None, rules=sharding.DEFAULT_RULES,
                   progress: Callable[[str], None] | None = None) -> tuple[dict, list[dict]]:
     """(the task's numbers, one record per item) for `items` of `task`."""
-    if task.kind == "choice" and settings.choice_mode == "loglik":
+    if _scored_by_loglik(task, settings):
         return _loglik_task(model, tok, task, items, settings, mesh, rules)
     samples = settings.math_samples if task.kind == "math" else settings.choice_samples
-    want_greedy = settings.math_greedy if task.kind == "math" else True
-    want_greedy = want_greedy or samples == 0
     prompt_ids = [tok.encode_prompt(prompt_text(task, item, settings)) for item in items]
     records = [{"id": item.id, "answer": item.answer if not item.is_choice else graders.LETTERS[item.answer_index]}
                for item in items]
     result: dict[str, Any] = {"kind": task.kind, "num_items": len(items)}
-    runs = ([("greedy", 1)] if want_greedy else []) + ([("sampled", samples)] if samples else [])
+    runs = _runs(task, settings)
     correct: dict[str, np.ndarray] = {}
     further: dict[str, dict[str, np.ndarray]] = {}  # criterion -> run -> correct [item, sample]
     tokens, seconds, lengths_all, finished_all = 0, 0.0, [], []
@@ -244,6 +243,43 @@ def evaluate_task(model, tok, task: Task, items, settings: Settings, *, mesh=Non
     result |= {"mean_response_tokens": float(all_lengths.mean()), "truncated_frac": float(1 - all_finished.mean()),
                "generated_tokens": int(tokens), "tokens_per_second": tokens / seconds if seconds else math.nan}
     return result, records
+
+
+def _scored_by_loglik(task: Task, settings: Settings) -> bool:
+    return task.kind == "choice" and settings.choice_mode == "loglik"
+
+
+def _runs(task: Task, settings: Settings) -> list[tuple[str, int]]:
+    """The generation runs of a task: `(name, samples per item)`, greedy and / or sampled."""
+    samples = settings.math_samples if task.kind == "math" else settings.choice_samples
+    want_greedy = (settings.math_greedy if task.kind == "math" else True) or samples == 0
+    return ([("greedy", 1)] if want_greedy else []) + ([("sampled", samples)] if samples else [])
+
+
+def lowered_programs(graphdef, abstract_params, tok, loaded: list[tuple[Task, list]], settings: Settings, *,
+                     max_len: int, mesh, rules=sharding.DEFAULT_RULES) -> list[tuple[str, Callable]]:
+    """`(name, lower)` of every program `evaluate` runs for `loaded` (task, items) on `mesh`, each
+    at its widest batch: per task and run the sampler, per log-likelihood task the scoring
+    (`max_len`: the model's context). Programs of identical shapes are listed once, naming their
+    tasks. For `rlp-jax compile`, over abstract params."""
+    programs: dict[tuple, tuple[list[str], Callable]] = {}
+    for task, items in loaded:
+        if _scored_by_loglik(task, settings):
+            contexts, continuations, _, _ = loglik.choice_rows(tok, items, settings.loglik_style, settings.shots)
+            lower = functools.partial(loglik.lower_widest, graphdef, abstract_params, contexts, continuations,
+                                      batch_size=settings.batch_size, max_len=settings.max_prompt_len or max_len,
+                                      mesh=mesh, rules=rules)
+            shape = loglik.widest_shape(contexts, continuations, settings.max_prompt_len or max_len)
+            programs.setdefault(("loglik", shape), ([], lower))[0].append(f"{task.name} option log-likelihoods")
+            continue
+        prompt_ids = [tok.encode_prompt(prompt_text(task, item, settings)) for item in items]
+        for name, count in _runs(task, settings):
+            cfg = _generation_config(settings, count, greedy=name == "greedy", task=task)
+            lower = functools.partial(gen.lower_widest, graphdef, abstract_params, prompt_ids, cfg,
+                                      stop_ids=tok.stop_ids, pad_id=tok.pad_id, mesh=mesh, rules=rules)
+            key = ("generate", gen.widest_prompt(prompt_ids, cfg), cfg)  # cfg: frozen, hashable
+            programs.setdefault(key, ([], lower))[0].append(f"{task.name} {name}")
+    return [("benchmark: " + ", ".join(names), lower) for names, lower in programs.values()]
 
 
 def _loglik_task(model, tok, task, items, settings, mesh, rules):

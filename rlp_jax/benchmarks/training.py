@@ -80,6 +80,27 @@ def scores(result: dict) -> dict[str, float]:
     return out
 
 
+def lowered_programs(config, graphdef, abstract_params, max_len: int, mesh, rules, notes: list[str]
+                     ) -> list[tuple[str, Callable]]:
+    """`(name, lower)` of the programs `PeriodicBenchmark.run` runs (`runner.lowered_programs`, each
+    at its widest batch), for `rlp-jax compile`. The tasks' items are read here (the packaged sets
+    and the toy tasks are local; a set only on the cluster is refused by its loader); without the
+    run's tokenizer, prompts are counted one token per byte plus a start token, an upper bound
+    for a BPE tokenizer (noted in `notes`)."""
+    settings = runner.fit_batch(settings_from_config(config), mesh)
+    try:
+        tok = text.load(config.tokenizer)
+    except BenchmarkError:
+        tok = text.BenchmarkTokenizer(lambda s: [0, *s.encode()], lambda s: list(s.encode()), lambda ids: "", (1,), 0,
+                                      256, "bytes stand-in")
+        notes.append("benchmark prompts counted one token per byte plus a start token (the tokenizer is not here)")
+    else:
+        check(config)  # the tokenizer encodes the tasks' prompts, as `rlp-jax train` checks
+    loaded = [(task, task.load(data_dir(config), settings.limit)) for task in tasks_from_config(config)]
+    return runner.lowered_programs(graphdef, abstract_params, tok, loaded, settings, max_len=max_len, mesh=mesh,
+                                   rules=rules)
+
+
 class PeriodicBenchmark:
     """The benchmark tasks of a run, loaded once, evaluated on the run's mesh whenever `run` is
     called (on every process: the generation is collective; only process 0 writes)."""
