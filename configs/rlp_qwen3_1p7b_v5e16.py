@@ -15,7 +15,8 @@ Micro-batching: rollouts and the EMA no-think baseline in 64 chunks of 8 prompts
 Sized by `rlp-jax compile` (docs/launch.md): as mesh (1, 16, 1) with 32 rollout chunks the step
   needed 16.9 GiB per chip of 14.4 usable. With 64 chunks it needed 13.95, but a chunk's 8
   prompts then do not divide over 16 batch devices (every chip prefills all 8). This layout
-  divides them over 8 and needs 10.3 GiB.
+  divides them over 8 and needed 10.3 GiB; since the decode loop stopped copying its cache
+  blocks on XLA:TPU, 9.2 GiB.
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v5e16.py` (docs/launch.md).
 """

@@ -12,7 +12,8 @@ Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp'
 Micro-batching: rollouts in 2 chunks of 256 prompts (4096 thoughts, 64 per chip; each prompt's
   cache once); one update per step accumulated over 4 micro-batches of 128 prompts (2048
   thoughts, 32 per chip). Sized by `rlp-jax compile`: all 512 prompts at once needed 90.4 GiB
-  per chip of 85.5 usable; 2 chunks need 48.3 GiB (docs/launch.md).
+  per chip of 85.5 usable; 2 chunks needed 48.3 GiB, and 44.3 since the decode loop stopped
+  copying its cache blocks on XLA:TPU (docs/launch.md).
 Remat and dtypes: remat 'full'; bf16 compute (the MXU's native type), float32 parameters, AdamW
   moments, gradients and EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v5p128.py` (docs/launch.md).

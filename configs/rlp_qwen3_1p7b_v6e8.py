@@ -10,7 +10,7 @@ Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp'
   fsdp; heads, kv_heads, mlp, vocab → tensor (size 1 here); the rest replicated.
 Micro-batching: rollouts and the EMA no-think baseline in 64 chunks of 8 prompts (128 thoughts,
   16 per chip; with 32 chunks the compiled step needed 29.5 GiB per chip of 28.8 usable, with 64
-  it needs 19.2: docs/launch.md); one update per step accumulated over 128 micro-batches of four prompts (64
+  it needed 19.2, and 18.8 since the decode loop stopped copying its cache blocks: docs/launch.md); one update per step accumulated over 128 micro-batches of four prompts (64
   thoughts, 8 per chip).
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_1p7b_v6e8.py` (docs/launch.md).

@@ -13,7 +13,8 @@ Logical-axis rules: rlp_jax.sharding.DEFAULT_RULES — batch → ('data', 'fsdp'
 Micro-batching: rollouts in 2 chunks of 256 prompts (256 thoughts per chip, the cache split by
   kv heads, each prompt's part once); one update per step accumulated over 16 micro-batches of
   32 prompts (32 thoughts per chip). Sized by `rlp-jax compile`: all 512 prompts at once needed
-  110.2 GiB per chip of 85.5 usable; 2 chunks need 63.8 GiB (docs/launch.md).
+  110.2 GiB per chip of 85.5 usable; 2 chunks need 63.8 GiB (docs/launch.md; 63.7 since the decode
+  loop stopped copying its cache blocks on XLA:TPU: the update sets this step's peak).
 Remat and dtypes: remat 'full'; bf16 compute, float32 parameters, AdamW moments, gradients, EMA.
 Memory and FLOPs: `rlp-jax plan --config configs/rlp_qwen3_8b_v5p128.py` (docs/launch.md).
 """

@@ -81,7 +81,7 @@ def _decode_segment(weights, cache: RolloutCache, state, key, cfg: SamplingConfi
         token_N = jnp.where(active_N, token_N, cfg.pad_id)
         tokens_NxL = tokens_NxL.at[:, step].set(token_N)
         logprobs_NxL = logprobs_NxL.at[:, step].set(jnp.where(active_N, logprob_N, 0.0))
-        # Active rows write generated token `step` into slot `step`; finished rows nothing.
+        # Active rows write generated token `step` into slot `step`; finished rows leave it empty.
         slots_N = jnp.where(active_N, lengths_N, -1)
         lengths_N = lengths_N + active_N
         finished_N = finished_N | (active_N & jnp.isin(token_N, stop_ids))
