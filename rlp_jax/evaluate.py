@@ -40,22 +40,10 @@ def _no_think(graphdef, params, batch, cfg, replicated=None):
     return _replicate(rollouts.no_think_logprobs(graphdef, params, batch, cfg), replicated)
 
 
-def _batch_sharding(shape, mesh: jax.sharding.Mesh, rules) -> NamedSharding:
-    """A held-out array's sharding: split over the mesh's batch axes (replicated where the batch
-    does not divide them)."""
-    batch_spec = sharding.logical_to_mesh(("batch",), rules)
-    return NamedSharding(mesh, sharding.fit_spec(shape, P(*batch_spec, *(None,) * (len(shape) - 1)), mesh))
-
-
 def _on_mesh(batch: PromptBatch, mesh: jax.sharding.Mesh, rules) -> PromptBatch:
     """A held-out batch that every process holds whole, as global arrays split over the mesh's
     batch axes."""
-
-    def place(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, _batch_sharding(x.shape, mesh, rules), lambda index: x[index])
-
-    return jax.tree.map(place, batch)
+    return jax.tree.map(lambda x: sharding.place_batch(x, mesh, rules), batch)
 
 
 def lowered_programs(graphdef: nnx.GraphDef, abstract_params: Any, abstract_baseline_params: Any, batch_size: int,
@@ -71,7 +59,7 @@ def lowered_programs(graphdef: nnx.GraphDef, abstract_params: Any, abstract_base
     fields = {f.name: None for f in dataclasses.fields(PromptBatch)}
     for name in ("context_BxT", "context_len_B", "target_BxK", "target_mask_BxK", "example_mask_B"):
         shape, dtype = spec[name]
-        fields[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=_batch_sharding(shape, mesh, rules))
+        fields[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(shape, mesh, rules))
     batch = PromptBatch(**fields)
     key = jax.eval_shape(lambda: jax.random.key(0))
     replicated = NamedSharding(mesh, P())

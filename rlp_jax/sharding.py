@@ -104,6 +104,20 @@ def fit_spec(shape: Sequence[int], spec: P, mesh: jax.sharding.Mesh) -> P:
     return P(*fitted)
 
 
+def batch_sharding(shape: Sequence[int], mesh: jax.sharding.Mesh, rules: LogicalRules | None = None
+                   ) -> jax.sharding.NamedSharding:
+    """An array's first dimension split over the mesh's batch axes (replicated where they do not
+    divide it), the rest replicated: how evaluation and benchmark batches are placed."""
+    spec = P(*logical_to_mesh(("batch",), rules), *(None,) * (len(shape) - 1))
+    return jax.sharding.NamedSharding(mesh, fit_spec(shape, spec, mesh))
+
+
+def place_batch(x, mesh: jax.sharding.Mesh, rules: LogicalRules | None = None) -> jax.Array:
+    """A host array that every process holds whole, as a global array placed by `batch_sharding`."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(x.shape, mesh, rules), lambda index: x[index])
+
+
 def param_shardings(abstract_params, mesh: jax.sharding.Mesh, rules: LogicalRules = DEFAULT_RULES):
     """NamedSharding per parameter (an nnx.State of annotated Params, abstract or concrete) from
     its logical axis names; dimensions a mesh axis does not divide are replicated."""

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from rlp_jax import sampling, sharding
-from rlp_jax.benchmarks.loglik import batch_sharding, bucket, place_on_mesh, to_host
+from rlp_jax.benchmarks.loglik import bucket, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,8 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, *, stop_ids
             result = sampling.generate(model, tokens, lengths, batch_key, scfg, num_samples=G)
         else:
             with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-                result = sampling.generate(model, place_on_mesh(tokens, mesh, rules),
-                                           place_on_mesh(lengths, mesh, rules), batch_key, scfg, num_samples=G)
+                result = sampling.generate(model, sharding.place_batch(tokens, mesh, rules),
+                                           sharding.place_batch(lengths, mesh, rules), batch_key, scfg, num_samples=G)
         tokens_NxL, lengths_N, finished_N = to_host((result.tokens_NxL, result.lengths_N, result.finished_N))
         for b, j in enumerate(chosen):
             for g in range(G):
@@ -124,7 +124,8 @@ def lower_widest(graphdef, abstract_params, prompts: list[list[int]], cfg: Gener
     """The sampler `generate` runs, lowered over abstract inputs for its widest batch of `prompts`
     on `mesh` (its largest program: the other batches are narrower)."""
     shapes = [((cfg.batch_size, widest_prompt(prompts, cfg)), jnp.int32), ((cfg.batch_size,), jnp.int32)]
-    tokens, lengths = (jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(s, mesh, rules)) for s, d in shapes)
+    tokens, lengths = (jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(s, mesh, rules))
+                       for s, d in shapes)
     key = jax.eval_shape(lambda: jax.random.key(0))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return sampling.generate_program.lower(graphdef, abstract_params, tokens, lengths, key,

@@ -100,7 +100,7 @@ def score_continuations(model, contexts: list[list[int]], continuations: list[li
             out = score_batch(graphdef, params, *map(jnp.asarray, arrays))
         else:
             with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-                out = score_batch(graphdef, params, *(place_on_mesh(a, mesh, rules) for a in arrays))
+                out = score_batch(graphdef, params, *(sharding.place_batch(a, mesh, rules) for a in arrays))
         batch_logprob, batch_greedy = to_host(out)
         logprob[chosen] = batch_logprob[:len(chosen)]
         greedy[chosen] = batch_greedy[:len(chosen)]
@@ -140,26 +140,10 @@ def lower_widest(graphdef, abstract_params, contexts, continuations, *, batch_si
     T, C = widest_shape(contexts, continuations, max_len, length_multiple)
     shapes = [((batch_size, T), jnp.int32), ((batch_size,), jnp.int32), ((batch_size, C), jnp.int32),
               ((batch_size, C), jnp.bool_)]
-    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(shape, mesh, rules)) for shape, dtype in shapes]
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(shape, mesh, rules))
+            for shape, dtype in shapes]
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return score_batch.lower(graphdef, abstract_params, *args)
-
-
-def batch_sharding(shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules) -> jax.sharding.NamedSharding:
-    """A batch's first dimension split over the mesh's batch axes (replicated where they do not
-    divide it)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    spec = sharding.fit_spec(shape, P(*sharding.logical_to_mesh(("batch",), rules), *(None,) * (len(shape) - 1)), mesh)
-    return NamedSharding(mesh, spec)
-
-
-def place_on_mesh(x: np.ndarray, mesh: jax.sharding.Mesh, rules) -> jax.Array:
-    """A host array every process holds whole, as a global array split over the mesh's batch axes
-    on its first dimension (replicated where they do not divide it), as rlp_jax.evaluate does."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, batch_sharding(x.shape, mesh, rules), lambda index: x[index])
 
 
 def to_host(tree):

@@ -456,7 +456,7 @@ def _mesh(mode: str):
 
     Multi-host (jax.distributed, e.g. the RLP_JAX_* variables of rlp_jax.distributed): every
     process loads the same items and builds the same whole batches; each batch is placed as a
-    global array over the mesh (`loglik.place_on_mesh`), and the outputs are gathered whole on
+    global array over the mesh (`sharding.place_batch`), and the outputs are gathered whole on
     every process (`loglik.to_host`), so every process holds the same results."""
     import jax
 
