@@ -14,6 +14,7 @@
 # environment:
 #   RLP_JAX_BIN   the command to run instead of `rlp-jax` (e.g. "python -m rlp_jax.cli")
 #   GRACE_S       seconds between SIGTERM and SIGKILL when stopping processes (default 10)
+#   XLA_FLAGS     passed on to every process, with the device count replaced by K
 #
 # Process 0's log is streamed to the console. When one process fails, the others would wait for it
 # forever inside a collective: they are stopped at once (SIGTERM, then SIGKILL by pid) and the
@@ -88,10 +89,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "local_cpu.sh: interrupted; stopping all processes" >&2; exit 130' INT TERM
 
+# The caller's XLA flags reach every process; the device count is the launcher's.
+xla_flags=""
+for flag in ${XLA_FLAGS:-}; do
+  if [[ "$flag" != --xla_force_host_platform_device_count=* ]]; then xla_flags+="$flag "; fi
+done
+
 for ((i = 0; i < processes; i++)); do
   : > "$logs/process_$i.log"
   JAX_PLATFORMS=cpu \
-  XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
+  XLA_FLAGS="${xla_flags}--xla_force_host_platform_device_count=$devices" \
   RLP_JAX_COORDINATOR="localhost:$port" \
   RLP_JAX_NUM_PROCESSES="$processes" \
   RLP_JAX_PROCESS_ID="$i" \

@@ -7,8 +7,10 @@ import json
 import os
 import sys
 
+from xla_env import xla_flags
+
 process_id, num_processes, port, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
+os.environ["XLA_FLAGS"] = xla_flags(8 // num_processes)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from xla_env import xla_flags
 
 from rlp_jax import config as config_lib
 from rlp_jax import plan
@@ -79,7 +80,7 @@ print(json.dumps(results))
 def simulated():
     items = [{"path": p, "devices": d, "processes": n} for p in CONFIG_FILES for d, n in [layout(p)]]
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={MAX_DEVICES}"}
+           "XLA_FLAGS": xla_flags(MAX_DEVICES)}
     result = subprocess.run([sys.executable, "-c", WORKER, json.dumps(items)], capture_output=True,
                             text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -106,7 +106,8 @@ def test_local_launcher_environment_per_process(tmp_path):
     fake = write_exe(tmp_path / "fake-rlp-jax", FAKE_RLP_JAX)
     result = run(["bash", str(LAUNCH / "local_cpu.sh"), "-n", "3", "-d", "2", "-p", "23456", "-l", str(tmp_path / "logs"),
                   "--", "--config", "a b.py", "--workdir", str(tmp_path / "w")],
-                 env={"RLP_JAX_BIN": str(fake), "RECORD_DIR": str(tmp_path)})
+                 env={"RLP_JAX_BIN": str(fake), "RECORD_DIR": str(tmp_path),
+                      "XLA_FLAGS": "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=8"})
     assert result.returncode == 0, result.stderr
     seen = records(tmp_path)
     for i in range(3):
@@ -114,7 +115,8 @@ def test_local_launcher_environment_per_process(tmp_path):
         assert argv == ["train", "--config", "a b.py", "--workdir", str(tmp_path / "w")]
         assert env["RLP_JAX_COORDINATOR"] == "localhost:23456" and env["RLP_JAX_NUM_PROCESSES"] == "3"
         assert env["RLP_JAX_PROCESS_ID"] == str(i) and env["JAX_PLATFORMS"] == "cpu"
-        assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+        # The caller's XLA flags are kept; the device count is the launcher's.
+        assert env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2"
 
 
 # Process 1 fails at once; process 0 ignores SIGTERM (as a process blocked in a collective does).

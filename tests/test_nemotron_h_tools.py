@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from xla_env import xla_flags
 
 from rlp_jax import cli
 from rlp_jax.models import convert
@@ -62,7 +63,7 @@ def test_convert_dispatches_on_model_type_and_round_trips_bit_exact(tmp_path, ca
 
 
 def train_cli(cwd, *args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     return subprocess.run([sys.executable, "-m", "rlp_jax.cli", "train", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env=env)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from tolerances import assert_adam_runs_close
+from xla_env import xla_flags
 
 CONFIG = str(Path(__file__).parent / "configs" / "tiny_rlp.py")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}  # XLA_FLAGS: 8 devices and any other flag, from conftest
@@ -202,8 +203,8 @@ def test_bad_config_is_one_line_and_exit_2_before_any_work(tmp_path, data_dir, o
 
 
 def test_demo_writes_report_and_plots_from_real_evaluations(tmp_path):
-    # As a user runs it: one CPU device.
-    env = {k: v for k, v in ENV.items() if k != "XLA_FLAGS"}
+    # As a user runs it: one CPU device (with the suite's faster-compiling XLA flags).
+    env = {**ENV, "XLA_FLAGS": xla_flags(1)}
     result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "demo", "--workdir", str(tmp_path),
                              "--warmup-steps", "10", "--steps", "4", "--eval-positions", "64"],
                             capture_output=True, text=True, timeout=900, env=env)
