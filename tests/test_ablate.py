@@ -63,36 +63,45 @@ def test_paired_differences_by_seed_with_95_percent_t_intervals_by_hand():
         ablate.paired_interval([1.0], [0.0])
 
 
-def test_tiny_grid_runs_and_resumes_only_unfinished_cells(tmp_path):
+TINY_REWARD_GRID = dict(seeds=(0,), steps=2, warmup_steps=3, eval_positions=32, benchmark_items=0)
+
+
+@pytest.fixture(scope="module")
+def reward_grid(tmp_path_factory):
+    """The reward grid run once at its tiniest: (workdir, results, echoed lines)."""
+    root = tmp_path_factory.mktemp("ablate")
     lines = []
-    results = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32, benchmark_items=0,
-                              echo=lines.append)
+    return root, ablate.run_grid("reward", root, echo=lines.append, **TINY_REWARD_GRID), lines
+
+
+def test_tiny_grid_runs_and_resumes_only_unfinished_cells(reward_grid):
+    root, results, _ = reward_grid
     assert list(results) == [ablate.START_ROW, "dense (RLP)", "sparse (RPT)"]
     for runs in results.values():
         assert len(runs) == 1 and runs[0]["num_positions"] >= 32 and np.isfinite(runs[0]["gain_start"])
     # The reference row is the warm-up measured against itself.
     start = results[ablate.START_ROW][0]
     assert start["gain_start"] == pytest.approx(start["gain_self"], abs=1e-6)
-    assert f"| {ablate.START_ROW} | 1 |" in (tmp_path / "reward" / "table.md").read_text()
-    assert (tmp_path / "reward" / "table.md").exists()
-    assert (tmp_path / "reward" / "reward.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"| {ablate.START_ROW} | 1 |" in (root / "reward" / "table.md").read_text()
+    assert (root / "reward" / "reward.png").read_bytes()[:4] == b"\x89PNG"
     # Forget one cell's result: a rerun redoes that cell only (and resumes its finished training).
-    (tmp_path / "reward" / ablate._slug("sparse (RPT)") / "s0" / "eval.json").unlink()
-    lines.clear()
-    again = ablate.run_grid("reward", tmp_path, seeds=(0,), steps=2, warmup_steps=3, eval_positions=32, benchmark_items=0,
-                            echo=lines.append)
+    forgotten = root / "reward" / ablate._slug("sparse (RPT)") / "s0" / "eval.json"
+    before = forgotten.read_text()
+    forgotten.unlink()
+    lines = []
+    again = ablate.run_grid("reward", root, echo=lines.append, **TINY_REWARD_GRID)
     started = [line for line in lines if line.startswith("reward / ")]
     assert started == ["reward / sparse (RPT) / seed 0: 2 steps"]
     assert not any(line.startswith("warm-up") for line in lines)
     assert again["dense (RLP)"] == results["dense (RLP)"]
+    assert json.loads(forgotten.read_text()) == json.loads(before)
 
 
-def test_eval_cli_writes_json_and_markdown(tmp_path):
-    ablate.run_grid("reward", tmp_path, seeds=(0,), steps=1, warmup_steps=2, eval_positions=16, benchmark_items=0,
-                    echo=lambda *_: None)
-    run = tmp_path / "reward" / ablate._slug("dense (RLP)") / "s0"
+def test_eval_cli_writes_json_and_markdown(reward_grid, tmp_path):
+    root, _, _ = reward_grid
+    run = root / "reward" / ablate._slug("dense (RLP)") / "s0"
     result = subprocess.run([sys.executable, "-m", "rlp_jax.cli", "eval", "--workdir", str(run),
-                             "--start-from", str(tmp_path / "warmup-s0"), "--positions", "16",
+                             "--start-from", str(root / "warmup-s0"), "--positions", "16",
                              "--out", str(tmp_path / "final")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "final.json").read_text())
