@@ -12,7 +12,8 @@ attention that materialises its scores, unless a fused kernel runs). The peak is
   layer and one decode step;
 - the EMA no-think baseline S_ema: a forward per rollout chunk (one layer alive at a time);
 - old/reference log-probs (only with several updates per batch or β > 0): forward per micro-batch;
-- the policy update per grad-accum micro-batch: gradients + activations + thought logits.
+- the policy update per grad-accum micro-batch: gradients + activations + thought logits +
+  the vocabulary matrices' full copies in the parameter dtype (`VOCAB_COPIES_IN_UPDATE`).
 
 See docs/launch.md for the formulas and the table of configs.
 """
@@ -90,6 +91,21 @@ def _forward_layer_bytes(rows, S, m, w, b, fused: bool = False):
                                                             rows * 3 * S * F * b)
 
 
+# Per vocabulary matrix (the embedding, and the head when it is not tied), the copies of its
+# whole vocabulary share that the compiled update holds in the parameter dtype: the forward's
+# gather over the batch axes, the backward's gather again, the gradient accumulator (the lookup's
+# scatter-add into zeros) and a transposed copy (XLA:GPU's buffer assignment of the 8B step,
+# docs/launch.md).
+VOCAB_COPIES_IN_UPDATE = 4
+
+
+def _vocab_copies_bytes(m, w, param_bytes: int) -> float:
+    """The update's full-vocabulary copies of the embedding (and untied head) in the parameter
+    dtype, split over the vocabulary axis only (`VOCAB_COPIES_IN_UPDATE` per matrix)."""
+    matrices = 1 if m.tie_embeddings else 2
+    return VOCAB_COPIES_IN_UPDATE * matrices * m.vocab_size // w.vocab * m.hidden_size * param_bytes
+
+
 def _decode_weight_bytes(m, w, b) -> float:
     """The rollout's own copy of the weights (rlp_jax.models.decode.decode_weights): per layer,
     in the compute dtype, split over the tensor axes only (not over fsdp, so that it is gathered
@@ -133,6 +149,7 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
     m = model_config
     r = config.rlp
     b = jnp.dtype(m.dtype).itemsize
+    param_bytes = jnp.dtype(m.param_dtype).itemsize
     B, G, L = config.train.batch_size, r.num_rollouts, r.max_thought_len
     C, K = config.data.max_context, config.data.target_len
     P = C + suffix_len + 1
@@ -161,7 +178,8 @@ def estimate(config, model_config, mesh_shape, suffix_len: int = 0, state: dict 
         # hidden states at the thought positions, then logits, f32 log-softmax and its gradient
         # (of one rlp.head_chunk_len chunk of positions at a time when that is set)
         logits = rows * (logit_positions * D * b + head_positions(logit_positions) * Vd * (b + 12))
-        return {"activations": layers * saved + transient, "logits": logits}
+        return {"activations": layers * saved + transient, "logits": logits,
+                "vocab_copies": _vocab_copies_bytes(m, w, param_bytes)}
 
     phases: dict[str, dict[str, float]] = {}
     flops: dict[str, float] = {}

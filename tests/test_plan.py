@@ -104,6 +104,10 @@ def test_kv_cache_activations_and_flops_match_hand_computation():
     assert est.phases["update"]["activations"] == 2 * layer
     # Thought logits: 2 rows × L 4 × (hidden 64·4 + vocab 256/2 × (4 + 12)).
     assert est.phases["update"]["logits"] == 2 * 4 * (64 * 4 + 128 * 16) == 18_432
+    # The untied embedding and head, each whole over the batch axes and split over tensor = 2 into
+    # 128 vocabulary rows of D 64 in float32: 4 copies of each (gathered, gathered again in the
+    # backward, gradient accumulator, transposed).
+    assert est.phases["update"]["vocab_copies"] == 4 * 2 * 128 * 64 * 4 == 262_144
     config = tiny_config()
     config.model.remat = "full"
     full, _ = tiny_estimate(config)  # keeps each layer's input only, recomputes one layer
