@@ -93,6 +93,8 @@ class Program:
     # What stays on the device while this program runs but is not among its arguments: for the
     # evaluation programs, the rest of the train state (EMA, optimizer moments).
     resident_bytes: int = 0
+    lowered: Any = dataclasses.field(repr=False, default=None)
+    compiled: Any = dataclasses.field(repr=False, default=None)
 
     @property
     def peak_bytes(self) -> int:
@@ -118,8 +120,9 @@ def _required_bytes(message: str) -> int | None:
     return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
 
 
-def compile_lowered(name: str, lower) -> Program:
-    """Lowers (`lower()` returns a `jax.stages.Lowered`) and compiles, timing both."""
+def compile_lowered(name: str, lower, keep: bool = False) -> Program:
+    """Lowers (`lower()` returns a `jax.stages.Lowered`) and compiles, timing both; `keep`: the
+    Program keeps the lowered and the compiled program (to save it)."""
     import jax
 
     t0 = time.perf_counter()
@@ -145,7 +148,8 @@ def compile_lowered(name: str, lower) -> Program:
     calls: dict[str, int] = {}
     for call in re.findall(r'custom_call_target="([^"]+)"', hlo):
         calls[call] = calls.get(call, 0) + 1
-    return Program(name, round(t1 - t0, 2), round(t2 - t1, 2), memory, cost, calls, hlo)
+    return Program(name, round(t1 - t0, 2), round(t2 - t1, 2), memory, cost, calls, hlo,
+                   lowered=lowered if keep else None, compiled=compiled if keep else None)
 
 
 class _StandInTokenizer:
@@ -160,10 +164,12 @@ class _StandInTokenizer:
         return list(text.encode())
 
 
-def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Program]:
+def compile_run(config, target: targets_lib.Target, notes: list[str], for_saving: bool = False) -> list[Program]:
     """Every program of a run of `config` on `target`, compiled: the train step, the held-out
     evaluation's programs when the config evaluates during training (`eval.num_positions` > 0),
-    and the periodic benchmarks' when it names benchmark tasks (`eval.benchmark_tasks`)."""
+    and the periodic benchmarks' when it names benchmark tasks (`eval.benchmark_tasks`).
+    `for_saving`: the train step's Program keeps its executable, and a tokenizer that is not here is
+    refused rather than stood in for (its ids are compiled into the step)."""
     from rlp_jax import build, config as config_lib, plan, sharding
 
     devices = target_devices(target)
@@ -173,6 +179,9 @@ def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Pr
     except config_lib.ConfigError as error:
         raise CompileError(f"{error} ({target.describe()} has {len(devices)} devices on {processes} hosts)") from None
     model_config, tok = plan.model_config_for(config, notes)
+    if tok is None and for_saving:
+        raise CompileError(f"saving the train step needs the run's tokenizer on this machine (its ids are compiled "
+                           f"into the step), and {config.tokenizer!r} is not here; pass --config.tokenizer=PATH.")
     if tok is None:
         tok = _StandInTokenizer(model_config.vocab_size)
         notes.append("marker and pad ids stand in for the tokenizer's; the prompt template counted one token per byte")
@@ -199,7 +208,7 @@ def compile_run(config, target: targets_lib.Target, notes: list[str]) -> list[Pr
         except BenchmarkError as error:
             raise CompileError(str(error)) from None
     with probes:
-        programs = [compile_lowered(name, lower) for name, lower in lowered]
+        programs = [compile_lowered(name, lower, keep=for_saving and i == 0) for i, (name, lower) in enumerate(lowered)]
     step = programs[0]
     for evaluation in programs[1:]:  # the train state stays resident while the evaluation runs
         if step.memory and evaluation.memory:
@@ -269,6 +278,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--target", default=None, help="hardware to compile for (default: the config's TARGET)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
     parser.add_argument("--hlo-dir", default=None, help="write each compiled program's HLO text into this folder")
+    parser.add_argument("--save-executable", default=None, metavar="DIR",
+                        help="save the compiled train step into the new folder DIR, for `rlp-jax train --executable "
+                             "DIR` on the target (needs the run's tokenizer here)")
     parser.add_argument("--compilers", default=None, metavar="DIR",
                         help="folder of the TPU/NVIDIA compiler packages installed with `pip install --target` "
                              "(default: $RLP_JAX_COMPILERS, else the environment's own)")
@@ -290,16 +302,20 @@ def config_target(config_path: str) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from rlp_jax import config as config_lib
+    from rlp_jax import executable
 
     t0 = time.perf_counter()
+    save_to = getattr(args, "save_executable", None)
     try:
+        if save_to:
+            executable.check_new_folder(save_to)
         name = args.target or config_target(args.config)
         if not name:
             raise CompileError(f"{args.config} names no TARGET; pass --target (e.g. v5p:4x4x4 or h100:1x8).")
         target = targets_lib.parse(name)
         config = config_lib.load_config(args.config, getattr(args, "overrides", []) or [])
         notes: list[str] = []
-        programs = compile_run(config, target, notes)
+        programs = compile_run(config, target, notes, for_saving=bool(save_to))
     except (CompileError, targets_lib.TargetError, config_lib.ConfigError, FileNotFoundError) as error:
         print(f"rlp-jax compile: {error}", file=sys.stderr)
         return 2
@@ -320,4 +336,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"rlp-jax compile: {worst.name} needs {needs} per device but {target.name} has "
               f"{target.usable_bytes / targets_lib.GiB:.1f} GiB usable; {knobs(config)}.", file=sys.stderr)
         return 2
+    if save_to:
+        step = programs[0]
+        size = executable.save(save_to, step.lowered, step.compiled, target.name)
+        print(f"saved the train step ({_size(size)}) to {save_to}: on {target.name} run `rlp-jax train --config "
+              f"{args.config} --executable {save_to}` with the same overrides")
     return 0

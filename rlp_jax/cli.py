@@ -121,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         config = _train_config(args)
-        trainer.train(config, args.workdir, force_new=args.force_new)
+        trainer.train(config, args.workdir, force_new=args.force_new, executable=args.executable)
     except (config_lib.ConfigError, FileNotFoundError) as error:
         return _fail("train", error)
     except trainer.TrainingError as error:
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="the run's folder: checkpoints, metrics, evaluations")
     train.add_argument("--force-new", action="store_true",
                        help="if WORKDIR holds another run, move it whole to WORKDIR/archive/<time> and start afresh")
+    train.add_argument("--executable", default=None, metavar="DIR",
+                       help="run the train step saved by `rlp-jax compile --save-executable DIR` instead of "
+                            "compiling it (refused unless it is this run's very program)")
     train.set_defaults(run=_train)
 
     demo = commands.add_parser("demo", help="the bundled CPU demo: warm-up, RLP, report (minutes)")

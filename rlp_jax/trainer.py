@@ -28,6 +28,7 @@ from rlp_jax import build
 from rlp_jax import checkpoint as ckpt_lib
 from rlp_jax import config as config_lib
 from rlp_jax import evaluate as eval_lib
+from rlp_jax import executable as executable_lib
 from rlp_jax import rpt_positions
 from rlp_jax import sharding
 from rlp_jax.metrics_io import MetricsWriter
@@ -55,15 +56,19 @@ def _print(text: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Callable[[str], None] = _print,
-          stop_after: int | None = None, force_new: bool = False) -> RunResult:
+          stop_after: int | None = None, force_new: bool = False, executable: str | Path | None = None) -> RunResult:
     """Trains to `train.steps` (resuming if `workdir` holds checkpoints of this same run).
 
     A workdir that holds another run (a different config, model, corpus or tokenizer) is refused
     with a ConfigError; `force_new` moves that run to WORKDIR/archive/ first. `stop_after` ends
     the run early after that many steps of THIS invocation (tests use it to simulate an
-    interruption); it saves a checkpoint first, like SIGTERM.
+    interruption); it saves a checkpoint first, like SIGTERM. `executable`: a folder of
+    `rlp-jax compile --save-executable`, whose train step runs instead of one compiled here (refused
+    with a ConfigError, before the workdir is touched, unless it is this run's very program).
     """
     t_start = time.perf_counter()
+    if executable is not None:
+        executable_lib.read_manifest(executable)  # a missing folder or another JAX is refused at once
     run = ckpt_lib.RunDir(workdir)
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
     if not str(config.data.corpus).strip():  # the paper configs leave it for the user to set
@@ -95,6 +100,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     binding = run.bind(identity, force_new)  # refuses another run's workdir before anything is written
     memory_note = preflight.check_memory(config, model_config, mesh_shape, len(step_cfg.rollout.prompt_suffix_ids))
     mesh = sharding.make_mesh(mesh_shape, config.mesh.axes)
+    program = build.train_program(config, model_config, tokenizer, mesh)
+    saved_step = None if executable is None else executable_lib.load(executable, program.lower(), mesh.devices.flat)
     per_process = config.train.batch_size // jax.process_count()
     if binding == "other":
         echo(f"moved the run that was in {run.path} to {run.archive_run()}")
@@ -108,7 +115,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
     run.write_identity(identity)  # the inputs are good: the workdir now belongs to this run
     run.model_config.write_text(model_json)
     run.config.write_text(config.to_json(indent=2))
-    program = build.train_program(config, model_config, tokenizer, mesh)
     graphdef, abstract, shardings, make_state = (program.graphdef, program.abstract_state,
                                                  program.state_shardings, program.make_state)
     keep_positions = None
@@ -161,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
         while step < config.train.steps:
             local = batch_lib.step_fields(next(train_iter))
             if step_fn is None:
-                step_fn = _checked_step(program, config)
+                step_fn = _checked_step(program, config, saved_step)
             state, metrics = step_fn(state, sharding.global_batch(local, program.batch_shardings))
             step += 1
             steps_this_run += 1
@@ -212,18 +218,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, echo: Calla
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _checked_step(program: build.TrainProgram, config):
-    """The step to run. On an accelerator it is compiled here, before the first step, and the
-    compiler's count of what it holds on a device is checked against the device's free memory
-    (a step that cannot fit ends in one sentence, not an out-of-memory crash minutes later)."""
+def _checked_step(program: build.TrainProgram, config, saved_step=None):
+    """The step to run: `saved_step` (a loaded `rlp-jax compile --save-executable`), or on an
+    accelerator the step compiled here, before the first step. On an accelerator the compiler's
+    count of what it holds on a device is checked against the device's free memory (a step that
+    cannot fit ends in one sentence, not an out-of-memory crash minutes later)."""
     from rlp_jax import preflight
 
-    if build.platform_of(program.mesh) == "cpu" or not config.train.check_memory:
+    on_accelerator = build.platform_of(program.mesh) != "cpu" and config.train.check_memory
+    if saved_step is None and not on_accelerator:
         return program.step
-    compiled = program.lower().compile()
-    note = preflight.check_compiled_memory(compiled, config)
-    if note:
-        log.info(note)
+    compiled = program.lower().compile() if saved_step is None else saved_step
+    if on_accelerator:
+        note = preflight.check_compiled_memory(compiled, config)
+        if note:
+            log.info(note)
 
     def step(state, batch):
         with jax.set_mesh(program.mesh), nnx.logical_axis_rules(program.rules):

@@ -71,9 +71,24 @@ def test_transformer_step_compiles_for_a_tpu_slice_with_the_splash_kernel(tmp_pa
     assert not float32_square_tensors(hlo, 600)
 
 
-def test_hybrid_step_compiles_for_a_tpu_slice(tmp_path):
-    code, stderr, report, _ = compile_cli(tmp_path, *TPU, HYBRID)
+def test_hybrid_step_compiles_for_a_tpu_slice_and_is_saved_for_the_pod(tmp_path):
+    """`--save-executable`: the compiled step (Mosaic kernels included) is written for `rlp-jax train
+    --executable` (tests/test_executable.py runs one on CPU); the folder is never reused, and a
+    tokenizer that is not here is refused rather than stood in for (its ids are in the program)."""
+    saved = tmp_path / "step"
+    code, stderr, report, _ = compile_cli(tmp_path, *TPU, HYBRID, "--save-executable", str(saved))
     assert_compiled(code, stderr, report, SPLASH)
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["target"] == "v5e:2x2" and re.fullmatch(r"[0-9a-f]{64}", manifest["program_sha256"])
+    assert (saved / "train_step.bin").stat().st_size > 100_000
+    for extra, message in [((), "already exists; name a new folder for the saved train step."),
+                           (("--config.tokenizer=/nowhere/tokenizer.json",),
+                            "saving the train step needs the run's tokenizer on this machine")]:
+        folder = saved if not extra else tmp_path / "other"
+        code, stderr, _, _ = compile_cli(tmp_path / "again", *TPU, HYBRID, *extra, "--save-executable", str(folder))
+        lines = [line for line in stderr.splitlines() if line.startswith("rlp-jax")]
+        assert code == 2 and len(lines) == 1 and message in lines[0], stderr[-2000:]
+    assert not (tmp_path / "other").exists()
 
 
 def test_transformer_step_compiles_for_an_h100_host_with_cudnn_attention(tmp_path):
