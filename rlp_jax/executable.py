@@ -69,7 +69,10 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file() or not (Path(folder) / PAYLOAD).is_file():
         raise ExecutableError(f"{folder} holds no saved train step; make one with `rlp-jax compile --config CFG "
                               f"--save-executable {folder}`.")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ExecutableError(f"{path} is not a saved step's manifest (not JSON); save the step again.") from None
     for name, have in _versions().items():
         if manifest.get(name) != have:
             raise ExecutableError(f"{folder} was compiled with {name} {manifest.get(name)} but this run has {have}; "
@@ -83,9 +86,14 @@ def load(folder: str | Path, lowered, devices):
     from jax.experimental import serialize_executable
 
     manifest = read_manifest(folder)
-    if manifest["program_sha256"] != program_hash(lowered):
+    if manifest.get("program_sha256") != program_hash(lowered):
         raise ExecutableError(f"{folder} holds another program than this run's train step (compiled for "
-                              f"{manifest['target']} from another config, tokenizer, mesh or rlp-jax version); "
+                              f"{manifest.get('target')} from another config, tokenizer, mesh or rlp-jax version); "
                               "compile it again with the run's config and tokenizer.")
-    payload, in_tree, out_tree = pickle.loads((Path(folder) / PAYLOAD).read_bytes())
-    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=list(devices))
+    try:
+        payload, in_tree, out_tree = pickle.loads((Path(folder) / PAYLOAD).read_bytes())
+        return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                         execution_devices=list(devices))
+    except Exception as error:  # a truncated or damaged payload, or devices the executable was not made for
+        raise ExecutableError(f"{Path(folder) / PAYLOAD} could not be loaded "
+                              f"({type(error).__name__}); save the step again for these devices.") from None

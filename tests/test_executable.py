@@ -108,7 +108,14 @@ def test_a_folder_that_is_not_this_runs_step_is_refused_before_the_workdir_is_wr
     (other / executable.MANIFEST).write_text(json.dumps({**manifest, "jaxlib": "0.0.1"}))
     code, lines = _train_cli(capsys, tmp_path / "w3", data_dir, other)
     assert code == 2 and len(lines) == 1 and "was compiled with jaxlib 0.0.1" in lines[0]
-    assert not any((tmp_path / w).exists() for w in ("w1", "w2", "w3"))
+    # A damaged payload under a good manifest.
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / executable.MANIFEST).write_bytes((saved / executable.MANIFEST).read_bytes())
+    (damaged / executable.PAYLOAD).write_bytes((saved / executable.PAYLOAD).read_bytes()[:1000])
+    code, lines = _train_cli(capsys, tmp_path / "w4", data_dir, damaged)
+    assert code == 2 and len(lines) == 1 and "train_step.bin could not be loaded" in lines[0]
+    assert not any((tmp_path / w).exists() for w in ("w1", "w2", "w3", "w4"))
 
 
 def test_a_saved_step_is_never_overwritten(tmp_path, data_dir, saved):
